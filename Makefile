@@ -1,0 +1,42 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Each creates .venv itself.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+# torch is pinned for development and CI (a CPU wheel); the package itself accepts a range.
+TORCH_PIN := torch==2.13.0
+
+.PHONY: demo test lint bench lab pretrain clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(STAMP): $(PY) pyproject.toml
+	$(PIP) install --quiet $(TORCH_PIN)
+	$(PIP) install --quiet -e '.[dev,notebooks]'
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/lowrank-ref compare --out runs/compare
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	$(PY) -m bench.run --out bench/results
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
+
+pretrain: $(STAMP)
+	$(VENV)/bin/lowrank-ref pretrain
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis

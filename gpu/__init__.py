@@ -1,0 +1,18 @@
+"""lowrank_gpu: the PyTorch (and CuPy) mirror of lowrank_ref, with the same names and configs.
+
+    import lowrank_gpu as lg
+    layer = lg.adapters.LoRALinear(torch_linear, lr.LoRAConfig(r=8, alpha=16))
+"""
+
+from lowrank_gpu import adapters, nn
+from lowrank_ref.config import LoRAConfig
+
+__all__ = ["adapters", "nn", "LoRAConfig"]
+
+
+def __getattr__(name):
+    import importlib
+
+    if name in ("quant", "optim", "inject", "train", "models"):
+        return importlib.import_module(f"lowrank_gpu.{name}")
+    raise AttributeError(f"module 'lowrank_gpu' has no attribute {name!r}")

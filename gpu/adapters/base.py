@@ -1,0 +1,81 @@
+r"""The torch twin of ``lowrank_ref.adapters.base``: a frozen ``torch.nn.Linear`` plus an update,
+with an explicit, exact merge/unmerge (``W0``'s bits are kept while merged)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["AdapterLinear", "check_base"]
+
+
+def check_base(base) -> nn.Linear:
+    if not isinstance(base, nn.Linear):
+        raise TypeError(f"base must be a torch.nn.Linear, got {type(base).__name__}")
+    if not torch.isfinite(base.weight).all():
+        raise ValueError("base weight must be finite; it holds NaN or inf")
+    if base.bias is not None and not torch.isfinite(base.bias).all():
+        raise ValueError("base bias must be finite; it holds NaN or inf")
+    return base
+
+
+class AdapterLinear(nn.Module):
+    def __init__(self, base: nn.Linear, config):
+        super().__init__()
+        self.base = check_base(base)
+        self.base.requires_grad_(False)
+        self.config = config
+        self._w0_backup: torch.Tensor | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        W0 = self.base.weight
+        return (W0.double() + self.delta_weight().double()).to(W0.dtype)
+
+    @property
+    def merged(self) -> bool:
+        return self._w0_backup is not None
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            raise ValueError(f"{type(self).__name__} is already merged; call unmerge() first")
+        W = self.merged_weight()
+        if not torch.isfinite(W).all():
+            raise ValueError("merged weight must be finite; it holds NaN or inf")
+        self._w0_backup = self.base.weight.data.clone()
+        self.base.weight.data.copy_(W)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            raise ValueError(f"{type(self).__name__} is not merged; there is nothing to unmerge")
+        self.base.weight.data.copy_(self._w0_backup)
+        self._w0_backup = None
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have last dimension {self.in_features} (in_features), got shape {tuple(x.shape)}")
+        if self.merged:
+            return self.base(x)
+        return self._forward(x)
+
+    def _forward(self, x):
+        raise NotImplementedError
+
+    def adapter_parameters(self) -> dict:
+        return dict(self.named_parameters(recurse=False))

@@ -1,0 +1,57 @@
+r"""LoRA in PyTorch: ``y = x W0ᵀ + b + s (dropout(x) Aᵀ) Bᵀ`` with autograd for the backward.
+
+Same config, same names and shapes as :mod:`lowrank_ref.adapters.lora`: ``A (r, in)``,
+``B (out, r)``, ``s = α/r`` (``α/√r`` with rsLoRA). Wraps any ``torch.nn.Linear``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lowrank_gpu.adapters.base import AdapterLinear
+from lowrank_gpu.nn.convert import generator_from
+from lowrank_ref.config import LoRAConfig
+
+__all__ = ["LoRALinear"]
+
+
+class LoRALinear(AdapterLinear):
+    def __init__(self, base: nn.Linear, config: LoRAConfig | None = None, rng=None):
+        config = LoRAConfig() if config is None else config
+        if not isinstance(config, LoRAConfig):
+            raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
+        super().__init__(base, config)
+        W = base.weight
+        r, dtype, device = config.r, W.dtype, W.device
+        g = generator_from(rng, device="cpu")
+        if config.init == "pissa":
+            from lowrank_gpu.adapters.pissa import pissa_init
+
+            A, B = pissa_init(base, config)
+        else:
+            if config.init == "gaussian":
+                A = torch.randn((r, self.in_features), generator=g, dtype=torch.float64) / r
+            else:
+                bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform(a=√5)
+                A = (torch.rand((r, self.in_features), generator=g, dtype=torch.float64) * 2 - 1) * bound
+            B = torch.zeros((self.out_features, r), dtype=torch.float64)  # B = 0
+        self.A = nn.Parameter(A.to(device=device, dtype=dtype))  # (r, in)
+        self.B = nn.Parameter(B.to(device=device, dtype=dtype))  # (out, r)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    @property
+    def r(self) -> int:
+        return self.config.r
+
+    @property
+    def scaling(self) -> float:
+        return self.config.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scaling * (self.B @ self.A)  # ΔW = s B A   (out, in)
+
+    def _forward(self, x):
+        return self.base(x) + self.scaling * (self.dropout(x) @ self.A.T @ self.B.T)  # x W0ᵀ + b + s x̃ Aᵀ Bᵀ

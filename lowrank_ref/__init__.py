@@ -1,0 +1,25 @@
+"""lowrank-ref: the LoRA family built twice, in NumPy by hand and in PyTorch, and tested to agree.
+
+    import lowrank_ref as lr
+    base = lr.nn.Linear.from_arrays(W, b)
+    layer = lr.adapters.LoRALinear(base, lr.LoRAConfig(r=4, alpha=8))
+
+``import lowrank_ref`` imports NumPy and SciPy only; torch and cupy load when a backend asks.
+"""
+
+from lowrank_ref import adapters, nn, registry
+from lowrank_ref.api import adapt
+from lowrank_ref.config import LoRAConfig
+from lowrank_ref.gradcheck import gradcheck
+
+__version__ = "0.1.0"
+
+__all__ = ["nn", "adapters", "registry", "adapt", "gradcheck", "LoRAConfig"]
+
+
+def __getattr__(name):  # lazy sub-packages that later issues fill in
+    import importlib
+
+    if name in ("quant", "optim", "data", "experiments", "io", "inject", "cli"):
+        return importlib.import_module(f"lowrank_ref.{name}")
+    raise AttributeError(f"module 'lowrank_ref' has no attribute {name!r}")

@@ -1,0 +1,7 @@
+"""One file per method: pure forward/backward functions plus a Module that wraps them."""
+
+from lowrank_ref.adapters.base import AdapterLinear
+from lowrank_ref.adapters.lora import LoRALinear
+
+__all__ = ["LoRALinear"]
+_ = AdapterLinear  # the shared base class, importable as lowrank_ref.adapters.base.AdapterLinear

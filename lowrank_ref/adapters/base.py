@@ -1,0 +1,111 @@
+r"""What every adapted linear layer shares: a frozen base, an explicit merge, a checked input.
+
+An adapter wraps a frozen :class:`~lowrank_ref.nn.Linear` (``W0 (out, in)``, ``b (out,)``) and
+adds a learned update. Subclasses give ``delta_weight()`` (or override ``merged_weight()`` when the
+merged weight is not ``W0 + ΔW``, as in DoRA) and the unmerged ``_forward``/``_backward``.
+
+Merging is an explicit call, never a side effect of ``eval()``. ``merge()`` keeps the exact bits of
+``W0`` and ``unmerge()`` puts them back, so any number of cycles returns ``W0`` bit for bit
+(subtracting ``ΔW`` again would drift by a rounding error per cycle). The price: one copy of ``W0``
+while merged. While merged the layer is for inference: ``backward`` refuses, so nothing trains a
+weight that the next ``unmerge()`` would throw away.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lowrank_ref.nn.linear import Linear, check_last_dim, linear_forward
+from lowrank_ref.nn.module import Module, check_finite
+
+__all__ = ["AdapterLinear", "check_base"]
+
+
+def check_base(base) -> Linear:
+    if not isinstance(base, Linear):
+        raise TypeError(f"base must be a lowrank_ref.nn.Linear, got {type(base).__name__}")
+    check_finite("base weight", base.weight.data)
+    if base.bias is not None:
+        check_finite("base bias", base.bias.data)
+    return base
+
+
+class AdapterLinear(Module):
+    """Base class of the adapted linear layers (LoRA, DoRA, ...)."""
+
+    def __init__(self, base: Linear, config):
+        super().__init__()
+        self.base = check_base(base)
+        base.requires_grad_(False)  # the pretrained weights are frozen
+        self.config = config
+        self._w0_backup: np.ndarray | None = None
+
+    # shapes -------------------------------------------------------------------------------
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    # the update ---------------------------------------------------------------------------
+    def delta_weight(self) -> np.ndarray:
+        """The dense update ``ΔW`` (out, in) that merging adds to ``W0``."""
+        raise NotImplementedError
+
+    def merged_weight(self) -> np.ndarray:
+        """The weight that reproduces the adapted layer as a plain Linear: ``W0 + ΔW``.
+
+        Summed in float64, rounded once to the base dtype."""
+        W0 = self.base.weight.data
+        return (W0.astype(np.float64) + self.delta_weight().astype(np.float64)).astype(W0.dtype)
+
+    # merging ------------------------------------------------------------------------------
+    @property
+    def merged(self) -> bool:
+        return self._w0_backup is not None
+
+    def merge(self) -> None:
+        """Fold the update into the base weight: afterwards ``forward`` is one plain matmul."""
+        if self.merged:
+            raise ValueError(f"{type(self).__name__} is already merged; call unmerge() first")
+        W = self.merged_weight()
+        check_finite("merged weight", W)
+        self._w0_backup = self.base.weight.data
+        self.base.weight.data = W
+
+    def unmerge(self) -> None:
+        """Restore ``W0`` exactly (the bits kept at ``merge()``)."""
+        if not self.merged:
+            raise ValueError(f"{type(self).__name__} is not merged; there is nothing to unmerge")
+        self.base.weight.data = self._w0_backup
+        self._w0_backup = None
+
+    # the computation ----------------------------------------------------------------------
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        x = check_last_dim(x, self.in_features)
+        if self.merged:
+            self._cache = ("merged",)
+            b = None if self.base.bias is None else self.base.bias.data
+            return linear_forward(x, self.base.weight.data, b)
+        return self._forward(x)
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        if self.merged:
+            self._pop_cache()
+            raise RuntimeError(f"{type(self).__name__} is merged (inference only): unmerge() before training")
+        return self._backward(dy)
+
+    def _forward(self, x):
+        raise NotImplementedError
+
+    def _backward(self, dy):
+        raise NotImplementedError
+
+    def adapter_parameters(self) -> dict:
+        """The method's own tensors by name (``{"A": ..., "B": ...}``): what an adapter file holds."""
+        return {n: p for n, p in self._params.items()}
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.config}, merged={self.merged}"

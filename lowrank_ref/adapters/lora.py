@@ -1,0 +1,143 @@
+r"""LoRA: a frozen linear layer plus a trainable low-rank update (Hu et al. 2021, arXiv:2106.09685).
+
+Forward (PyTorch layout, ``W0 (out, in)``):
+
+.. math::
+    y = x W_0^\top + b + s\,(\tilde x A^\top) B^\top, \qquad \tilde x = x \odot M,\quad
+    s = \alpha / r \;\;(\text{or } \alpha/\sqrt r \text{ with rsLoRA}),
+
+with ``A (r, in)``, ``B (out, r)``, and ``M`` the inverted-dropout mask (``M = 1`` in eval or when
+``dropout = 0``). Equivalently ``y = x (W_0 + ΔW)^\top + b`` with ``ΔW = s B A`` when there is no
+dropout: the factorised forward never builds the ``(out, in)`` matrix ``ΔW``.
+
+Backward, for upstream :math:`\bar y` (leading axes flattened to ``N`` rows) and
+:math:`h = \tilde x A^\top` ``(N, r)``:
+
+.. math::
+    \bar B = s\, \bar y^\top h, \qquad
+    \bar h = s\, \bar y B, \qquad
+    \bar A = \bar h^\top \tilde x, \qquad
+    \bar x = \bar y W_0 + (\bar h A) \odot M .
+
+``W0`` and ``b`` are frozen: they get no gradient (``None``). Cost: the LoRA branch adds
+``2 N r (in + out)`` multiply-adds forward, against ``N in out`` for the base.
+
+Init: ``B = 0`` so the adapted layer starts equal to the base. ``A`` is Kaiming-uniform with
+``a = sqrt(5)``, i.e. ``U(-1/sqrt(in), 1/sqrt(in))`` (the reference code, microsoft/LoRA loralib,
+and PEFT), or Gaussian ``N(0, 1/r²)`` (PEFT's ``init_lora_weights="gaussian"``; the paper's text
+says "random Gaussian"). PiSSA (Meng et al. 2024, arXiv:2404.02948) is handled in
+:mod:`lowrank_ref.adapters.pissa`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lowrank_ref.adapters.base import AdapterLinear
+from lowrank_ref.config import LoRAConfig
+from lowrank_ref.nn.linear import linear_forward
+from lowrank_ref.nn.module import Parameter
+
+__all__ = ["LoRALinear", "lora_forward", "lora_backward", "init_lora_A"]
+
+
+def lora_forward(x, params, cfg: LoRAConfig, mask=None):
+    r"""y = x W0ᵀ + b + s (x̃ Aᵀ) Bᵀ.
+
+    Args:
+        x: ``(..., in)``.
+        params: ``{"W": W0 (out, in), "b": (out,) or None, "A": (r, in), "B": (out, r)}``.
+        cfg: gives ``s`` (``cfg.scaling``).
+        mask: the inverted-dropout mask shaped like ``x`` (already divided by ``1-p``), or None.
+    Returns:
+        ``(y (..., out), cache)``.
+    """
+    W, b, A, B = params["W"], params["b"], params["A"], params["B"]
+    s = cfg.scaling
+    xd = x if mask is None else x * mask  # x̃ = x ⊙ M
+    h = xd @ A.T  # (..., r)
+    y = linear_forward(x, W, b) + s * (h @ B.T)  # x W0ᵀ + b + s x̃ Aᵀ Bᵀ
+    return y, (x, xd, h, W, A, B, s, mask)
+
+
+def lora_backward(dy, cache):
+    r"""Return ``(x̄, grads)``; grads: ``A``, ``B`` arrays, ``W`` and ``b`` None (frozen)."""
+    x, xd, h, W, A, B, s, mask = cache
+    dy2 = dy.reshape(-1, dy.shape[-1])  # (N, out)
+    h2 = h.reshape(-1, h.shape[-1])  # (N, r)
+    dB = s * (dy2.T @ h2)  # B̄ = s ȳᵀ h            (out, r)
+    dh = s * (dy @ B)  # h̄ = s ȳ B                  (..., r)
+    dA = dh.reshape(-1, dh.shape[-1]).T @ xd.reshape(-1, xd.shape[-1])  # Ā = h̄ᵀ x̃   (r, in)
+    dxd = dh @ A  # (..., in)
+    if mask is not None:
+        dxd = dxd * mask
+    dx = dy @ W + dxd  # x̄ = ȳ W0 + (h̄ A) ⊙ M
+    return dx, {"A": dA, "B": dB, "W": None, "b": None}
+
+
+def init_lora_A(r: int, in_features: int, init: str, rng, dtype) -> np.ndarray:
+    """A's initial value (r, in) for the ``"kaiming"`` or ``"gaussian"`` schemes."""
+    if init == "gaussian":
+        return (rng.standard_normal((r, in_features)) / r).astype(dtype)
+    # kaiming_uniform(a=sqrt(5)): gain² = 2/(1+a²) = 1/3, bound = sqrt(3·gain²/fan_in) = 1/sqrt(in)
+    bound = 1.0 / np.sqrt(in_features)
+    return rng.uniform(-bound, bound, (r, in_features)).astype(dtype)
+
+
+class LoRALinear(AdapterLinear):
+    """A frozen :class:`~lowrank_ref.nn.Linear` plus ``s · B A``. Trainable: ``A``, ``B``.
+
+    Args:
+        base: the pretrained layer (frozen by this constructor).
+        config: a :class:`~lowrank_ref.config.LoRAConfig`.
+        rng: a ``numpy.random.Generator`` for the init and the dropout masks.
+    """
+
+    def __init__(self, base, config: LoRAConfig | None = None, rng=None):
+        config = LoRAConfig() if config is None else config
+        if not isinstance(config, LoRAConfig):
+            raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
+        super().__init__(base, config)
+        rng = np.random.default_rng() if rng is None else rng
+        self.rng = rng
+        r, dtype = config.r, base.weight.data.dtype
+        if config.init == "pissa":
+            from lowrank_ref.adapters.pissa import pissa_init
+
+            A, B = pissa_init(base, config)
+        else:
+            A = init_lora_A(r, self.in_features, config.init, rng, dtype)
+            B = np.zeros((self.out_features, r), dtype=dtype)  # B = 0: starts as the base layer
+        self.A = Parameter(A)  # (r, in)
+        self.B = Parameter(B)  # (out, r)
+
+    @property
+    def r(self) -> int:
+        return self.config.r
+
+    @property
+    def scaling(self) -> float:
+        return self.config.scaling
+
+    def delta_weight(self) -> np.ndarray:
+        r"""ΔW = s · B A, shape (out, in)."""
+        return self.scaling * (self.B.data @ self.A.data)
+
+    def _params_dict(self):
+        b = None if self.base.bias is None else self.base.bias.data
+        return {"W": self.base.weight.data, "b": b, "A": self.A.data, "B": self.B.data}
+
+    def _forward(self, x):
+        mask = None
+        p = self.config.dropout
+        if self.training and p > 0:
+            mask = (self.rng.random(x.shape) >= p).astype(x.dtype) / (1.0 - p)
+        y, cache = lora_forward(x, self._params_dict(), self.config, mask=mask)
+        self._cache = cache
+        return y
+
+    def _backward(self, dy):
+        dx, grads = lora_backward(dy, self._pop_cache())
+        self.A.accumulate(grads["A"])
+        self.B.accumulate(grads["B"])
+        return dx

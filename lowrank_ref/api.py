@@ -1,0 +1,36 @@
+r"""``adapt(base, config, backend=...)``: one config, the same layer in any backend."""
+
+from __future__ import annotations
+
+from lowrank_ref.registry import check_backend, get_method, load_object, method_for_config
+
+__all__ = ["adapt"]
+
+
+def adapt(base, config, backend: str = "numpy", method: str | None = None, rng=None, **kwargs):
+    """Wrap ``base`` (a ``lowrank_ref.nn.Linear`` or a ``torch.nn.Linear``) with the adapter that
+    ``config`` describes, in ``backend``: ``"numpy"``, ``"torch"``, ``"cuda"`` or ``"cupy"``.
+
+    ``method`` picks among methods sharing a config class (``"qlora"`` takes a ``LoRAConfig``).
+    A NumPy base given to a torch backend is copied into a ``torch.nn.Linear`` (same dtype).
+    """
+    backend = check_backend(backend)
+    spec = get_method(method) if method is not None else method_for_config(config)
+    kwargs = {**spec.kwargs, **kwargs}
+    if backend == "numpy":
+        return load_object(spec.numpy)(base, config, rng=rng, **kwargs)
+    if backend == "cupy":
+        from lowrank_ref.backend import require_cupy
+
+        cp = require_cupy()
+        layer = load_object(spec.numpy)(base, config, rng=rng, **kwargs)
+        for p in layer.parameters().values():
+            p.data = cp.asarray(p.data)
+        return layer
+    from lowrank_ref.backend import torch_device
+
+    device = torch_device(backend)
+    import lowrank_gpu
+
+    tbase = lowrank_gpu.nn.as_torch_linear(base, device=device)
+    return load_object(spec.torch)(tbase, config, rng=rng, **kwargs).to(device)

@@ -1,0 +1,256 @@
+r"""Parameter and Module: the two containers every layer in the reference is built from.
+
+A :class:`Parameter` holds an array ``.data`` and, after a backward pass, its gradient ``.grad``.
+A frozen parameter (``trainable=False``) never receives a gradient: its ``.grad`` stays ``None``
+(never a silent array of zeros), so "only the adapter got gradients" is something a test can see.
+
+A :class:`Module` owns parameters and sub-modules by attribute name, the way ``torch.nn.Module``
+does, so dotted names (``blocks.0.attn.q.weight``) are the same in both backends and weights can
+move between them by name.
+
+The backward contract: ``forward(x)`` stores what it needs in ``self._cache``; ``backward(dy)``
+returns ``dx`` and *adds* to ``.grad`` of every trainable parameter (accumulation, like autograd),
+then releases the cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+__all__ = ["Parameter", "Module", "ModuleList", "check_finite"]
+
+
+def check_finite(name: str, array: np.ndarray) -> None:
+    """Raise ``ValueError`` naming ``name`` if ``array`` holds NaN or inf."""
+    if not np.all(np.isfinite(array)):
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        raise ValueError(f"{name} must be finite; it holds {bad} NaN or inf value(s)")
+
+
+class Parameter:
+    """An array that a model learns (or keeps frozen).
+
+    Attributes:
+        data: the value, any shape, a floating dtype.
+        grad: ``None`` until a backward pass reaches it; then an array like ``data``.
+        trainable: frozen parameters never get a gradient.
+    """
+
+    __slots__ = ("data", "grad", "trainable")
+
+    def __init__(self, data, trainable: bool = True):
+        data = np.asarray(data)
+        if not np.issubdtype(data.dtype, np.floating):
+            raise TypeError(f"Parameter data must be a floating array, got dtype {data.dtype}")
+        self.data = data
+        self.grad: np.ndarray | None = None
+        self.trainable = bool(trainable)
+
+    def accumulate(self, g: np.ndarray) -> None:
+        """Add ``g`` to ``.grad`` (creating it), or do nothing if the parameter is frozen."""
+        if not self.trainable:
+            return
+        g = np.asarray(g, dtype=self.data.dtype).reshape(self.data.shape)
+        if self.grad is None:
+            self.grad = g.copy()
+        else:
+            self.grad += g
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.data.shape
+
+    @property
+    def size(self) -> int:
+        return int(self.data.size)
+
+    def __repr__(self) -> str:
+        state = "trainable" if self.trainable else "frozen"
+        return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype}, {state})"
+
+
+class Module:
+    """Base class: registers ``Parameter`` and ``Module`` attributes in assignment order."""
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "_params", {})
+        object.__setattr__(self, "_modules", {})
+        object.__setattr__(self, "training", True)
+        object.__setattr__(self, "_cache", None)
+
+    # -- registration ---------------------------------------------------------------------
+    def __setattr__(self, name: str, value) -> None:
+        if "_params" not in self.__dict__:
+            raise RuntimeError(f"{type(self).__name__}.__init__ must call super().__init__() first")
+        params, modules = self.__dict__["_params"], self.__dict__["_modules"]
+        params.pop(name, None)
+        modules.pop(name, None)
+        if isinstance(value, Parameter):
+            params[name] = value
+        elif isinstance(value, Module):
+            modules[name] = value
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        self.__dict__["_params"].pop(name, None)
+        self.__dict__["_modules"].pop(name, None)
+        object.__delattr__(self, name)
+
+    # -- the computation ------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def _pop_cache(self):
+        """Return the forward cache and clear it; a clear error if forward has not run."""
+        cache = self._cache
+        if cache is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.backward called before forward "
+                "(or twice for one forward): run forward(x) first"
+            )
+        self._cache = None
+        return cache
+
+    # -- traversal ------------------------------------------------------------------------
+    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, Module]]:
+        """Yield ``(dotted_name, module)`` for this module (name ``""``) and every descendant."""
+        yield prefix, self
+        for name, mod in self._modules.items():
+            yield from mod.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def children(self) -> dict[str, Module]:
+        return dict(self._modules)
+
+    def parameters(self) -> dict[str, Parameter]:
+        """Every parameter by dotted name, e.g. ``{"blocks.0.attn.q.weight": Parameter}``."""
+        out: dict[str, Parameter] = {}
+        for prefix, mod in self.named_modules():
+            for name, p in mod._params.items():
+                out[f"{prefix}.{name}" if prefix else name] = p
+        return out
+
+    def trainable_parameters(self) -> dict[str, Parameter]:
+        return {n: p for n, p in self.parameters().items() if p.trainable}
+
+    def num_trainable_parameters(self) -> int:
+        """How many scalars an optimizer updates."""
+        return sum(p.size for p in self.trainable_parameters().values())
+
+    def num_parameters(self) -> int:
+        return sum(p.size for p in self.parameters().values())
+
+    def get_submodule(self, dotted: str) -> Module:
+        mod: Module = self
+        for part in dotted.split(".") if dotted else []:
+            if part not in mod._modules:
+                raise KeyError(f"no submodule {dotted!r} (missing {part!r})")
+            mod = mod._modules[part]
+        return mod
+
+    def set_submodule(self, dotted: str, new: Module) -> None:
+        parent_name, _, leaf = dotted.rpartition(".")
+        parent = self.get_submodule(parent_name)
+        if leaf not in parent._modules:
+            raise KeyError(f"no submodule {dotted!r}")
+        if isinstance(parent, _Indexable):
+            parent[int(leaf)] = new
+        else:
+            setattr(parent, leaf, new)
+
+    # -- state ----------------------------------------------------------------------------
+    def zero_grad(self) -> None:
+        for p in self.parameters().values():
+            p.grad = None
+
+    def requires_grad_(self, flag: bool = True) -> Module:
+        """Mark every parameter trainable (``True``) or frozen (``False``)."""
+        for p in self.parameters().values():
+            p.trainable = bool(flag)
+            if not flag:
+                p.grad = None
+        return self
+
+    def train(self, mode: bool = True) -> Module:
+        """Switch dropout on (``True``) or off. Nothing else changes: merging is explicit."""
+        for _, mod in self.named_modules():
+            object.__setattr__(mod, "training", bool(mode))
+        return self
+
+    def eval(self) -> Module:
+        return self.train(False)
+
+    def astype(self, dtype) -> Module:
+        """Cast every parameter to ``dtype`` in place (e.g. ``np.float64`` for gradcheck)."""
+        for p in self.parameters().values():
+            p.data = p.data.astype(dtype)
+            p.grad = None
+        return self
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {n: p.data.copy() for n, p in self.parameters().items()}
+
+    def load_state_dict(self, state: dict[str, np.ndarray], strict: bool = True) -> None:
+        """Copy arrays into parameters by name; checks every name and shape before changing any."""
+        params = self.parameters()
+        missing = sorted(set(params) - set(state))
+        unexpected = sorted(set(state) - set(params))
+        if strict and (missing or unexpected):
+            raise ValueError(f"state_dict mismatch: missing {missing}, unexpected {unexpected}")
+        for name, value in state.items():
+            if name in params and np.shape(value) != params[name].shape:
+                raise ValueError(
+                    f"state_dict[{name!r}] has shape {np.shape(value)}, "
+                    f"expected {params[name].shape}"
+                )
+        for name, value in state.items():
+            if name in params:
+                params[name].data = np.array(value, dtype=params[name].data.dtype)
+
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__}({self.extra_repr()}"]
+        for name, mod in self._modules.items():
+            sub = repr(mod).replace("\n", "\n  ")
+            lines.append(f"  ({name}): {sub}")
+        return "\n".join(lines) + ")" if len(lines) > 1 else lines[0] + ")"
+
+
+class _Indexable:
+    """Marker for containers whose children are addressed by integer position."""
+
+
+class ModuleList(Module, _Indexable):
+    """A list of modules named ``"0"``, ``"1"``, ... (as in PyTorch)."""
+
+    def __init__(self, modules=()):
+        super().__init__()
+        self._items: list[Module] = []
+        for m in modules:
+            self.append(m)
+
+    def append(self, m: Module) -> None:
+        self._modules[str(len(self._items))] = m
+        self._items.append(m)
+
+    def __getitem__(self, i: int) -> Module:
+        return self._items[i]
+
+    def __setitem__(self, i: int, m: Module) -> None:
+        self._items[i] = m
+        self._modules[str(i if i >= 0 else len(self._items) + i)] = m
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self):
+        return iter(self._items)
