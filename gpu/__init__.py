@@ -5,9 +5,9 @@
 """
 
 from lowrank_gpu import adapters, nn
-from lowrank_ref.config import LoRAConfig
+from lowrank_ref.config import DoRAConfig, LoRAConfig
 
-__all__ = ["adapters", "nn", "LoRAConfig"]
+__all__ = ["adapters", "nn", "LoRAConfig", "DoRAConfig"]
 
 
 def __getattr__(name):

@@ -9,12 +9,12 @@
 
 from lowrank_ref import adapters, nn, registry
 from lowrank_ref.api import adapt
-from lowrank_ref.config import LoRAConfig
+from lowrank_ref.config import DoRAConfig, LoRAConfig
 from lowrank_ref.gradcheck import gradcheck
 
 __version__ = "0.1.0"
 
-__all__ = ["nn", "adapters", "registry", "adapt", "gradcheck", "LoRAConfig"]
+__all__ = ["nn", "adapters", "registry", "adapt", "gradcheck", "LoRAConfig", "DoRAConfig"]
 
 
 def __getattr__(name):  # lazy sub-packages that later issues fill in

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
-__all__ = ["LoRAConfig", "check_rank", "check_alpha", "check_dropout", "config_to_dict", "config_from_dict"]
+__all__ = ["LoRAConfig", "DoRAConfig", "check_rank", "check_alpha", "check_dropout", "config_to_dict", "config_from_dict"]
 
 LORA_INITS = ("kaiming", "gaussian", "pissa")
 
@@ -76,6 +76,48 @@ class LoRAConfig:
         check_bool(self.rslora, "rslora")
         if self.init not in LORA_INITS:
             raise ValueError(f"init must be one of {LORA_INITS}, got {self.init!r}")
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+    def replace(self, **changes):
+        d = asdict(self)
+        d.update(changes)
+        return type(self)(**d)
+
+
+DORA_INITS = ("kaiming", "gaussian")
+
+
+@dataclass(frozen=True)
+class DoRAConfig:
+    r"""DoRA (Liu et al. 2024, arXiv:2402.09353): ``W' = m ⊙ (W0 + s B A) / ‖W0 + s B A‖`` row-wise.
+
+    Args:
+        r, alpha, dropout, rslora: as in :class:`LoRAConfig` (``s = alpha/r`` or ``alpha/sqrt(r)``).
+        detach_norm: treat the row norm ``n = ‖W0 + s B A‖`` as a constant in the backward pass
+            (the paper's §4.3, and what PEFT does); ``False`` gives the exact gradient, with the
+            projection term.
+        init: ``"kaiming"`` or ``"gaussian"`` for ``A`` (``B = 0`` either way).
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False
+    detach_norm: bool = True
+    init: str = "kaiming"
+
+    def __post_init__(self):
+        object.__setattr__(self, "r", check_rank(self.r))
+        object.__setattr__(self, "alpha", check_alpha(self.alpha))
+        object.__setattr__(self, "dropout", check_dropout(self.dropout))
+        check_bool(self.rslora, "rslora")
+        check_bool(self.detach_norm, "detach_norm")
+        if self.init not in DORA_INITS:
+            raise ValueError(f"init must be one of {DORA_INITS} for DoRA, got {self.init!r}")
 
     @property
     def scaling(self) -> float:

@@ -83,3 +83,8 @@ register(MethodSpec(
     "lowrank_ref.adapters.lora:LoRALinear", "lowrank_gpu.adapters.lora:LoRALinear",
     description="LoRA, Hu et al. 2021: ΔW = (α/r) B A",
 ))
+register(MethodSpec(
+    "dora", "lowrank_ref.config:DoRAConfig",
+    "lowrank_ref.adapters.dora:DoRALinear", "lowrank_gpu.adapters.dora:DoRALinear",
+    description="DoRA, Liu et al. 2024: W' = m ⊙ (W0 + s B A) / ‖W0 + s B A‖ row-wise",
+))

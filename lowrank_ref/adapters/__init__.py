@@ -1,7 +1,8 @@
 """One file per method: pure forward/backward functions plus a Module that wraps them."""
 
 from lowrank_ref.adapters.base import AdapterLinear
+from lowrank_ref.adapters.dora import DoRALinear
 from lowrank_ref.adapters.lora import LoRALinear
 
-__all__ = ["LoRALinear"]
+__all__ = ["LoRALinear", "DoRALinear"]
 _ = AdapterLinear  # the shared base class, importable as lowrank_ref.adapters.base.AdapterLinear

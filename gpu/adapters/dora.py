@@ -1,0 +1,142 @@
+r"""DoRA in PyTorch: the twin of :mod:`lowrank_ref.adapters.dora`, backward by autograd.
+
+``y = g ⊙ (x W0ᵀ + s x Aᵀ Bᵀ) + b`` with ``g = m / ‖W0 + s B A‖`` row-wise (Liu et al. 2024,
+arXiv:2402.09353); with dropout the base sees the undropped input and the correction
+``(g − 1) ⊙ x̃ W0ᵀ`` is added (derived in the NumPy module). ``detach_norm=True`` takes the norm
+out of the graph (``n.detach()``, the paper's §4.3); ``False`` lets autograd differentiate it.
+The norm is computed without building ``W0 + s B A`` (same expansion, same dense fallback for
+cancelling rows, same zero-row rule ``g_j = 0``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import nn
+
+from lowrank_gpu.adapters.base import AdapterLinear
+from lowrank_gpu.nn.convert import generator_from
+from lowrank_ref.adapters.dora import CANCEL_FRACTION, NORM_METHODS
+from lowrank_ref.config import DoRAConfig
+
+__all__ = ["DoRALinear", "dora_row_norm"]
+
+
+def dora_row_norm(W, A, B, s, w0_sq=None, method="factored"):
+    r"""``n_j = ‖W0_j + s (B A)_j‖`` (out,), differentiable in ``A`` and ``B``."""
+    if method == "dense":
+        return torch.linalg.vector_norm(W + s * (B @ A), dim=1)
+    if method not in NORM_METHODS:
+        raise ValueError(f"method must be one of {NORM_METHODS}, got {method!r}")
+    if w0_sq is None:
+        w0_sq = (W * W).sum(dim=1)  # ‖W0_j‖²
+    cross = ((W @ A.T) * B).sum(dim=1)  # ⟨(W0 Aᵀ)_j, B_j⟩
+    ba_sq = ((B @ (A @ A.T)) * B).sum(dim=1)  # ‖(B A)_j‖²
+    n2 = w0_sq + 2 * s * cross + (s * s) * ba_sq
+    bad = n2 < CANCEL_FRACTION * (w0_sq + (s * s) * ba_sq)
+    if bool(bad.any()):  # cancellation: recompute those rows densely
+        idx = bad.nonzero().squeeze(1)
+        Vb = W[idx] + s * (B[idx] @ A)
+        n2 = n2.index_put((idx,), (Vb * Vb).sum(dim=1))
+    return torch.sqrt(n2.clamp_min(0))
+
+
+class DoRALinear(AdapterLinear):
+    """A frozen ``torch.nn.Linear`` as magnitude ``m`` times the direction of ``W0 + s B A``.
+
+    Same config and constructor parameters as ``lowrank_ref.adapters.DoRALinear``;
+    ``A (r, in)``, ``B (out, r)``, ``m (out,)`` are ``nn.Parameter``s."""
+
+    PEFT_NAMES = {"A": "lora_A.weight", "B": "lora_B.weight", "m": "lora_magnitude_vector"}
+
+    def __init__(self, base: nn.Linear, config: DoRAConfig | None = None, rng=None):
+        config = DoRAConfig() if config is None else config
+        if not isinstance(config, DoRAConfig):
+            raise TypeError(f"config must be a DoRAConfig, got {type(config).__name__}")
+        super().__init__(base, config)
+        W = base.weight
+        r, dtype, device = config.r, W.dtype, W.device
+        g = generator_from(rng, device="cpu")
+        if config.init == "gaussian":
+            A = torch.randn((r, self.in_features), generator=g, dtype=torch.float64) / r
+        else:
+            bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform(a=√5)
+            A = (torch.rand((r, self.in_features), generator=g, dtype=torch.float64) * 2 - 1) * bound
+        self.A = nn.Parameter(A.to(device=device, dtype=dtype))  # (r, in)
+        self.B = nn.Parameter(torch.zeros((self.out_features, r), device=device, dtype=dtype))  # B = 0
+        w0_sq = (W.detach().double() ** 2).sum(dim=1)
+        zero = (w0_sq == 0).nonzero().squeeze(1).tolist()
+        if zero:
+            warnings.warn(f"base weight rows {zero[:10]} are all zero: DoRA's direction is undefined "
+                          "there, so those rows keep their bias and never train", RuntimeWarning, stacklevel=2)
+        self.m = nn.Parameter(w0_sq.sqrt().to(dtype))  # (out,) m = ‖W0_j‖
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.norm_method = "factored"
+        self._w0_sq_cache = (None, None, None)
+
+    @property
+    def r(self) -> int:
+        return self.config.r
+
+    @property
+    def scaling(self) -> float:
+        return self.config.scaling
+
+    def _w0(self) -> torch.Tensor:
+        return self._w0_backup if self.merged else self.base.weight
+
+    def _w0_sq(self) -> torch.Tensor:
+        """``‖W0_j‖²``, cached while the frozen base weight keeps its storage and version."""
+        W0 = self._w0()
+        key = (W0.data_ptr(), W0._version, W0.dtype)
+        k, ref, val = self._w0_sq_cache
+        if k == key and ref is W0 and not W0.requires_grad:
+            return val
+        val = (W0.detach() ** 2).sum(dim=1)
+        self._w0_sq_cache = (key, W0, val)
+        return val
+
+    def weight_norm(self) -> torch.Tensor:
+        """``n = ‖W0 + s B A‖`` row-wise (out,), differentiable in ``A``, ``B``."""
+        return dora_row_norm(self._w0().detach(), self.A, self.B, self.scaling,
+                             w0_sq=self._w0_sq(), method=self.norm_method)
+
+    def _row_scale(self, n):
+        live = n > 0
+        return torch.where(live, self.m / torch.where(live, n, torch.ones_like(n)), torch.zeros_like(n))
+
+    def row_scale(self) -> torch.Tensor:
+        return self._row_scale(self.weight_norm())
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        W0 = self._w0()
+        V = W0.double() + self.scaling * (self.B.double() @ self.A.double())  # (out, in)
+        n = torch.linalg.vector_norm(V, dim=1)
+        live = n > 0
+        g = torch.where(live, self.m.double() / torch.where(live, n, torch.ones_like(n)), torch.zeros_like(n))
+        return (g[:, None] * V).to(W0.dtype)  # W' = (m/n) ⊙ V
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        W0 = self._w0()
+        return (self.merged_weight().double() - W0.double()).to(W0.dtype)
+
+    def _forward(self, x):
+        W0 = self.base.weight
+        n = self.weight_norm()
+        if self.config.detach_norm:
+            n = n.detach()  # §4.3: the norm is a constant for the backward pass
+        g = self._row_scale(n)  # g = m / n   (out,)
+        s = self.scaling
+        dropping = self.training and self.config.dropout > 0
+        xd = self.dropout(x) if dropping else x  # x̃
+        ut = xd @ W0.T  # x̃ W0ᵀ
+        y = g * (ut + s * ((xd @ self.A.T) @ self.B.T))  # g ⊙ x̃ (W0 + s B A)ᵀ
+        if dropping:
+            y = y + (x @ W0.T - ut)  # the base sees the undropped input
+        if self.base.bias is not None:
+            y = y + self.base.bias
+        return y

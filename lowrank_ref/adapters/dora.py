@@ -1,0 +1,305 @@
+r"""DoRA: weight-decomposed low-rank adaptation (Liu et al. 2024, arXiv:2402.09353).
+
+DoRA splits each output row of the adapted weight into a length and a direction. With the
+LoRA update inside the direction, ``V = W0 + s B A`` (out, in), its row norms
+``n_j = ‖V_j‖`` (over the input axis) and a trainable magnitude ``m`` (out,):
+
+.. math::
+    W' = \operatorname{diag}(m / n)\, V, \qquad
+    y = x W'^\top + b = g \odot \big(x W_0^\top + s\,(x A^\top) B^\top\big) + b,
+    \qquad g = m / n \;(\text{out},).
+
+The bias is not rescaled. ``A (r, in)``, ``B (out, r)``, ``s = α/r`` (``α/√r`` with rsLoRA).
+Init: ``B = 0`` and ``m = ‖W0_j‖`` row by row, so ``g = 1`` and DoRA starts as the base layer.
+Trainable: ``A``, ``B``, ``m``.
+
+**The norm without ΔW.** Row by row,
+
+.. math::
+    n_j^2 = \|W_{0,j}\|^2 + 2s\,\langle (W_0 A^\top)_j, B_j\rangle + s^2\, B_j (A A^\top) B_j^\top ,
+
+which needs ``W0 Aᵀ`` (out, r), ``A Aᵀ`` (r, r) and ``‖W0_j‖²`` (cached: ``W0`` is frozen), never
+the (out, in) matrix ``V``. The expansion cancels when ``V_j`` is much shorter than ``W0_j`` and
+``s ΔW_j`` (``ΔW`` undoing ``W0``): rows where ``n_j² < 0.1 (‖W0_j‖² + s²‖(BA)_j‖²)`` are recomputed
+from ``V_j`` directly, so the relative error of ``n`` stays a few units of rounding.
+
+**Dropout.** As in LoRA, dropout acts on the adapter branch's input only, ``x̃ = x ⊙ M``. The
+adapter's contribution is ``Δy(x) = g ⊙ x Vᵀ − x W0ᵀ``; feeding it ``x̃`` gives
+
+.. math::
+    y = x W_0^\top + b + (g - 1) \odot (\tilde x W_0^\top) + g \odot s\,(\tilde x A^\top) B^\top ,
+
+i.e. the undropped base output plus a correction ``(g−1) ⊙ x̃ W0ᵀ``: one more matmul with
+``W0``, only while training with dropout. ``y`` is affine in ``M``, so with ``E[M] = 1`` its
+expectation is the eval output. (PEFT's DoRA does the same: it recomputes the base output on the
+dropped input, ``peft/tuners/lora/dora.py``.) Without dropout ``x̃ = x`` and ``y = g ⊙ z + b``.
+
+**Backward.** Write ``z = x̃ Vᵀ`` (N, out), ``h = x̃ Aᵀ`` (N, r), so ``y = x W0ᵀ − x̃ W0ᵀ + g ⊙ z + b``.
+For upstream ``ȳ`` (N, out):
+
+.. math::
+    \bar g = \textstyle\sum_N \bar y \odot z, \qquad
+    \bar m = \bar g / n, \qquad
+    \bar z = \bar y \odot g,
+
+.. math::
+    \bar B = s\,\bar z^\top h, \qquad
+    \bar A = s\,(\bar z B)^\top \tilde x, \qquad
+    \bar x = \bar y W_0 + \big[(\bar z - \bar y) W_0 + s (\bar z B) A\big] \odot M
+
+(without dropout: ``x̄ = z̄ W0 + s (z̄ B) A``). That is the whole gradient with ``detach_norm=True``,
+where ``n`` is a constant (§4.3 of the paper; PEFT detaches the norm too).
+
+The exact gradient (``detach_norm=False``) adds the path through ``n``:
+``n̄ = −ḡ m / n²`` and ``∂n_j/∂V_j = V_j / n_j``, so ``V̄ += diag(c) V`` with ``c = −ḡ m / n³``, and
+
+.. math::
+    \bar B \mathrel{+}= s\,\operatorname{diag}(c)\,\big(W_0 A^\top + s\, B (A A^\top)\big), \qquad
+    \bar A \mathrel{+}= s\,(cB)^\top W_0 + s^2\, (cB)^\top B A ,
+
+reusing ``W0 Aᵀ`` from the forward. Per row this is the paper's projection: with
+``G = ȳᵀ x̃`` (the gradient w.r.t. ``W'``) and ``V̂_j = V_j/n_j``,
+``V̄_j = (m_j/n_j)(G_j − ⟨G_j, V̂_j⟩ V̂_j)``: the component of ``G_j`` along the current direction
+is removed (it belongs to ``m``: ``m̄_j = ⟨G_j, V̂_j⟩``).
+
+**Zero-norm rows (the rule).** Where ``n_j = 0`` the direction is undefined; DoRA sets
+``g_j = 0``: that row outputs its bias, and it gets no gradient (``m̄_j = 0``, no path to ``B_j``).
+A base weight with an all-zero row is accepted (the row's output, ``b_j``, equals the base
+layer's, so DoRA still starts as the identity) with a warning, because that row can never train.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from lowrank_ref.adapters.base import AdapterLinear
+from lowrank_ref.adapters.lora import init_lora_A
+from lowrank_ref.config import DoRAConfig
+from lowrank_ref.nn.module import Parameter
+
+__all__ = ["DoRALinear", "dora_forward", "dora_backward", "dora_row_norm", "CANCEL_FRACTION"]
+
+# rows with n² below this fraction of ‖W0_j‖² + s²‖ΔW_j‖² are recomputed densely
+CANCEL_FRACTION = 0.1
+NORM_METHODS = ("factored", "dense")
+
+
+def dora_row_norm(W, A, B, s, *, w0_sq=None, method="factored"):
+    r"""``n_j = ‖W0_j + s (B A)_j‖`` for every output row j, and ``W0 Aᵀ`` (None for ``"dense"``).
+
+    Args:
+        W: ``W0`` (out, in); A (r, in); B (out, r); s: the scaling.
+        w0_sq: ``‖W0_j‖²`` (out,) if already known (it is cached by the layer).
+        method: ``"factored"`` (never builds ``V``; the expansion in the module docstring, with a
+            dense recompute of the rows where it cancels) or ``"dense"`` (``V = W0 + s B A``).
+    Returns:
+        ``(n (out,), W0At (out, r) or None)``.
+    """
+    if method == "dense":
+        V = W + s * (B @ A)  # (out, in)
+        return np.sqrt(np.einsum("oi,oi->o", V, V)), None
+    if method != "factored":
+        raise ValueError(f"method must be one of {NORM_METHODS}, got {method!r}")
+    if w0_sq is None:
+        w0_sq = np.einsum("oi,oi->o", W, W)  # ‖W0_j‖²   (out,)
+    W0At = W @ A.T  # (out, r)
+    cross = np.einsum("or,or->o", W0At, B)  # ⟨(W0 Aᵀ)_j, B_j⟩
+    ba_sq = np.einsum("or,or->o", B @ (A @ A.T), B)  # ‖(B A)_j‖² = B_j (A Aᵀ) B_jᵀ
+    n2 = w0_sq + 2 * s * cross + (s * s) * ba_sq  # n_j² = ‖W0_j‖² + 2s⟨W0Aᵀ, B⟩_j + s²‖BA‖²_j
+    bad = n2 < CANCEL_FRACTION * (w0_sq + (s * s) * ba_sq)
+    if np.any(bad):  # cancellation: recompute those rows from V_j itself
+        Vb = W[bad] + s * (B[bad] @ A)
+        n2 = n2.copy()
+        n2[bad] = np.einsum("oi,oi->o", Vb, Vb)
+    return np.sqrt(np.maximum(n2, 0)), W0At
+
+
+def dora_forward(x, params, cfg: DoRAConfig, mask=None, method="factored"):
+    r"""y = x W0ᵀ + b + (g − 1) ⊙ x̃ W0ᵀ + g ⊙ s x̃ Aᵀ Bᵀ with g = m / ‖W0 + s B A‖ (row-wise).
+
+    Args:
+        x: ``(..., in)``.
+        params: ``{"W": W0 (out, in), "b": (out,) or None, "A": (r, in), "B": (out, r),
+            "m": (out,)}``, optionally ``"w0_sq"``: the cached ``‖W0_j‖²`` (out,), and ``"n"``:
+            a norm to use as a given constant instead of computing it (with ``detach_norm=True``
+            the backward is then the exact gradient of this function: that is how it is checked).
+        cfg: gives ``s`` and ``detach_norm``.
+        mask: the inverted-dropout mask shaped like ``x`` (already divided by ``1-p``), or None.
+        method: how to take the row norm (:func:`dora_row_norm`).
+    Returns:
+        ``(y (..., out), cache)``.
+    """
+    W, b, A, B, m = params["W"], params["b"], params["A"], params["B"], params["m"]
+    s = cfg.scaling
+    if params.get("n") is not None:  # a given norm, held constant (how the detached case is gradchecked)
+        n, W0At = params["n"], None
+    else:
+        n, W0At = dora_row_norm(W, A, B, s, w0_sq=params.get("w0_sq"), method=method)  # (out,)
+    live = n > 0
+    g = np.where(live, m / np.where(live, n, 1), 0).astype(W.dtype)  # g = m / n; 0 on zero rows
+    xd = x if mask is None else x * mask  # x̃ = x ⊙ M
+    h = xd @ A.T  # (..., r)
+    ut = xd @ W.T  # x̃ W0ᵀ   (..., out)
+    z = ut + s * (h @ B.T)  # z = x̃ Vᵀ = x̃ W0ᵀ + s x̃ Aᵀ Bᵀ   (..., out)
+    y = g * z  # g ⊙ x̃ Vᵀ
+    if mask is not None:
+        y = y + (x @ W.T - ut)  # + x W0ᵀ − x̃ W0ᵀ: the base sees the undropped input
+    if b is not None:
+        y = y + b  # the bias is not rescaled
+    return y, (x, xd, mask, h, z, g, n, W0At, W, A, B, m, s, cfg.detach_norm)
+
+
+def dora_backward(dy, cache):
+    r"""Return ``(x̄, grads)``; grads: ``A``, ``B``, ``m`` arrays, ``W`` and ``b`` None (frozen).
+
+    The formulas are in the module docstring; ``detach_norm`` (from the cache) drops the path
+    through ``n``."""
+    x, xd, mask, h, z, g, n, W0At, W, A, B, m, s, detach = cache
+    out = dy.shape[-1]
+    dy2 = dy.reshape(-1, out)  # (N, out)
+    z2 = z.reshape(-1, out)  # (N, out)
+    h2 = h.reshape(-1, h.shape[-1])  # (N, r)
+    xd2 = xd.reshape(-1, xd.shape[-1])  # (N, in)
+    live = n > 0
+    dg = np.einsum("no,no->o", dy2, z2)  # ḡ = Σ_N ȳ ⊙ z   (out,)
+    dm = np.where(live, dg / np.where(live, n, 1), 0)  # m̄ = ḡ / n
+    dz = dy2 * g  # z̄ = ȳ ⊙ g   (N, out)
+    dzB = dz @ B  # z̄ B   (N, r)
+    dB = s * (dz.T @ h2)  # B̄ = s z̄ᵀ h   (out, r)
+    dA = s * (dzB.T @ xd2)  # Ā = s (z̄ B)ᵀ x̃   (r, in)
+    if mask is None:
+        dx2 = dz @ W + s * (dzB @ A)  # x̄ = z̄ W0 + s (z̄ B) A
+    else:
+        dxd = (dz - dy2) @ W + s * (dzB @ A)  # gradient w.r.t. x̃
+        dx2 = dy2 @ W + dxd * mask.reshape(-1, mask.shape[-1])  # x̄ = ȳ W0 + x̃̄ ⊙ M
+    if not detach:
+        # the path through n: c = −ḡ m / n³, V̄ = diag(c) V (the projection term)
+        c = np.where(live, -dg * m / np.where(live, n, 1) ** 3, 0)  # (out,)
+        if W0At is None:
+            W0At = W @ A.T  # (out, r)
+        cB = c[:, None] * B  # (out, r)
+        dB = dB + s * (c[:, None] * W0At + s * (cB @ (A @ A.T)))  # B̄ += s diag(c)(W0Aᵀ + s B AAᵀ)
+        dA = dA + s * (cB.T @ W + s * ((cB.T @ B) @ A))  # Ā += s (cB)ᵀ W0 + s² (cB)ᵀ B A
+    dx = dx2.reshape(x.shape)
+    return dx, {"A": dA, "B": dB, "m": dm, "W": None, "b": None}
+
+
+class DoRALinear(AdapterLinear):
+    """A frozen :class:`~lowrank_ref.nn.Linear` re-parametrised as magnitude ``m`` times the
+    direction of ``W0 + s B A``. Trainable: ``A``, ``B``, ``m``.
+
+    Args:
+        base: the pretrained layer (frozen by this constructor).
+        config: a :class:`~lowrank_ref.config.DoRAConfig`.
+        rng: a ``numpy.random.Generator`` for the init and the dropout masks.
+
+    ``norm_method`` (attribute, ``"factored"`` by default, or ``"dense"``) picks how the row norm
+    is computed; both give the same numbers (tested) and differ in cost (``bench/bench_dora.py``).
+    """
+
+    # the names PEFT gives these tensors in its adapter files (used by lowrank_ref.io)
+    PEFT_NAMES = {"A": "lora_A.weight", "B": "lora_B.weight", "m": "lora_magnitude_vector"}
+
+    def __init__(self, base, config: DoRAConfig | None = None, rng=None):
+        config = DoRAConfig() if config is None else config
+        if not isinstance(config, DoRAConfig):
+            raise TypeError(f"config must be a DoRAConfig, got {type(config).__name__}")
+        super().__init__(base, config)
+        rng = np.random.default_rng() if rng is None else rng
+        self.rng = rng
+        self.norm_method = "factored"
+        r, dtype = config.r, base.weight.data.dtype
+        W0 = base.weight.data
+        self.A = Parameter(init_lora_A(r, self.in_features, config.init, rng, dtype))  # (r, in)
+        self.B = Parameter(np.zeros((self.out_features, r), dtype=dtype))  # (out, r); B = 0
+        w0_sq = np.einsum("oi,oi->o", W0.astype(np.float64), W0.astype(np.float64))
+        zero = np.flatnonzero(w0_sq == 0)
+        if zero.size:
+            warnings.warn(
+                f"base weight rows {zero[:10].tolist()}{'...' if zero.size > 10 else ''} are all zero: "
+                "DoRA's direction is undefined there, so those rows keep their bias and never train "
+                "(use LoRA for such a layer)", RuntimeWarning, stacklevel=2)
+        self.m = Parameter(np.sqrt(w0_sq).astype(dtype))  # (out,) m = ‖W0_j‖: starts as the identity
+        object.__setattr__(self, "_w0_sq_cache", (None, None))
+
+    @property
+    def r(self) -> int:
+        return self.config.r
+
+    @property
+    def scaling(self) -> float:
+        return self.config.scaling
+
+    # W0 and its cached row norms ----------------------------------------------------------
+    def _w0(self) -> np.ndarray:
+        """``W0``: the base weight, or the bits kept aside while merged."""
+        return self._w0_backup if self.merged else self.base.weight.data
+
+    def _w0_sq(self) -> np.ndarray:
+        r"""``‖W0_j‖²`` (out,), cached while ``W0`` is the same frozen array.
+
+        The cache is keyed on the array object: assigning a new ``base.weight.data`` (loading,
+        PiSSA, ``astype``) recomputes it. After editing a frozen ``W0`` *in place*, call
+        :meth:`clear_norm_cache`."""
+        W0 = self._w0()
+        ref, val = self._w0_sq_cache
+        if ref is W0 and not self.base.weight.trainable:
+            return val
+        val = np.einsum("oi,oi->o", W0, W0)
+        object.__setattr__(self, "_w0_sq_cache", (W0, val))
+        return val
+
+    def clear_norm_cache(self) -> None:
+        object.__setattr__(self, "_w0_sq_cache", (None, None))
+
+    def weight_norm(self) -> np.ndarray:
+        r"""``n_j = ‖W0_j + s (B A)_j‖`` (out,): the row norms of the direction matrix ``V``."""
+        n, _ = dora_row_norm(self._w0(), self.A.data, self.B.data, self.scaling,
+                             w0_sq=self._w0_sq(), method=self.norm_method)
+        return n
+
+    def row_scale(self) -> np.ndarray:
+        r"""``g = m / n`` (out,), with ``g_j = 0`` on zero-norm rows (the stated rule)."""
+        n = self.weight_norm()
+        live = n > 0
+        return np.where(live, self.m.data / np.where(live, n, 1), 0)
+
+    # the dense view -----------------------------------------------------------------------
+    def merged_weight(self) -> np.ndarray:
+        r"""``W' = diag(m/n) (W0 + s B A)`` (out, in): computed in float64, rounded once."""
+        W0 = self._w0()
+        A, B = self.A.data.astype(np.float64), self.B.data.astype(np.float64)
+        V = W0.astype(np.float64) + self.scaling * (B @ A)  # (out, in)
+        n = np.sqrt(np.einsum("oi,oi->o", V, V))
+        live = n > 0
+        g = np.where(live, self.m.data.astype(np.float64) / np.where(live, n, 1), 0)
+        return (g[:, None] * V).astype(W0.dtype)  # W' = (m/n) ⊙ V row-wise
+
+    def delta_weight(self) -> np.ndarray:
+        r"""``ΔW = W' − W0`` (out, in): what merging adds to ``W0`` (not ``s B A``)."""
+        W0 = self._w0()
+        return (self.merged_weight().astype(np.float64) - W0.astype(np.float64)).astype(W0.dtype)
+
+    # the computation ----------------------------------------------------------------------
+    def _params_dict(self):
+        b = None if self.base.bias is None else self.base.bias.data
+        return {"W": self.base.weight.data, "b": b, "A": self.A.data, "B": self.B.data,
+                "m": self.m.data, "w0_sq": self._w0_sq()}
+
+    def _forward(self, x):
+        mask = None
+        p = self.config.dropout
+        if self.training and p > 0:
+            mask = (self.rng.random(x.shape) >= p).astype(x.dtype) / (1.0 - p)
+        y, cache = dora_forward(x, self._params_dict(), self.config, mask=mask, method=self.norm_method)
+        self._cache = cache
+        return y
+
+    def _backward(self, dy):
+        dx, grads = dora_backward(dy, self._pop_cache())
+        self.A.accumulate(grads["A"])
+        self.B.accumulate(grads["B"])
+        self.m.accumulate(grads["m"])
+        return dx
