@@ -1,0 +1,120 @@
+r"""Causal multi-head self-attention (Vaswani et al. 2017, arXiv:1706.03762, §3.2), backward by hand.
+
+Forward, for ``x (B, T, C)`` with ``n_head`` heads of size ``hs = C / n_head``. The four
+projections are modules (``q``, ``k``, ``v``, ``o``, each a :class:`~lowrank_ref.nn.Linear` with
+bias) and are always *called*, never read, so an adapter swapped in for ``attn.q`` takes part in
+both passes. Per head, with :math:`Q, K, V` of shape ``(T, hs)``:
+
+.. math::
+    S = \frac{Q K^\top}{\sqrt{hs}} + M, \qquad
+    M_{ts} = \begin{cases} 0 & s \le t \\ -\infty & s > t \end{cases}, \qquad
+    P = \operatorname{softmax}_{\text{rows}}(S), \qquad
+    Y = (P \odot D)\, V,
+
+then the heads are concatenated back to ``(B, T, C)`` and projected by ``o``. :math:`D` is the
+attention-dropout mask (inverted, so all ones in eval). The mask :math:`M` lets position
+:math:`t` attend only to :math:`s \le t`: no token sees the future.
+
+Backward, for upstream :math:`\bar Y` (per head, writing :math:`\tilde P = P \odot D`):
+
+.. math::
+    \bar V = \tilde P^\top \bar Y, \qquad
+    \bar P = (\bar Y V^\top) \odot D, \qquad
+    \bar S = P \odot \big(\bar P - \operatorname{rowsum}(\bar P \odot P)\big), \qquad
+    \bar Q = \frac{\bar S K}{\sqrt{hs}}, \qquad
+    \bar K = \frac{\bar S^\top Q}{\sqrt{hs}} .
+
+:math:`\bar V` and :math:`\bar P` are the two halves of the product rule for :math:`Y = \tilde P V`;
+:math:`\bar S` is the softmax backward (see :mod:`lowrank_ref.nn.activations`); the last two are
+the product rule for :math:`S = QK^\top/\sqrt{hs}`. The masked entries need no special case: there
+:math:`P = 0`, so :math:`\bar S = 0` and nothing flows to the future. Finally
+:math:`\bar x = \bar x_q + \bar x_k + \bar x_v`, since ``x`` feeds all three projections.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lowrank_ref.nn.activations import softmax, softmax_backward
+from lowrank_ref.nn.linear import Dropout, Linear, check_last_dim
+from lowrank_ref.nn.module import Module
+
+__all__ = ["CausalSelfAttention", "causal_mask"]
+
+
+def causal_mask(T: int) -> np.ndarray:
+    """A ``(T, T)`` boolean array, ``True`` where position ``t`` may NOT look (``s > t``)."""
+    return np.triu(np.ones((T, T), dtype=bool), k=1)
+
+
+class CausalSelfAttention(Module):
+    """Masked multi-head self-attention with projections ``q``, ``k``, ``v``, ``o`` (C -> C, bias).
+
+    Args:
+        d_model: ``C``, the width of the residual stream.
+        n_head: the number of heads; must divide ``d_model``.
+        dropout: the probability for the attention-weight dropout (``attn_drop``) and the output
+            dropout (``resid_drop``); both are off in eval.
+    """
+
+    def __init__(self, d_model: int, n_head: int, dropout: float = 0.0, rng=None, dtype=np.float32):
+        super().__init__()
+        for name, v in (("d_model", d_model), ("n_head", n_head)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if d_model % n_head:
+            raise ValueError(f"n_head ({n_head}) must divide d_model ({d_model})")
+        rng = np.random.default_rng() if rng is None else rng
+        self.d_model, self.n_head = int(d_model), int(n_head)
+        self.q = Linear(d_model, d_model, rng=rng, dtype=dtype)
+        self.k = Linear(d_model, d_model, rng=rng, dtype=dtype)
+        self.v = Linear(d_model, d_model, rng=rng, dtype=dtype)
+        self.o = Linear(d_model, d_model, rng=rng, dtype=dtype)
+        self.attn_drop = Dropout(dropout, rng=rng)
+        self.resid_drop = Dropout(dropout, rng=rng)
+
+    @property
+    def head_size(self) -> int:
+        return self.d_model // self.n_head
+
+    def _split(self, t: np.ndarray) -> np.ndarray:
+        B, T, C = t.shape
+        return t.reshape(B, T, self.n_head, C // self.n_head).transpose(0, 2, 1, 3)  # (B, nh, T, hs)
+
+    def _merge(self, t: np.ndarray) -> np.ndarray:
+        B, nh, T, hs = t.shape
+        return t.transpose(0, 2, 1, 3).reshape(B, T, nh * hs)  # (B, T, C)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        x = check_last_dim(x, self.d_model)
+        if x.ndim != 3:
+            raise ValueError(f"x must have shape (B, T, {self.d_model}), got {x.shape}")
+        T = x.shape[1]
+        scale = 1.0 / np.sqrt(self.head_size)
+        q = self._split(self.q.forward(x))  # (B, nh, T, hs)
+        k = self._split(self.k.forward(x))  # (B, nh, T, hs)
+        v = self._split(self.v.forward(x))  # (B, nh, T, hs)
+        s = (q @ k.transpose(0, 1, 3, 2)) * np.asarray(scale, dtype=q.dtype)  # S = Q Kᵀ/√hs  (B, nh, T, T)
+        s = np.where(causal_mask(T), np.asarray(-np.inf, dtype=s.dtype), s)  # + M (no looking ahead)
+        p = softmax(s, axis=-1)  # P, rows sum to 1   (B, nh, T, T)
+        pd = self.attn_drop.forward(p)  # P̃ = P ⊙ D
+        y = self._merge(pd @ v)  # Y = P̃ V, heads concatenated   (B, T, C)
+        out = self.resid_drop.forward(self.o.forward(y))  # (B, T, C)
+        self._cache = (q, k, v, p, pd, scale)
+        return out
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        q, k, v, p, pd, scale = self._pop_cache()
+        dy = self._split(self.o.backward(self.resid_drop.backward(dout)))  # Ȳ  (B, nh, T, hs)
+        dv = pd.transpose(0, 1, 3, 2) @ dy  # V̄ = P̃ᵀ Ȳ       (B, nh, T, hs)
+        dp = self.attn_drop.backward(dy @ v.transpose(0, 1, 3, 2))  # P̄ = (Ȳ Vᵀ) ⊙ D   (B, nh, T, T)
+        ds = softmax_backward(dp, p) * np.asarray(scale, dtype=p.dtype)  # S̄/√hs
+        dq = ds @ k  # Q̄ = S̄ K /√hs     (B, nh, T, hs)
+        dk = ds.transpose(0, 1, 3, 2) @ q  # K̄ = S̄ᵀ Q /√hs   (B, nh, T, hs)
+        dx = self.q.backward(self._merge(dq))  # (B, T, C)
+        dx = dx + self.k.backward(self._merge(dk))
+        dx = dx + self.v.backward(self._merge(dv))  # x̄ = x̄_q + x̄_k + x̄_v
+        return dx
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, n_head={self.n_head}"
