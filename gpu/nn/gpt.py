@@ -1,0 +1,209 @@
+r"""The small GPT in PyTorch: the twin of :mod:`lowrank_ref.nn.gpt`, with autograd for the backward.
+
+Same submodule and parameter names (``blocks.0.attn.q.weight``, ``tok_emb.weight``,
+``head.weight``, ...), same math (pre-LN blocks, exact-erf GELU, causal softmax attention with
+``1/sqrt(hs)`` scaling, biased-variance LayerNorm with ``eps = 1e-5``), so the two agree to
+rounding in float64 when they hold the same weights. Weights move between them by name with
+:func:`from_numpy`, :func:`to_numpy` and :func:`copy_state`.
+
+The attention is written out (``Q Kᵀ/√hs``, mask, softmax, ``P V``) rather than calling
+``scaled_dot_product_attention``, so the code reads line for line against the NumPy version.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from lowrank_gpu.nn.convert import to_numpy as _tensor_to_numpy
+from lowrank_ref.nn.gpt import GPTConfig
+
+__all__ = ["CausalSelfAttention", "MLP", "Block", "GPT", "GPTConfig", "from_numpy", "to_numpy",
+           "copy_state"]
+
+
+class CausalSelfAttention(nn.Module):
+    """Masked multi-head self-attention; ``q``, ``k``, ``v``, ``o`` are ``nn.Linear(C, C)``."""
+
+    def __init__(self, d_model: int, n_head: int, dropout: float = 0.0, dtype=None, device=None):
+        super().__init__()
+        if d_model % n_head:
+            raise ValueError(f"n_head ({n_head}) must divide d_model ({d_model})")
+        self.d_model, self.n_head = d_model, n_head
+        kw = {"dtype": dtype, "device": device}
+        self.q = nn.Linear(d_model, d_model, **kw)
+        self.k = nn.Linear(d_model, d_model, **kw)
+        self.v = nn.Linear(d_model, d_model, **kw)
+        self.o = nn.Linear(d_model, d_model, **kw)
+        self.attn_drop = nn.Dropout(dropout)
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        nh, hs = self.n_head, C // self.n_head
+        q = self.q(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = self.v(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        s = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # S = Q Kᵀ/√hs   (B, nh, T, T)
+        future = torch.triu(torch.ones(T, T, dtype=torch.bool, device=x.device), diagonal=1)
+        s = s.masked_fill(future, float("-inf"))  # + M
+        p = self.attn_drop(torch.softmax(s, dim=-1))  # P̃ = softmax(S) ⊙ D
+        y = (p @ v).transpose(1, 2).reshape(B, T, C)  # Y = P̃ V, heads concatenated   (B, T, C)
+        return self.resid_drop(self.o(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, d_model: int, hidden: int, dropout: float = 0.0, dtype=None, device=None):
+        super().__init__()
+        self.fc = nn.Linear(d_model, hidden, dtype=dtype, device=device)
+        self.act = nn.GELU()  # exact erf form, as lowrank_ref.nn.GELU
+        self.proj = nn.Linear(hidden, d_model, dtype=dtype, device=device)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.drop(self.proj(self.act(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LN block: ``x + attn(ln1(x))``, then ``h + mlp(ln2(h))``."""
+
+    def __init__(self, d_model: int, n_head: int, mlp_ratio: int = 4, dropout: float = 0.0,
+                 dtype=None, device=None):
+        super().__init__()
+        kw = {"dtype": dtype, "device": device}
+        self.ln1 = nn.LayerNorm(d_model, eps=1e-5, **kw)
+        self.attn = CausalSelfAttention(d_model, n_head, dropout, **kw)
+        self.ln2 = nn.LayerNorm(d_model, eps=1e-5, **kw)
+        self.mlp = MLP(d_model, mlp_ratio * d_model, dropout, **kw)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))  # h = x + Attn(LN1(x))
+        return x + self.mlp(self.ln2(x))  # y = h + MLP(LN2(h))
+
+
+class GPT(nn.Module):
+    """``forward(idx (B, T) long) -> logits (B, T, vocab_size)``; the same names as the NumPy GPT."""
+
+    def __init__(self, config: GPTConfig, dtype=torch.float32, device=None, rng=None):
+        super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
+        c = self.config = config
+        kw = {"dtype": dtype, "device": device}
+        self.tok_emb = nn.Embedding(c.vocab_size, c.d_model, **kw)
+        self.pos_emb = nn.Embedding(c.block_size, c.d_model, **kw)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(Block(c.d_model, c.n_head, c.mlp_ratio, c.dropout, **kw)
+                                    for _ in range(c.n_layer))
+        self.ln_f = nn.LayerNorm(c.d_model, eps=1e-5, **kw)
+        self.head = nn.Linear(c.d_model, c.vocab_size, bias=False, **kw)
+        self._init_weights(rng)
+
+    @torch.no_grad()
+    def _init_weights(self, rng) -> None:
+        """GPT-2's init, as in the NumPy GPT: N(0, 0.02²), residual projections 0.02/√(2L), biases 0."""
+        from lowrank_gpu.nn.convert import generator_from
+
+        g = generator_from(rng)
+        std_out = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, p in self.named_parameters():
+            if name.startswith("ln") or ".ln" in name:
+                continue
+            if name.endswith("bias"):
+                p.zero_()
+            else:
+                std = std_out if name.endswith(("attn.o.weight", "mlp.proj.weight")) else 0.02
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * std)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        if idx.dim() != 2:
+            raise ValueError(f"idx must have shape (B, T), got {tuple(idx.shape)}")
+        B, T = idx.shape
+        if not 1 <= T <= self.config.block_size:
+            raise ValueError(f"sequence length T={T} must be in [1, block_size={self.config.block_size}]")
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))  # (B, T, V)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, n_new: int, temperature: float = 1.0, generator=None):
+        """Append ``n_new`` sampled tokens (``temperature=0``: greedy); dropout off while sampling."""
+        was = self.training
+        self.eval()
+        try:
+            for _ in range(n_new):
+                logits = self(idx[:, -self.config.block_size:])[:, -1, :]
+                if temperature == 0:
+                    nxt = logits.argmax(dim=-1, keepdim=True)
+                else:
+                    probs = torch.softmax(logits / temperature, dim=-1)
+                    nxt = torch.multinomial(probs, 1, generator=generator)
+                idx = torch.cat([idx, nxt], dim=1)
+        finally:
+            self.train(was)
+        return idx
+
+
+def _numpy_dtype_to_torch(dt) -> torch.dtype:
+    return torch.from_numpy(np.zeros(1, dtype=dt)).dtype
+
+
+def copy_state(src, dst) -> None:
+    """Copy every parameter of ``src`` into ``dst`` by dotted name; each may be a NumPy
+    :class:`~lowrank_ref.nn.Module` or a ``torch.nn.Module``. Names and shapes are checked
+    before anything is written; values take ``dst``'s dtype (and device)."""
+    if isinstance(src, nn.Module):
+        state = {n: _tensor_to_numpy(p) for n, p in src.named_parameters()}
+    else:
+        state = {n: p.data for n, p in src.parameters().items()}
+    if isinstance(dst, nn.Module):
+        params = dict(dst.named_parameters())
+        missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        if missing or unexpected:
+            raise ValueError(f"parameter names differ: missing {missing}, unexpected {unexpected}")
+        for n, a in state.items():
+            if tuple(a.shape) != tuple(params[n].shape):
+                raise ValueError(f"{n}: shape {tuple(a.shape)} vs {tuple(params[n].shape)}")
+        with torch.no_grad():
+            for n, a in state.items():
+                params[n].copy_(torch.from_numpy(np.ascontiguousarray(a)))
+    else:
+        dst.load_state_dict(state)  # checks every name and shape first
+
+
+def from_numpy(np_gpt, device=None, dtype=None) -> GPT:
+    """A torch :class:`GPT` holding the weights of a NumPy ``lowrank_ref.nn.GPT`` (same dtype unless
+    ``dtype`` is given)."""
+    from lowrank_ref.nn.gpt import GPT as NumpyGPT
+
+    if not isinstance(np_gpt, NumpyGPT):
+        raise TypeError(f"np_gpt must be a lowrank_ref.nn.GPT, got {type(np_gpt).__name__}")
+    dtype = _numpy_dtype_to_torch(np_gpt.dtype) if dtype is None else dtype
+    model = GPT(np_gpt.config, dtype=dtype, device=device, rng=0)
+    copy_state(np_gpt, model)
+    model.train(np_gpt.training)
+    return model
+
+
+def to_numpy(torch_gpt: GPT):
+    """A NumPy ``lowrank_ref.nn.GPT`` holding the weights of a torch :class:`GPT` (same dtype;
+    bfloat16 becomes float32).
+
+    Given a ``torch.Tensor`` instead, returns it as a NumPy array (as
+    :func:`lowrank_gpu.nn.convert.to_numpy`), so ``lowrank_gpu.nn.to_numpy`` serves both."""
+    from lowrank_ref.nn.gpt import GPT as NumpyGPT
+
+    if isinstance(torch_gpt, torch.Tensor):
+        return _tensor_to_numpy(torch_gpt)
+    if not isinstance(torch_gpt, GPT):
+        raise TypeError(f"torch_gpt must be a lowrank_gpu.nn.GPT (or a tensor), got {type(torch_gpt).__name__}")
+    w = _tensor_to_numpy(torch_gpt.tok_emb.weight)
+    model = NumpyGPT(torch_gpt.config, rng=np.random.default_rng(0), dtype=w.dtype)
+    copy_state(torch_gpt, model)
+    model.train(torch_gpt.training)
+    return model
