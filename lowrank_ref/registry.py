@@ -25,6 +25,9 @@ class MethodSpec:
     torch: str | None  # "module:Class" of the PyTorch layer
     kwargs: dict = field(default_factory=dict)  # extra constructor keywords (e.g. blocksize)
     description: str = ""
+    # whole-model modes (numpy = torch = None): "module:function" applied to the model itself
+    model_fn: str | None = None  # NumPy models
+    torch_model_fn: str | None = None  # torch models
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -66,7 +69,7 @@ def config_class(name: str):
 def method_for_config(cfg) -> MethodSpec:
     """The first registered layer method whose config class is ``type(cfg)``."""
     for spec in _METHODS.values():
-        if spec.numpy is not None and type(cfg) is load_object(spec.config):
+        if (spec.numpy is not None or spec.model_fn is not None) and type(cfg) is load_object(spec.config):
             return spec
     raise TypeError(f"no method takes a config of type {type(cfg).__name__}")
 
@@ -78,6 +81,18 @@ def check_backend(backend: str) -> str:
 
 
 # --- the methods ---------------------------------------------------------------------------
+register(MethodSpec(
+    "full", "lowrank_ref.adapters.baselines:FullFinetuneConfig", None, None,
+    model_fn="lowrank_ref.adapters.baselines:full_finetune",
+    torch_model_fn="lowrank_gpu.adapters.baselines:full_finetune",
+    description="full fine-tuning: every parameter trains",
+))
+register(MethodSpec(
+    "bitfit", "lowrank_ref.adapters.baselines:BitFitConfig", None, None,
+    model_fn="lowrank_ref.adapters.baselines:bitfit",
+    torch_model_fn="lowrank_gpu.adapters.baselines:bitfit",
+    description="BitFit, Ben Zaken et al. 2021: only the bias terms train",
+))
 register(MethodSpec(
     "lora", "lowrank_ref.config:LoRAConfig",
     "lowrank_ref.adapters.lora:LoRALinear", "lowrank_gpu.adapters.lora:LoRALinear",
