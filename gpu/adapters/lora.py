@@ -54,4 +54,9 @@ class LoRALinear(AdapterLinear):
         return self.scaling * (self.B @ self.A)  # ΔW = s B A   (out, in)
 
     def _forward(self, x):
-        return self.base(x) + self.scaling * (self.dropout(x) @ self.A.T @ self.B.T)  # x W0ᵀ + b + s x̃ Aᵀ Bᵀ
+        y = self.base(x)  # x W0ᵀ + b   (..., out)
+        h = self.dropout(x) @ self.A.T  # h = x̃ Aᵀ   (..., r)
+        # y + s h Bᵀ in one GEMM (addmm adds into y and scales on the way): no extra (N, out) pass
+        out = torch.addmm(y.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), self.B.T,
+                          alpha=self.scaling)
+        return out.view(y.shape)

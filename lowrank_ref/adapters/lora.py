@@ -35,7 +35,6 @@ import numpy as np
 
 from lowrank_ref.adapters.base import AdapterLinear
 from lowrank_ref.config import LoRAConfig
-from lowrank_ref.nn.linear import linear_forward
 from lowrank_ref.nn.module import Parameter
 
 __all__ = ["LoRALinear", "lora_forward", "lora_backward", "init_lora_A"]
@@ -56,7 +55,10 @@ def lora_forward(x, params, cfg: LoRAConfig, mask=None):
     s = cfg.scaling
     xd = x if mask is None else x * mask  # x̃ = x ⊙ M
     h = xd @ A.T  # (..., r)
-    y = linear_forward(x, W, b) + s * (h @ B.T)  # x W0ᵀ + b + s x̃ Aᵀ Bᵀ
+    y = x @ W.T  # (..., out)
+    if b is not None:
+        y += b  # in place: no second (N, out) array
+    y += (s * h) @ B.T  # + s x̃ Aᵀ Bᵀ, scaled on the small (N, r) side
     return y, (x, xd, h, W, A, B, s, mask)
 
 
@@ -65,13 +67,16 @@ def lora_backward(dy, cache):
     x, xd, h, W, A, B, s, mask = cache
     dy2 = dy.reshape(-1, dy.shape[-1])  # (N, out)
     h2 = h.reshape(-1, h.shape[-1])  # (N, r)
-    dB = s * (dy2.T @ h2)  # B̄ = s ȳᵀ h            (out, r)
-    dh = s * (dy @ B)  # h̄ = s ȳ B                  (..., r)
+    dB = dy2.T @ h2  # (out, r)
+    dB *= s  # B̄ = s ȳᵀ h
+    dh = dy @ B  # (..., r)
+    dh *= s  # h̄ = s ȳ B   (the scaling costs N·r, not N·out)
     dA = dh.reshape(-1, dh.shape[-1]).T @ xd.reshape(-1, xd.shape[-1])  # Ā = h̄ᵀ x̃   (r, in)
     dxd = dh @ A  # (..., in)
     if mask is not None:
-        dxd = dxd * mask
-    dx = dy @ W + dxd  # x̄ = ȳ W0 + (h̄ A) ⊙ M
+        dxd *= mask
+    dx = dy @ W  # (..., in)
+    dx += dxd  # x̄ = ȳ W0 + (h̄ A) ⊙ M, summed in place
     return dx, {"A": dA, "B": dB, "W": None, "b": None}
 
 
