@@ -1,0 +1,458 @@
+"""DoRA: the forward against an independent dense formula, both backward passes (gradcheck and
+the paper's projection formula), the norm without ΔW, dropout, merge, zero rows, bad input, and
+NumPy vs PyTorch agreement (Hypothesis)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from helpers import TOL, assert_close, requires_cuda
+from hypothesis import given
+from hypothesis import strategies as st
+
+import lowrank_ref as lr
+from lowrank_ref.adapters.dora import dora_backward, dora_forward, dora_row_norm
+from lowrank_ref.gradcheck import check_gradients, gradcheck
+
+
+def make_layer(rng, out=5, inn=7, r=3, alpha=6.0, bias=True, dtype=np.float64, **cfg):
+    """A DoRA layer moved away from its init: non-zero B, m different from the initial norms."""
+    W = rng.standard_normal((out, inn)).astype(dtype)
+    b = rng.standard_normal(out).astype(dtype) if bias else None
+    layer = lr.adapters.DoRALinear(lr.nn.Linear.from_arrays(W, b), lr.DoRAConfig(r=r, alpha=alpha, **cfg), rng=rng)
+    layer.B.data = (0.5 * rng.standard_normal((out, r))).astype(dtype)
+    layer.m.data = (layer.m.data * rng.uniform(0.5, 1.5, out)).astype(dtype)
+    return layer, W, b
+
+
+def dense_reference(x, W, b, A, B, m, s):
+    """The paper's formula written directly: W' = m ⊙ V / ‖V‖ row-wise, y = x W'ᵀ + b."""
+    V = W + s * B @ A
+    Wp = (m / np.linalg.norm(V, axis=1))[:, None] * V
+    y = x @ Wp.T
+    return y if b is None else y + b
+
+
+# -- config and construction ---------------------------------------------------------------
+def test_config_validates():
+    with pytest.raises(TypeError, match="detach_norm must be a bool"):
+        lr.DoRAConfig(detach_norm=1)
+    with pytest.raises(ValueError, match="r must be a positive integer"):
+        lr.DoRAConfig(r=0)
+    with pytest.raises(ValueError, match="init must be one of"):
+        lr.DoRAConfig(init="pissa")
+    assert lr.DoRAConfig(r=4, alpha=8).scaling == 2.0
+    assert lr.DoRAConfig(r=4, alpha=8, rslora=True).scaling == 4.0
+    assert lr.DoRAConfig().detach_norm is True
+
+
+def test_constructor_rejects_wrong_config_and_base():
+    base = lr.nn.Linear.from_arrays(np.ones((2, 3)))
+    with pytest.raises(TypeError, match="config must be a DoRAConfig"):
+        lr.adapters.DoRALinear(base, lr.LoRAConfig(r=1))
+    with pytest.raises(TypeError, match="base must be a lowrank_ref.nn.Linear"):
+        lr.adapters.DoRALinear(np.ones((2, 3)), lr.DoRAConfig(r=1))
+
+
+def test_magnitude_starts_as_row_norms_over_the_input_axis(rng):
+    W = rng.standard_normal((4, 9))  # out != in: a norm over the wrong axis has the wrong shape
+    layer = lr.adapters.DoRALinear(lr.nn.Linear.from_arrays(W), lr.DoRAConfig(r=2), rng=rng)
+    assert layer.m.data.shape == (4,)
+    assert_close(layer.m.data, np.sqrt((W**2).sum(axis=1)), "m")
+    assert set(layer.trainable_parameters()) == {"A", "B", "m"}
+    assert not np.any(layer.B.data) and np.any(layer.A.data)
+
+
+def test_identity_at_init(rng):
+    W, b = rng.standard_normal((6, 5)), rng.standard_normal(6)
+    layer = lr.adapters.DoRALinear(lr.nn.Linear.from_arrays(W, b), lr.DoRAConfig(r=2, alpha=4), rng=rng)
+    x = rng.standard_normal((3, 5))
+    assert_close(layer.forward(x), x @ W.T + b, "y at init")
+
+
+# -- forward ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_matches_dense_formula(rng, bias):
+    layer, W, b = make_layer(rng, bias=bias)
+    x = rng.standard_normal((2, 3, 7))
+    y = layer.forward(x)
+    ref = dense_reference(x, W, b, layer.A.data, layer.B.data, layer.m.data, layer.scaling)
+    assert_close(y, ref, "y")
+    # the factorised forward equals the forward through the dense delta_weight()
+    dW = layer.delta_weight()
+    assert_close(y, x @ (W + dW).T + (0 if b is None else b), "y via delta_weight")
+    # the bias is not rescaled: it adds exactly once
+    if bias:
+        layer.m.data = np.zeros_like(layer.m.data)
+        assert_close(layer.forward(x), np.broadcast_to(b, y.shape), "y with m = 0 is the bias")
+
+
+def test_delta_weight_is_not_low_rank(rng):
+    """DoRA's update diag(g−1) W0 + s diag(g) B A is full rank when m ≠ n: it is not a LoRA."""
+    layer, W, _ = make_layer(rng, out=8, inn=8, r=1)
+    assert np.linalg.matrix_rank(layer.delta_weight()) == 8
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_factored_norm_equals_dense_norm(rng, dtype):
+    layer, W, _ = make_layer(rng, out=16, inn=12, r=4, dtype=dtype)
+    s, A, B = layer.scaling, layer.A.data, layer.B.data
+    n_f, W0At = dora_row_norm(W, A, B, s, method="factored")
+    n_d, _ = dora_row_norm(W, A, B, s, method="dense")
+    ref = np.linalg.norm(W.astype(np.float64) + s * B.astype(np.float64) @ A.astype(np.float64), axis=1)
+    rtol = {np.float64: 1e-12, np.float32: 2e-6}[dtype]
+    assert_close(n_f, ref, "factored n", rtol=rtol, atol=0)
+    assert_close(n_d, ref, "dense n", rtol=rtol, atol=0)
+    assert_close(W0At, W @ A.T, "W0 Aᵀ reused", rtol=rtol, atol=1e-6)
+
+
+def test_factored_norm_survives_cancellation():
+    """ΔW_j ≈ −W0_j: the expansion cancels; the dense fallback keeps the row norm accurate."""
+    rng = np.random.default_rng(7)
+    W = rng.standard_normal((3, 20)).astype(np.float32)
+    A = W[:1].copy()  # (1, in): row 0 of ΔW = s B_0 A can undo W0_0
+    B = np.array([[-0.999], [0.3], [0.0]], dtype=np.float32)  # s = 1
+    n, _ = dora_row_norm(W, A, B, 1.0, method="factored")
+    n_dense, _ = dora_row_norm(W, A, B, 1.0, method="dense")
+    ref = np.linalg.norm(W.astype(np.float64) + B.astype(np.float64) @ A.astype(np.float64), axis=1)
+    # float32 cannot do better than the dense route here (V_0 = 0.001·W0_0 loses ~3 digits)
+    assert_close(n, n_dense, "n with cancellation vs dense float32", rtol=1e-6, atol=0)
+    assert_close(n, ref, "n with cancellation vs float64", rtol=1e-4, atol=0)
+    # the bare expansion, without the fallback, is far off on that row
+    w0_sq = (W * W).sum(1)
+    raw = w0_sq + 2 * ((W @ A.T) * B).sum(1) + ((B @ (A @ A.T)) * B).sum(1)
+    assert abs(np.sqrt(max(raw[0], 0)) - ref[0]) > 100 * abs(n[0] - ref[0])
+
+
+def test_norm_cache_follows_the_base_weight(rng):
+    layer, W, _ = make_layer(rng)
+    n1 = layer.weight_norm()
+    layer.base.weight.data = 2 * W  # a new array: the cache notices
+    V = 2 * W + layer.scaling * layer.B.data @ layer.A.data
+    assert_close(layer.weight_norm(), np.linalg.norm(V, axis=1), "n after replacing W0")
+    layer.base.weight.data *= 0.5  # in place: documented to need clear_norm_cache()
+    layer.clear_norm_cache()
+    assert_close(layer.weight_norm(), n1, "n after in-place edit + clear")
+
+
+# -- backward --------------------------------------------------------------------------------
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradcheck_exact(rng, bias):
+    layer, _, _ = make_layer(rng, bias=bias, detach_norm=False)
+    gradcheck(layer, rng.standard_normal((2, 3, 7))).raise_if_failed()
+
+
+def test_gradcheck_detached_with_the_norm_held_constant(rng):
+    """With detach_norm=True the backward is the exact gradient of the forward in which n is a
+    given constant; check it entry by entry that way."""
+    layer, W, b = make_layer(rng, detach_norm=True)
+    x = rng.standard_normal((4, 7))
+    n0 = layer.weight_norm().copy()
+    params = {"W": W, "b": b, "A": layer.A.data.copy(), "B": layer.B.data.copy(), "m": layer.m.data.copy(), "n": n0}
+    w = rng.standard_normal((4, 5))
+    _, cache = dora_forward(x, params, layer.config)
+    dx, grads = dora_backward(w, cache)
+
+    def loss():
+        return float(np.sum(dora_forward(x, params, layer.config)[0] * w))
+
+    arrays = {k: params[k] for k in ("A", "B", "m")} | {"input": x}
+    check_gradients(loss, arrays, grads | {"input": dx}).raise_if_failed()
+    # and the layer itself (which computes n) produces the same detached gradients
+    layer.zero_grad()
+    layer.forward(x)
+    assert_close(layer.backward(w), dx, "x̄")
+    for k in ("A", "B", "m"):
+        assert_close(getattr(layer, k).grad, grads[k], f"{k}̄")
+
+
+def test_exact_and_detached_match_the_papers_formulas(rng):
+    r"""∇_V L = (m/n)(G − ⟨G, V̂⟩V̂) row-wise (exact), (m/n) G (detached), ∇_m L = ⟨G, V̂⟩;
+    B̄ = s V̄ Aᵀ, Ā = s Bᵀ V̄. G = ȳᵀ x is the gradient w.r.t. the merged weight W'."""
+    grads = {}
+    for detach in (True, False):
+        layer, W, _ = make_layer(np.random.default_rng(3), detach_norm=detach)
+        x = np.random.default_rng(4).standard_normal((6, 7))
+        dy = np.random.default_rng(5).standard_normal((6, 5))
+        layer.forward(x)
+        layer.backward(dy)
+        grads[detach] = {k: getattr(layer, k).grad for k in ("A", "B", "m")}
+    s, A, B, m = layer.scaling, layer.A.data, layer.B.data, layer.m.data
+    V = W + s * B @ A
+    n = np.linalg.norm(V, axis=1)
+    Vhat = V / n[:, None]
+    G = dy.T @ x  # (out, in)
+    proj = np.sum(G * Vhat, axis=1)  # ⟨G_j, V̂_j⟩
+    dV = {True: (m / n)[:, None] * G, False: (m / n)[:, None] * (G - proj[:, None] * Vhat)}
+    for detach in (True, False):
+        assert_close(grads[detach]["m"], proj, f"m̄ (detach={detach})")
+        assert_close(grads[detach]["B"], s * dV[detach] @ A.T, f"B̄ (detach={detach})", rtol=1e-9)
+        assert_close(grads[detach]["A"], s * B.T @ dV[detach], f"Ā (detach={detach})", rtol=1e-9)
+    assert not np.allclose(grads[True]["A"], grads[False]["A"])  # the projection term is not zero here
+
+
+# -- dropout ---------------------------------------------------------------------------------
+def test_dropout_forward_is_the_corrected_formula_and_gradchecks(rng):
+    layer, W, b = make_layer(rng, detach_norm=False)
+    x = rng.standard_normal((4, 7))
+    mask = (rng.random(x.shape) >= 0.3) / 0.7
+    params = {"W": W, "b": b, "A": layer.A.data, "B": layer.B.data, "m": layer.m.data}
+    y, cache = dora_forward(x, params, layer.config, mask=mask)
+    s, xd = layer.scaling, x * mask
+    g = layer.m.data / np.linalg.norm(W + s * layer.B.data @ layer.A.data, axis=1)
+    ref = x @ W.T + b + (g - 1) * (xd @ W.T) + g * s * (xd @ layer.A.data.T @ layer.B.data.T)
+    assert_close(y, ref, "y with dropout")
+    # affine in the mask, so E[y] (E[M] = 1) is the eval output
+    y_one, _ = dora_forward(x, params, layer.config, mask=np.ones_like(x))
+    y_anti, _ = dora_forward(x, params, layer.config, mask=2 - mask)
+    assert_close((y + y_anti) / 2, y_one, "y at the mean mask")
+    assert_close(y_one, dense_reference(x, W, b, layer.A.data, layer.B.data, layer.m.data, s), "eval")
+    w = rng.standard_normal(y.shape)
+    dx, grads = dora_backward(w, cache)
+
+    def loss():
+        return float(np.sum(dora_forward(x, params, layer.config, mask=mask)[0] * w))
+
+    arrays = {"A": params["A"], "B": params["B"], "m": params["m"], "input": x}
+    check_gradients(loss, arrays, grads | {"input": dx}).raise_if_failed()
+
+
+def test_layer_dropout_uses_its_rng_and_is_off_in_eval(rng):
+    layer, W, b = make_layer(rng, dropout=0.5)
+    x = rng.standard_normal((3, 7))
+    eval_y = layer.eval().forward(x)
+    assert_close(eval_y, dense_reference(x, W, b, layer.A.data, layer.B.data, layer.m.data, layer.scaling), "eval")
+    layer.train()
+    layer.rng = np.random.default_rng(11)
+    y = layer.forward(x)
+    mask = (np.random.default_rng(11).random(x.shape) >= 0.5) / 0.5
+    ref, _ = dora_forward(x, {"W": W, "b": b, "A": layer.A.data, "B": layer.B.data, "m": layer.m.data},
+                          layer.config, mask=mask)
+    assert_close(y, ref, "train-mode y")
+    assert not np.allclose(y, eval_y)
+
+
+# -- merge -----------------------------------------------------------------------------------
+def test_merge_unmerge(rng):
+    layer, W, b = make_layer(rng)
+    W0 = layer.base.weight.data
+    x = rng.standard_normal((3, 7))
+    y = layer.forward(x)
+    for _ in range(3):
+        layer.merge()
+        assert layer.merged
+        assert_close(layer.forward(x), y, "merged y", rtol=1e-12)
+        # DoRA's row norms equal m
+        assert_close(np.linalg.norm(layer.base.weight.data, axis=1), np.abs(layer.m.data), "‖W'_j‖", rtol=1e-12)
+        assert_close(layer.delta_weight(), layer.base.weight.data - W0, "ΔW while merged", rtol=1e-12, atol=1e-14)
+        with pytest.raises(ValueError, match="already merged"):
+            layer.merge()
+        with pytest.raises(RuntimeError, match="merged"):
+            layer.backward(np.ones_like(y))
+        layer.unmerge()
+        assert layer.base.weight.data is W0 and np.array_equal(W0, W)
+    with pytest.raises(ValueError, match="not merged"):
+        layer.unmerge()
+    assert_close(layer.forward(x), y, "y after unmerge", rtol=0, atol=0)
+
+
+def test_only_adapter_tensors_train(rng):
+    layer, W, b = make_layer(rng)
+    opt = lr.optim.SGD(layer.trainable_parameters(), lr=0.1)
+    before = {k: getattr(layer, k).data.copy() for k in ("A", "B", "m")}
+    for _ in range(3):
+        x = rng.standard_normal((4, 7))
+        layer.forward(x)
+        layer.backward(rng.standard_normal((4, 5)))
+        assert layer.base.weight.grad is None and layer.base.bias.grad is None
+        opt.step()
+        opt.zero_grad()
+    assert np.array_equal(layer.base.weight.data, W) and np.array_equal(layer.base.bias.data, b)
+    for k, v in before.items():
+        assert not np.allclose(getattr(layer, k).data, v), k
+
+
+# -- zero-norm rows (the rule: g_j = 0, the row outputs its bias and gets no gradient) ------------
+def test_zero_row_of_the_base_weight(rng):
+    W = rng.standard_normal((4, 6))
+    W[2] = 0
+    b = rng.standard_normal(4)
+    with pytest.warns(RuntimeWarning, match=r"rows \[2\] are all zero"):
+        layer = lr.adapters.DoRALinear(lr.nn.Linear.from_arrays(W, b), lr.DoRAConfig(r=2), rng=rng)
+    x = rng.standard_normal((3, 6))
+    assert_close(layer.forward(x), x @ W.T + b, "identity at init with a zero row")
+    layer.B.data = rng.standard_normal((4, 2))
+    layer.B.data[2] = 0
+    y = layer.forward(x)
+    assert np.all(np.isfinite(y)) and np.allclose(y[:, 2], b[2])
+    layer.backward(np.ones_like(y))
+    assert layer.m.grad[2] == 0 and np.all(layer.B.grad[2] == 0)
+    assert np.all(np.isfinite(layer.A.grad))
+    layer.merge()
+    assert np.all(layer.base.weight.data[2] == 0)
+
+
+def test_row_that_cancels_exactly_follows_the_rule():
+    W = np.array([[1.0, 2.0, -1.0], [0.5, 0.0, 1.0]])
+    params = {"W": W, "b": np.array([0.25, -1.0]), "A": W[:1].copy(), "B": np.array([[-1.0], [1.0]]),
+              "m": np.array([2.0, 3.0])}
+    cfg = lr.DoRAConfig(r=1, alpha=1.0, detach_norm=False)  # s = 1: V_0 = W0_0 − W0_0 = 0
+    x = np.array([[1.0, -2.0, 0.5]])
+    y, cache = dora_forward(x, params, cfg)
+    assert y[0, 0] == 0.25
+    dx, g = dora_backward(np.ones_like(y), cache)
+    assert g["m"][0] == 0 and np.all(np.isfinite(g["A"])) and np.all(np.isfinite(dx))
+
+
+# -- bad input -------------------------------------------------------------------------------
+def test_bad_input(rng):
+    layer, _, _ = make_layer(rng)
+    with pytest.raises(ValueError, match="last dimension 7"):
+        layer.forward(np.ones((2, 6)))
+    with pytest.raises(TypeError, match="floating"):
+        layer.forward(np.ones((2, 7), dtype=np.int64))
+    with pytest.raises(RuntimeError, match="before forward"):
+        layer.backward(np.ones((2, 5)))
+
+
+def test_loading_m_of_the_wrong_shape_changes_nothing(rng):
+    layer, _, _ = make_layer(rng)
+    state = layer.state_dict()
+    bad = dict(state, m=np.ones(6), A=np.zeros_like(state["A"]))
+    with pytest.raises(ValueError, match=r"state_dict\['m'\] has shape \(6,\), expected \(5,\)"):
+        layer.load_state_dict(bad)
+    for k, v in state.items():
+        assert np.array_equal(layer.state_dict()[k], v), k
+
+
+# -- the torch twin --------------------------------------------------------------------------
+torch = pytest.importorskip("torch")
+import lowrank_gpu as lg  # noqa: E402
+
+
+def twin(layer, dtype=None, device="cpu"):
+    """The torch DoRALinear holding the same numbers as the NumPy ``layer``."""
+    t = lr.adapt(layer.base, layer.config, backend="torch")
+    with torch.no_grad():
+        for k in ("A", "B", "m"):
+            getattr(t, k).copy_(torch.from_numpy(getattr(layer, k).data))
+    return t.to(device=device, dtype=dtype) if dtype is not None else t.to(device)
+
+
+def test_same_public_surface():
+    import inspect
+
+    for name in ("DoRALinear",):
+        a, b = getattr(lr.adapters, name), getattr(lg.adapters, name)
+        assert list(inspect.signature(a).parameters) == list(inspect.signature(b).parameters) == ["base", "config", "rng"]
+        assert a.PEFT_NAMES == b.PEFT_NAMES
+    assert "DoRALinear" in lr.adapters.__all__ and "DoRALinear" in lg.adapters.__all__
+    assert lr.registry.get_method("dora").config == "lowrank_ref.config:DoRAConfig"
+
+
+@given(out=st.integers(1, 6), inn=st.integers(1, 6), r=st.integers(1, 4), lead=st.integers(1, 3),
+       detach=st.booleans(), bias=st.booleans(), rslora=st.booleans(), seed=st.integers(0, 2**16))
+def test_numpy_and_torch_agree_float64(out, inn, r, lead, detach, bias, rslora, seed):
+    rng = np.random.default_rng(seed)
+    layer, _, _ = make_layer(rng, out=out, inn=inn, r=r, bias=bias, detach_norm=detach, rslora=rslora)
+    t = twin(layer)
+    x = rng.standard_normal((lead, 2, inn))
+    dy = rng.standard_normal((lead, 2, out))
+    y = layer.forward(x)
+    dx = layer.backward(dy)
+    xt = torch.tensor(x, requires_grad=True)
+    yt = t(xt)
+    yt.backward(torch.from_numpy(dy))
+    rtol, atol = TOL["float64"]
+    assert_close(y, yt, "y", rtol, atol)
+    assert_close(dx, xt.grad, "x̄", rtol, atol)
+    for k in ("A", "B", "m"):
+        assert_close(getattr(layer, k).grad, getattr(t, k).grad, f"{k}̄", 1e-9, 1e-11)
+    assert_close(layer.weight_norm(), t.weight_norm(), "n", rtol, atol)
+    layer.merge()
+    t.merge()
+    assert_close(layer.base.weight.data, t.base.weight, "merged W'", rtol, atol)
+    layer.unmerge()
+    t.unmerge()
+    assert_close(layer.base.weight.data, t.base.weight, "unmerged W0", 0, 0)
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_a_few_adamw_steps_agree(rng, detach):
+    layer, _, _ = make_layer(rng, out=6, inn=8, r=2, detach_norm=detach)
+    t = twin(layer)
+    opt = lr.optim.AdamW(layer.trainable_parameters(), lr=1e-2, weight_decay=0.01)
+    topt = torch.optim.AdamW([t.A, t.B, t.m], lr=1e-2, weight_decay=0.01)
+    for _ in range(4):
+        x = rng.standard_normal((5, 8))
+        target = rng.standard_normal((5, 6))
+        y = layer.forward(x)
+        layer.backward(2 * (y - target) / y.size)
+        opt.step()
+        opt.zero_grad()
+        yt = t(torch.from_numpy(x))
+        ((yt - torch.from_numpy(target)) ** 2).mean().backward()
+        topt.step()
+        topt.zero_grad()
+    for k in ("A", "B", "m"):
+        assert_close(getattr(layer, k).data, getattr(t, k), k, 1e-9, 1e-11)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_low_precision_agrees_with_float64(rng, dtype):
+    """float32 and bf16 (torch) against the float64 NumPy reference, with the stated tolerances."""
+    layer, _, _ = make_layer(rng, out=8, inn=16, r=4)
+    t = twin(layer, dtype=getattr(torch, dtype))
+    x = rng.standard_normal((4, 16))
+    rtol, atol = TOL[dtype]
+    y64 = layer.forward(x)
+    assert_close(t(torch.from_numpy(x).to(getattr(torch, dtype))), y64, f"y {dtype}", rtol, atol * 10)
+    if dtype == "float32":
+        l32 = lr.adapters.DoRALinear(lr.nn.Linear.from_arrays(layer.base.weight.data.astype(np.float32),
+                                                              layer.base.bias.data.astype(np.float32)),
+                                     layer.config, rng=rng)
+        for k in ("A", "B", "m"):
+            getattr(l32, k).data = getattr(layer, k).data.astype(np.float32)
+        assert_close(l32.forward(x.astype(np.float32)), y64, "numpy float32 y", rtol, atol * 10)
+
+
+def test_torch_dropout_is_the_corrected_formula(rng):
+    layer, W, b = make_layer(rng, dropout=0.4)
+    t = twin(layer)
+    x = torch.from_numpy(rng.standard_normal((64, 7)))
+    torch.manual_seed(0)
+    y = t(x)
+    torch.manual_seed(0)
+    xd = torch.nn.functional.dropout(x, 0.4, training=True)
+    mask = (xd / x).numpy()  # the mask torch drew (x has no zeros)
+    ref, _ = dora_forward(x.numpy(), {"W": W, "b": b, "A": layer.A.data, "B": layer.B.data, "m": layer.m.data},
+                          layer.config, mask=mask)
+    assert_close(y, ref, "torch train-mode y", 1e-9, 1e-12)
+    t.eval()
+    assert_close(t(x), layer.eval().forward(x.numpy()), "torch eval y", 1e-10, 1e-12)
+
+
+def test_torch_zero_row_rule_and_warning(rng):
+    W = rng.standard_normal((3, 4))
+    W[1] = 0
+    base = lr.nn.Linear.from_arrays(W, np.ones(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layer = lr.adapters.DoRALinear(base, lr.DoRAConfig(r=2), rng=rng)
+    with pytest.warns(RuntimeWarning, match="all zero"):
+        t = twin(layer)
+    x = torch.from_numpy(rng.standard_normal((2, 4)))
+    y = t(x)
+    y.sum().backward()
+    assert torch.all(y[:, 1] == 1) and t.m.grad[1] == 0 and torch.isfinite(t.A.grad).all()
+
+
+@requires_cuda
+def test_cuda_matches_numpy(rng):
+    layer, _, _ = make_layer(rng, out=8, inn=16, r=4)
+    t = twin(layer, dtype=torch.float32, device="cuda")
+    x = rng.standard_normal((4, 16))
+    rtol, atol = TOL["float32"]
+    assert_close(t(torch.from_numpy(x).float().cuda()), layer.forward(x), "cuda y", rtol, atol * 10)
