@@ -1,0 +1,93 @@
+"""PiSSA init: the output is unchanged at init, s·B·A is the best rank-r approximation of W0
+(Eckart–Young), the factors split √(Σ_r/s) evenly, NumPy and torch agree, bad input is refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import assert_close
+from hypothesis import given
+from hypothesis import strategies as st
+
+import lowrank_ref as lr
+from lowrank_ref.adapters.pissa import pissa_decompose
+from lowrank_ref.gradcheck import gradcheck
+
+
+@given(out=st.integers(1, 8), inn=st.integers(1, 8), r=st.integers(1, 8), alpha=st.floats(0.5, 32),
+       rslora=st.booleans(), seed=st.integers(0, 2**16))
+def test_output_unchanged_at_init(out, inn, r, alpha, rslora, seed):
+    r = min(r, out, inn)
+    rng = np.random.default_rng(seed)
+    W, b = rng.standard_normal((out, inn)), rng.standard_normal(out)
+    x = rng.standard_normal((3, inn))
+    for dtype, tol in ((np.float64, 1e-12), (np.float32, 1e-5)):
+        base = lr.nn.Linear.from_arrays(W.astype(dtype), b.astype(dtype))
+        layer = lr.adapters.LoRALinear(base, lr.LoRAConfig(r=r, alpha=alpha, rslora=rslora, init="pissa"))
+        scale = np.abs(x) @ np.abs(W).T + np.abs(b)  # a bound on the size of each output entry
+        err = np.abs(layer.forward(x.astype(dtype)) - (x @ W.T + b))
+        assert np.all(err <= tol * scale + tol), (dtype, float(err.max()))
+
+
+def test_principal_part_and_residual(rng):
+    W = rng.standard_normal((7, 5))
+    r, s = 2, 3.0
+    A, B, W_res = pissa_decompose(W, r, s)
+    sigma = np.linalg.svd(W, compute_uv=False)
+    # s B A is the best rank-r approximation: the residual holds exactly the minor singular values
+    assert np.linalg.matrix_rank(B @ A) == r
+    assert_close(np.linalg.svd(W_res, compute_uv=False)[: 5 - r], sigma[r:], "σ(W_res)", rtol=1e-10)
+    assert_close(np.linalg.norm(W - s * B @ A) ** 2, np.sum(sigma[r:] ** 2), "Eckart–Young", rtol=1e-10)
+    # √(Σ_r/s) on both sides: A Aᵀ = Bᵀ B = diag(Σ_r / s)
+    assert_close(A @ A.T, np.diag(sigma[:r] / s), "A Aᵀ", atol=1e-12)
+    assert_close(B.T @ B, np.diag(sigma[:r] / s), "Bᵀ B", atol=1e-12)
+    assert_close(W_res + s * B @ A, W, "W_res + s B A", atol=1e-12)
+
+
+def test_lora_pissa_layer_writes_the_residual_and_trains(rng):
+    W = rng.standard_normal((6, 4))
+    base = lr.nn.Linear.from_arrays(W, rng.standard_normal(6))
+    W_copy = W.copy()
+    layer = lr.adapters.LoRALinear(base, lr.LoRAConfig(r=2, alpha=4, init="pissa"), rng=rng)
+    assert np.array_equal(W, W_copy)  # the caller's array is untouched
+    _, _, W_res = pissa_decompose(W, 2, 2.0)
+    assert np.array_equal(layer.base.weight.data, W_res)
+    assert np.any(layer.B.data) and not base.weight.trainable
+    gradcheck(layer, rng.standard_normal((3, 4))).raise_if_failed()
+    layer.merge()
+    layer.unmerge()
+    assert np.array_equal(layer.base.weight.data, W_res)  # unmerge restores the residual bit for bit
+
+
+def test_bad_input():
+    base = lr.nn.Linear.from_arrays(np.ones((3, 5)))
+    with pytest.raises(ValueError, match=r"r <= min\(out, in\) = 3"):
+        pissa_decompose(base.weight.data, 4, 1.0)
+    with pytest.raises(ValueError, match="positive scaling"):
+        pissa_decompose(base.weight.data, 2, 0.0)
+
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_numpy_and_torch_agree(rng, dtype):
+    from lowrank_gpu.adapters.pissa import pissa_decompose as t_pissa
+
+    W = rng.standard_normal((9, 6)).astype(dtype)
+    A, B, W_res = pissa_decompose(W, 3, 0.5)
+    tA, tB, tW = t_pissa(torch.from_numpy(W), 3, 0.5)
+    tol = {"float64": (1e-10, 1e-12), "float32": (1e-5, 1e-6)}[dtype]
+    for name, a, t in (("A", A, tA), ("B", B, tB), ("W_res", W_res, tW)):  # same signs, same split
+        assert_close(a, t, name, *tol)
+    # the torch LoRA layer with init="pissa" starts as the base and holds the same residual
+    lin = torch.nn.Linear(6, 9, dtype=getattr(torch, dtype))
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(W))
+    x = torch.from_numpy(rng.standard_normal((2, 6)).astype(dtype))
+    y0 = lin(x).detach()
+    import lowrank_gpu as lg
+
+    layer = lg.adapters.LoRALinear(lin, lr.LoRAConfig(r=3, alpha=1.5, init="pissa"))
+    assert_close(layer.base.weight, W_res, "torch residual", *tol)
+    assert_close(layer(x), y0, "torch y at init", *tol)
