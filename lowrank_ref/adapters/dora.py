@@ -142,12 +142,14 @@ def dora_forward(x, params, cfg: DoRAConfig, mask=None, method="factored"):
     xd = x if mask is None else x * mask  # x̃ = x ⊙ M
     h = xd @ A.T  # (..., r)
     ut = xd @ W.T  # x̃ W0ᵀ   (..., out)
-    z = ut + s * (h @ B.T)  # z = x̃ Vᵀ = x̃ W0ᵀ + s x̃ Aᵀ Bᵀ   (..., out)
+    z = ut if mask is None else ut.copy()
+    z += (s * h) @ B.T  # z = x̃ Vᵀ = x̃ W0ᵀ + s x̃ Aᵀ Bᵀ (scaled on the (N, r) side)   (..., out)
     y = g * z  # g ⊙ x̃ Vᵀ
     if mask is not None:
-        y = y + (x @ W.T - ut)  # + x W0ᵀ − x̃ W0ᵀ: the base sees the undropped input
+        y += x @ W.T  # + x W0ᵀ − x̃ W0ᵀ: the base sees the undropped input
+        y -= ut
     if b is not None:
-        y = y + b  # the bias is not rescaled
+        y += b  # the bias is not rescaled
     return y, (x, xd, mask, h, z, g, n, W0At, W, A, B, m, s, cfg.detach_norm)
 
 
@@ -166,14 +168,21 @@ def dora_backward(dy, cache):
     dg = np.einsum("no,no->o", dy2, z2)  # ḡ = Σ_N ȳ ⊙ z   (out,)
     dm = np.where(live, dg / np.where(live, n, 1), 0)  # m̄ = ḡ / n
     dz = dy2 * g  # z̄ = ȳ ⊙ g   (N, out)
-    dzB = dz @ B  # z̄ B   (N, r)
-    dB = s * (dz.T @ h2)  # B̄ = s z̄ᵀ h   (out, r)
-    dA = s * (dzB.T @ xd2)  # Ā = s (z̄ B)ᵀ x̃   (r, in)
+    dzB = dz @ B  # (N, r)
+    dzB *= s  # s z̄ B
+    dB = dz.T @ h2  # (out, r)
+    dB *= s  # B̄ = s z̄ᵀ h
+    dA = dzB.T @ xd2  # Ā = s (z̄ B)ᵀ x̃   (r, in)
     if mask is None:
-        dx2 = dz @ W + s * (dzB @ A)  # x̄ = z̄ W0 + s (z̄ B) A
+        dx2 = dz @ W  # (N, in)
+        dx2 += dzB @ A  # x̄ = z̄ W0 + s (z̄ B) A
     else:
-        dxd = (dz - dy2) @ W + s * (dzB @ A)  # gradient w.r.t. x̃
-        dx2 = dy2 @ W + dxd * mask.reshape(-1, mask.shape[-1])  # x̄ = ȳ W0 + x̃̄ ⊙ M
+        dz -= dy2
+        dxd = dz @ W  # (N, in)
+        dxd += dzB @ A  # x̃̄ = (z̄ − ȳ) W0 + s (z̄ B) A
+        dxd *= mask.reshape(-1, mask.shape[-1])
+        dx2 = dy2 @ W  # x̄ = ȳ W0 + x̃̄ ⊙ M
+        dx2 += dxd
     if not detach:
         # the path through n: c = −ḡ m / n³, V̄ = diag(c) V (the projection term)
         c = np.where(live, -dg * m / np.where(live, n, 1) ** 3, 0)  # (out,)
