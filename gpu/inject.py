@@ -16,6 +16,7 @@ from lowrank_ref.inject import (
     TRAINABLE_MODES,
     InjectResult,
     _as_rng,
+    _no_match,
     _under,
     layer_configs,
     resolve_spec,
@@ -23,7 +24,7 @@ from lowrank_ref.inject import (
 )
 from lowrank_ref.registry import load_object
 
-__all__ = ["inject", "InjectResult", "set_trainable", "adapter_layers"]
+__all__ = ["inject", "InjectResult", "set_trainable", "adapter_layers", "build_adapters"]
 
 
 def _plain_linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -103,15 +104,26 @@ def inject(model: nn.Module, config=None, targets=("q", "v"), ranks=None, alphas
     linears = _plain_linears(model)
     names = select_targets(list(linears), targets)
     cfgs = layer_configs(config, names, ranks, alphas)
-    rng = rng if isinstance(rng, torch.Generator) else _as_rng(rng)
     cls = load_object(spec.torch)
-    kwargs = {**spec.kwargs, **kwargs}
-    snap = _Snapshot(model, names)
+    build_adapters(model, {n: (cls, cfgs[n]) for n in names}, rng=rng, **{**spec.kwargs, **kwargs})
+    return InjectResult(spec.name, names, *_count(model), cfgs)
+
+
+def build_adapters(model: nn.Module, plan: dict, rng=None, **kwargs) -> _Snapshot:
+    """Replace each ``torch.nn.Linear`` named in ``plan = {name: (AdapterClass, config)}``;
+    freeze everything outside the adapters. Restores the model on error; the returned snapshot
+    can undo the change later (``.restore()``)."""
+    linears = _plain_linears(model)
+    for n in plan:
+        if n not in linears:
+            raise _no_match(n, "layer", list(linears))
+    rng = rng if isinstance(rng, torch.Generator) else _as_rng(rng)
+    snap = _Snapshot(model, list(plan))
     try:
         new = {}
-        for n in names:
+        for n, (cls, cfg) in plan.items():
             base = linears[n]
-            new[n] = cls(base, cfgs[n], rng=rng, **kwargs).to(base.weight.device)
+            new[n] = cls(base, cfg, rng=rng, **kwargs).to(base.weight.device)
         for n, layer in new.items():
             _set_module(model, n, layer)
         keep = _adapter_param_ids(model)
@@ -122,7 +134,7 @@ def inject(model: nn.Module, config=None, targets=("q", "v"), ranks=None, alphas
     except BaseException:
         snap.restore()
         raise
-    return InjectResult(spec.name, names, *_count(model), cfgs)
+    return snap
 
 
 def set_trainable(model: nn.Module, mode: str) -> int:

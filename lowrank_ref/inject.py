@@ -36,7 +36,7 @@ from lowrank_ref.nn.module import Module
 from lowrank_ref.registry import MethodSpec, get_method, load_object, method_for_config
 
 __all__ = ["inject", "InjectResult", "set_trainable", "select_targets", "resolve_overrides",
-           "layer_configs", "resolve_spec", "TARGET_ALIASES", "HEAD_NAMES", "TRAINABLE_MODES"]
+           "layer_configs", "resolve_spec", "build_adapters", "adapter_layers", "TARGET_ALIASES", "HEAD_NAMES", "TRAINABLE_MODES"]
 
 TARGET_ALIASES = {"attn": ("q", "k", "v", "o"), "mlp": ("fc", "proj")}
 HEAD_NAMES = ("head", "lm_head")
@@ -279,12 +279,26 @@ def inject(model, config=None, targets=("q", "v"), ranks=None, alphas=None, meth
     linears = _plain_linears(model)
     names = select_targets(list(linears), targets)
     cfgs = layer_configs(config, names, ranks, alphas)
-    rng = _as_rng(rng)
     cls = load_object(spec.numpy)
-    kwargs = {**spec.kwargs, **kwargs}
-    snap = _Snapshot(model, names)
+    build_adapters(model, {n: (cls, cfgs[n]) for n in names}, rng=rng, **{**spec.kwargs, **kwargs})
+    return InjectResult(spec.name, names, model.num_trainable_parameters(), model.num_parameters(), cfgs)
+
+
+def build_adapters(model: Module, plan: dict, rng=None, **kwargs) -> _Snapshot:
+    """Replace each linear layer ``name`` in ``plan = {name: (AdapterClass, config)}`` by
+    ``AdapterClass(layer, config, rng=rng, **kwargs)`` and freeze everything outside the adapters.
+
+    The engine under :func:`inject` (and :func:`lowrank_ref.io.load_adapter`, which names the
+    layers exactly). On error the model is restored; on success the returned snapshot can still
+    undo the change (``.restore()``), for callers that validate afterwards."""
+    linears = _plain_linears(model)
+    for n in plan:
+        if n not in linears:
+            raise _no_match(n, "layer", list(linears))
+    rng = _as_rng(rng)
+    snap = _Snapshot(model, list(plan))
     try:
-        new = {n: cls(linears[n], cfgs[n], rng=rng, **kwargs) for n in names}
+        new = {n: cls(linears[n], cfg, rng=rng, **kwargs) for n, (cls, cfg) in plan.items()}
         for n, layer in new.items():
             model.set_submodule(n, layer)
         keep = _adapter_param_ids(model)
@@ -294,7 +308,7 @@ def inject(model, config=None, targets=("q", "v"), ranks=None, alphas=None, meth
     except BaseException:
         snap.restore()
         raise
-    return InjectResult(spec.name, names, model.num_trainable_parameters(), model.num_parameters(), cfgs)
+    return snap
 
 
 def set_trainable(model, mode: str) -> int:

@@ -79,3 +79,28 @@ class AdapterLinear(nn.Module):
 
     def adapter_parameters(self) -> dict:
         return dict(self.named_parameters(recurse=False))
+
+    # adapter files (lowrank_ref.io) -----------------------------------------------------
+    #: math name -> key suffix in PEFT's file layout; io uses the math name for any other tensor.
+    PEFT_NAMES: dict = {}
+
+    def adapter_state(self) -> dict:
+        """Every tensor an adapter file must hold, by math name (default: the adapter's parameters)."""
+        return {n: p.detach() for n, p in self.adapter_parameters().items()}
+
+    @torch.no_grad()
+    def load_adapter_state(self, state: dict) -> None:
+        """Copy ``state`` (numpy arrays or tensors; the names and shapes of :meth:`adapter_state`)
+        into the layer, in each parameter's dtype and device; checks everything first."""
+        if self.merged:
+            raise ValueError(f"{type(self).__name__} is merged: unmerge() before loading adapter weights")
+        own = self.adapter_parameters()
+        if set(state) != set(own):
+            raise ValueError(f"adapter state names {sorted(state)} do not match {sorted(own)}")
+        for n, v in state.items():
+            if tuple(v.shape) != tuple(own[n].shape):
+                raise ValueError(f"adapter state {n!r} has shape {tuple(v.shape)}, expected {tuple(own[n].shape)}")
+        for n, v in state.items():
+            p = own[n]
+            p.copy_(torch.as_tensor(v).to(device=p.device, dtype=p.dtype))
+            p.grad = None

@@ -19,6 +19,8 @@ __all__ = ["LoRALinear"]
 
 
 class LoRALinear(AdapterLinear):
+    PEFT_NAMES = {"A": "lora_A.weight", "B": "lora_B.weight"}  # PEFT's key suffixes
+
     def __init__(self, base: nn.Linear, config: LoRAConfig | None = None, rng=None):
         config = LoRAConfig() if config is None else config
         if not isinstance(config, LoRAConfig):

@@ -107,5 +107,32 @@ class AdapterLinear(Module):
         """The method's own tensors by name (``{"A": ..., "B": ...}``): what an adapter file holds."""
         return {n: p for n, p in self._params.items()}
 
+    # adapter files (lowrank_ref.io) -----------------------------------------------------
+    #: math name -> key suffix in PEFT's file layout; io uses the math name for any other tensor.
+    PEFT_NAMES: dict = {}
+
+    def adapter_state(self) -> dict:
+        """Every tensor an adapter file must hold to rebuild this layer, by math name.
+
+        Default: the arrays of :meth:`adapter_parameters`. A method with tensors that are not
+        parameters but are not recomputable from the base (VeRA's frozen random projections)
+        overrides this and :meth:`load_adapter_state`."""
+        return {n: p.data for n, p in self.adapter_parameters().items()}
+
+    def load_adapter_state(self, state: dict) -> None:
+        """Copy ``state`` (the names and shapes of :meth:`adapter_state`) into the layer, cast to
+        each tensor's dtype; every name and shape is checked before anything changes."""
+        if self.merged:
+            raise ValueError(f"{type(self).__name__} is merged: unmerge() before loading adapter weights")
+        own = self.adapter_parameters()
+        if set(state) != set(own):
+            raise ValueError(f"adapter state names {sorted(state)} do not match {sorted(own)}")
+        for n, v in state.items():
+            if np.shape(v) != own[n].shape:
+                raise ValueError(f"adapter state {n!r} has shape {np.shape(v)}, expected {own[n].shape}")
+        for n, v in state.items():
+            own[n].data = np.array(v, dtype=own[n].data.dtype)  # a copy, in this layer's dtype
+            own[n].grad = None
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.config}, merged={self.merged}"

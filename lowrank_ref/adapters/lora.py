@@ -98,6 +98,8 @@ class LoRALinear(AdapterLinear):
         rng: a ``numpy.random.Generator`` for the init and the dropout masks.
     """
 
+    PEFT_NAMES = {"A": "lora_A.weight", "B": "lora_B.weight"}  # PEFT's key suffixes
+
     def __init__(self, base, config: LoRAConfig | None = None, rng=None):
         config = LoRAConfig() if config is None else config
         if not isinstance(config, LoRAConfig):

@@ -1,0 +1,371 @@
+r"""Adapter files: save and load only the adapters' tensors, as safetensors, in PEFT's layout.
+
+A file holds, for every adapted layer at dotted path ``P``, its tensors under PEFT's key names::
+
+    base_model.model.P.lora_A.weight     A  (r, in)
+    base_model.model.P.lora_B.weight     B  (out, r)
+
+(the layout of PEFT's ``adapter_model.safetensors``; the ``base_model.model.`` prefix is PEFT's
+wrapper path). This module owns the mapping from the math names to those keys: each adapter
+class lists it in ``PEFT_NAMES`` (``{"A": "lora_A.weight", "B": "lora_B.weight"}``), and a
+tensor PEFT has no name for is stored under its math name (``base_model.model.P.<name>``).
+
+The safetensors header metadata (strings only) carries everything needed to rebuild the
+adapters without the code that made them:
+
+* ``format = "pt"`` (what Hugging Face tools expect), ``adapter_format = "lowrank-ref-adapter"``,
+  ``adapter_format_version = "1"``;
+* ``layers``: JSON ``{P: {"method", "config", "scaling", "scaling_rule", "tensors"}}``, the
+  *full* config of each layer (so per-layer ranks and alphas survive) and, per tensor, its key,
+  shape and dtype;
+* ``user_metadata``: JSON of the ``metadata`` argument.
+
+Safetensors only, never pickle: a file is data and cannot run code when it is opened.
+Loading checks everything (the file parses, the format, the methods, every key, shape, dtype,
+NaN/inf) *before* it changes the model, and raises ``ValueError`` saying what is wrong.
+
+Both backends: NumPy models/layers (``lowrank_ref``) and PyTorch models/layers
+(``lowrank_gpu``); tensors pass through NumPy, so a file written from one loads into the other.
+bfloat16 tensors are stored as float32 (NumPy has no bfloat16) and cast back on loading.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from lowrank_ref import registry
+from lowrank_ref.config import config_from_dict, config_to_dict
+
+__all__ = ["save_adapter", "load_adapter", "read_adapter_metadata", "peft_key",
+           "FORMAT_NAME", "FORMAT_VERSION", "KEY_PREFIX"]
+
+FORMAT_NAME = "lowrank-ref-adapter"
+FORMAT_VERSION = 1
+KEY_PREFIX = "base_model.model."
+
+
+def peft_key(path: str, layer_cls, name: str) -> str:
+    """The file key of tensor ``name`` (math name) of the adapter at dotted ``path``."""
+    suffix = getattr(layer_cls, "PEFT_NAMES", {}).get(name, name)
+    return f"{KEY_PREFIX}{path}.{suffix}" if path else f"{KEY_PREFIX}{suffix}"
+
+
+# --- the two backends, seen through one small interface --------------------------------------
+def _backend(obj) -> str:
+    from lowrank_ref.nn.module import Module
+
+    if isinstance(obj, Module):
+        return "numpy"
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.nn.Module):
+        return "torch"
+    raise TypeError(f"model_or_layer must be a lowrank_ref.nn.Module or a torch.nn.Module, got {type(obj).__name__}")
+
+
+def _adapters(obj, backend: str) -> dict:
+    if backend == "numpy":
+        from lowrank_ref.inject import adapter_layers
+    else:
+        from lowrank_gpu.inject import adapter_layers
+    return adapter_layers(obj)
+
+
+def _is_adapter(obj, backend: str) -> bool:
+    if backend == "numpy":
+        from lowrank_ref.adapters.base import AdapterLinear
+    else:
+        from lowrank_gpu.adapters.base import AdapterLinear
+    return isinstance(obj, AdapterLinear)
+
+
+def _to_numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch
+        t = x.detach()
+        if str(t.dtype) == "torch.bfloat16":
+            t = t.float()
+        return t.cpu().numpy()
+    if not isinstance(x, np.ndarray) and hasattr(x, "get"):  # cupy
+        return x.get()
+    return np.asarray(x)
+
+
+def _shape(x) -> tuple:
+    return tuple(int(d) for d in x.shape)
+
+
+def _is_floating(x) -> bool:
+    if hasattr(x, "is_floating_point"):
+        return bool(x.is_floating_point())
+    return bool(np.issubdtype(np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype, np.floating))
+
+
+def _class_path(spec, backend: str):
+    return spec.numpy if backend == "numpy" else spec.torch
+
+
+def _method_of(layer, backend: str) -> str:
+    """The registry name whose class for ``backend`` is exactly ``type(layer)``."""
+    for name in registry.method_names():
+        path = _class_path(registry.get_method(name), backend)
+        if path is None:
+            continue
+        try:
+            cls = registry.load_object(path)
+        except (ImportError, AttributeError):  # a method whose file is not there (yet)
+            continue
+        if cls is type(layer):
+            return name
+    raise ValueError(f"{type(layer).__name__} is not a registered method; known methods: "
+                     f"{', '.join(registry.method_names())}")
+
+
+# --- saving ----------------------------------------------------------------------------------
+def _layer_meta(path: str, layer, backend: str, tensors: dict) -> dict:
+    cfg = layer.config
+    meta = {"method": _method_of(layer, backend), "config": config_to_dict(cfg), "tensors": {}}
+    if hasattr(layer, "scaling"):
+        meta["scaling"] = float(layer.scaling)
+    if hasattr(cfg, "rslora"):
+        meta["scaling_rule"] = "alpha/sqrt(r)" if cfg.rslora else "alpha/r"
+    for name, value in layer.adapter_state().items():
+        key = peft_key(path, type(layer), name)
+        if key in tensors:
+            raise ValueError(f"two tensors map to the file key {key!r}")
+        arr = np.ascontiguousarray(_to_numpy(value))
+        tensors[key] = arr
+        meta["tensors"][name] = {"key": key, "shape": list(arr.shape), "dtype": arr.dtype.name}
+    return meta
+
+
+def save_adapter(model_or_layer, path, metadata: dict | None = None) -> str:
+    """Write the adapters of ``model_or_layer`` (a model with adapters, or one adapter layer) to
+    ``path`` as safetensors; returns ``path``. ``metadata``: a JSON-serialisable dict kept in the
+    file. The file is written to a temporary name and moved into place, so a failed save never
+    leaves half a file."""
+    backend = _backend(model_or_layer)
+    layers = _adapters(model_or_layer, backend)
+    if not layers:
+        raise ValueError("model_or_layer holds no adapter layers: inject() or adapt() first")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise TypeError(f"metadata must be a dict or None, got {type(metadata).__name__}")
+    try:
+        user = json.dumps(metadata if metadata is not None else {}, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"metadata must be JSON-serialisable: {e}") from None
+    tensors: dict[str, np.ndarray] = {}
+    layers_meta = {p: _layer_meta(p, layer, backend, tensors) for p, layer in layers.items()}
+    header = {
+        "format": "pt",
+        "adapter_format": FORMAT_NAME,
+        "adapter_format_version": str(FORMAT_VERSION),
+        "layers": json.dumps(layers_meta, sort_keys=True),
+        "user_metadata": user,
+    }
+    from safetensors.numpy import save_file
+
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".adapter-", suffix=".safetensors", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=header)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+# --- reading and checking --------------------------------------------------------------------
+def _read(path) -> tuple[dict, dict]:
+    """(tensors, header metadata) of a safetensors file, or a ValueError saying why not."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no adapter file at {path!r}")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="np") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # the safetensors parser's own error type, or a numpy dtype error
+        raise ValueError(f"{path!r} is not a readable safetensors file: {e}") from None
+    return tensors, header
+
+
+def _parse_header(header: dict, path) -> tuple[dict, dict]:
+    if header.get("adapter_format") != FORMAT_NAME:
+        raise ValueError(f"{path!r} is not a lowrank-ref adapter file "
+                         f"(adapter_format={header.get('adapter_format')!r}, expected {FORMAT_NAME!r})")
+    version = header.get("adapter_format_version")
+    if version != str(FORMAT_VERSION):
+        raise ValueError(f"{path!r} has adapter_format_version {version!r}; this version reads {FORMAT_VERSION}")
+    try:
+        layers = json.loads(header["layers"])
+        user = json.loads(header.get("user_metadata", "{}"))
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path!r} has a damaged 'layers' metadata entry: {e}") from None
+    if not isinstance(layers, dict) or not layers:
+        raise ValueError(f"{path!r}: 'layers' metadata must be a non-empty object")
+    for p, m in layers.items():
+        if not isinstance(m, dict) or not {"method", "config", "tensors"} <= set(m) \
+                or not isinstance(m["tensors"], dict) or not isinstance(m["config"], dict):
+            raise ValueError(f"{path!r}: layer {p!r} metadata needs 'method', 'config' and 'tensors'")
+        for n, t in m["tensors"].items():
+            ok = (isinstance(t, dict) and isinstance(t.get("key"), str) and isinstance(t.get("dtype"), str)
+                  and isinstance(t.get("shape"), list) and all(isinstance(d, int) for d in t["shape"]))
+            if not ok:
+                raise ValueError(f"{path!r}: layer {p!r} tensor {n!r} metadata needs key, shape, dtype")
+    return layers, user
+
+
+def _plan(layers: dict) -> dict:
+    """{path: (spec, config)}, checking that every method and config is known and valid."""
+    plan = {}
+    for p, m in layers.items():
+        spec = registry.get_method(m["method"])  # ValueError listing the known methods
+        try:
+            cfg = config_from_dict(m["config"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"layer {p!r}: bad config in file: {e}") from None
+        if type(cfg) is not registry.load_object(spec.config):
+            raise ValueError(f"layer {p!r}: method {spec.name!r} does not take a {type(cfg).__name__}")
+        plan[p] = (spec, cfg)
+    return plan
+
+
+def _check_tensors(tensors: dict, layers: dict) -> None:
+    declared = {t["key"]: (p, n, t) for p, m in layers.items() for n, t in m["tensors"].items()}
+    if len(declared) != sum(len(m["tensors"]) for m in layers.values()):
+        raise ValueError("adapter file metadata names one tensor key twice")
+    missing = sorted(set(declared) - set(tensors))
+    extra = sorted(set(tensors) - set(declared))
+    if missing or extra:
+        raise ValueError(f"adapter file tensors do not match its metadata: missing {missing}, extra {extra}")
+    for key, (_, _, t) in declared.items():
+        arr = tensors[key]
+        if list(arr.shape) != list(t["shape"]):
+            raise ValueError(f"{key}: shape {arr.shape} in the file, its metadata says {tuple(t['shape'])}")
+        if arr.dtype.name != t["dtype"]:
+            raise ValueError(f"{key}: dtype {arr.dtype.name} in the file, its metadata says {t['dtype']}")
+        if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+            raise ValueError(f"{key} holds NaN or inf values")
+
+
+def read_adapter_metadata(path) -> dict:
+    """The metadata of an adapter file: ``{"layers": {...}, "user": {...}, "format_version": 1}``
+    (every tensor is checked as well, so a damaged file is reported here too)."""
+    tensors, header = _read(path)
+    layers, user = _parse_header(header, path)
+    _check_tensors(tensors, layers)
+    return {"layers": layers, "user": user, "format_version": int(header["adapter_format_version"])}
+
+
+# --- loading ---------------------------------------------------------------------------------
+def load_adapter(model_or_layer, path) -> dict:
+    """Load adapter weights from ``path`` into ``model_or_layer``; returns the file's metadata.
+
+    If the model holds no adapters yet, they are injected first, per layer as the file says
+    (method and full config). Then every tensor's name, shape and dtype is checked against the
+    model's adapters, and only then are weights copied. Any mismatch raises ``ValueError`` and
+    leaves the model as it was."""
+    backend = _backend(model_or_layer)
+    tensors, header = _read(path)
+    layers, user = _parse_header(header, path)
+    plan = _plan(layers)
+    _check_tensors(tensors, layers)
+
+    adapters = _adapters(model_or_layer, backend)
+    snapshot = None
+    if not adapters:
+        snapshot = _inject_from_plan(model_or_layer, plan, backend)
+        adapters = _adapters(model_or_layer, backend)
+    try:
+        states = _match(adapters, layers, plan, tensors, backend)
+        for p, state in states.items():
+            adapters[p].load_adapter_state(state)
+    except BaseException:
+        if snapshot is not None:
+            snapshot.restore()
+        raise
+    return {"layers": layers, "user": user, "format_version": int(header["adapter_format_version"])}
+
+
+def _inject_from_plan(model, plan: dict, backend: str):
+    if "" in plan:
+        raise ValueError("the file holds a single adapter layer (path ''): load it into an adapter "
+                         "layer built with the same config (lowrank_ref.adapt), not into a plain layer")
+    groups: dict = {}
+    for p, (spec, cfg) in plan.items():
+        groups.setdefault(spec.name, {})[p] = (spec, cfg)
+    if backend == "numpy":
+        from lowrank_ref.inject import build_adapters
+    else:
+        from lowrank_gpu.inject import build_adapters
+    snaps = []
+    try:
+        for group in groups.values():
+            spec = next(iter(group.values()))[0]
+            path = _class_path(spec, backend)
+            if path is None:
+                raise ValueError(f"method {spec.name!r} has no {backend} implementation")
+            cls = registry.load_object(path)
+            snaps.append(build_adapters(model, {p: (cls, cfg) for p, (_, cfg) in group.items()},
+                                        rng=0, **spec.kwargs))
+    except BaseException:
+        for s in reversed(snaps):
+            s.restore()
+        raise
+    return _Snapshots(snaps)
+
+
+class _Snapshots:
+    def __init__(self, snaps):
+        self.snaps = snaps
+
+    def restore(self) -> None:
+        for s in reversed(self.snaps):
+            s.restore()
+
+
+def _match(adapters: dict, layers: dict, plan: dict, tensors: dict, backend: str) -> dict:
+    """{path: {name: array}} after checking the model's adapters against the file."""
+    missing = sorted(set(adapters) - set(layers))
+    extra = sorted(set(layers) - set(adapters))
+    if missing or extra:
+        raise ValueError(f"the file's adapted layers do not match the model's: layers in the model but "
+                         f"not the file {missing}; in the file but not the model {extra}")
+    states = {}
+    for p, layer in adapters.items():
+        spec, cfg = plan[p]
+        where = f"layer {p!r}" if p else "the layer"
+        method = _method_of(layer, backend)
+        if method != spec.name:
+            raise ValueError(f"{where}: the file holds method {spec.name!r}, the model has {method!r}")
+        if layer.config != cfg:
+            raise ValueError(f"{where}: config differs: file {cfg}, model {layer.config}")
+        if getattr(layer, "merged", False):
+            raise ValueError(f"{where} is merged: unmerge() before loading adapter weights")
+        own = layer.adapter_state()
+        declared = layers[p]["tensors"]
+        if set(own) != set(declared):
+            raise ValueError(f"{where}: the file holds tensors {sorted(declared)}, the layer needs {sorted(own)}")
+        state = {}
+        for n, t in declared.items():
+            arr = tensors[t["key"]]
+            if tuple(arr.shape) != _shape(own[n]):
+                raise ValueError(f"{t['key']}: shape {tuple(arr.shape)} in the file, the layer's {n} is {_shape(own[n])}")
+            if np.issubdtype(arr.dtype, np.floating) != _is_floating(own[n]):
+                raise ValueError(f"{t['key']}: dtype {arr.dtype.name} in the file does not fit the layer's {n} "
+                                 f"({getattr(own[n], 'dtype', '?')})")
+            if not _is_floating(own[n]) and str(arr.dtype) not in str(own[n].dtype):
+                raise ValueError(f"{t['key']}: dtype {arr.dtype.name} in the file, the layer's {n} is {own[n].dtype}")
+            state[n] = arr
+        states[p] = state
+    return states
