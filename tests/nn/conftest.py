@@ -1,0 +1,8 @@
+"""Makes the nn tests' shared strategies (``nn_strategies.py``) importable."""
+
+import pathlib
+import sys
+
+_here = str(pathlib.Path(__file__).resolve().parent)
+if _here not in sys.path:
+    sys.path.insert(0, _here)
