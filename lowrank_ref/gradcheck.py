@@ -78,20 +78,22 @@ class GradcheckReport:
 
 
 def numeric_gradient(loss: Callable[[], float], x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-    """Central differences of ``loss()`` w.r.t. every entry of ``x``, which is perturbed in place."""
+    """Central differences of ``loss()`` w.r.t. every entry of ``x``, which is perturbed in place
+    (any memory layout) and restored exactly.
+
+    The divisor is the step actually taken, ``(x+ε) - (x-ε)`` as rounded, not ``2ε``."""
+    if not x.flags.writeable:
+        raise ValueError("numeric_gradient perturbs x in place: it must be a writeable array")
     g = np.zeros(x.shape, dtype=np.float64)
-    flat = x.reshape(-1)  # a view: x must be contiguous
-    if not np.shares_memory(flat, x):
-        raise ValueError("numeric_gradient needs a contiguous array to perturb in place")
-    gflat = g.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + eps
+    for i in np.ndindex(x.shape):
+        old = x[i]
+        xp, xm = old + eps, old - eps
+        x[i] = xp
         lp = float(loss())
-        flat[i] = old - eps
+        x[i] = xm
         lm = float(loss())
-        flat[i] = old
-        gflat[i] = (lp - lm) / (2 * eps)
+        x[i] = old
+        g[i] = (lp - lm) / float(xp - xm)  # (L(θ+ε) - L(θ-ε)) / 2ε
     return g
 
 
@@ -165,7 +167,7 @@ def gradcheck(
             raise TypeError(f"gradcheck needs float64 parameters; {n} is {p.data.dtype} "
                             "(call module.astype(np.float64))")
         p.data = np.ascontiguousarray(p.data)
-    x = np.array(x, copy=True)
+    x = np.array(x, copy=True, order="C")
     floating = np.issubdtype(x.dtype, np.floating)
     if floating and x.dtype != np.float64:
         raise TypeError(f"gradcheck needs a float64 input, got {x.dtype}")
