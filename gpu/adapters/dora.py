@@ -132,11 +132,13 @@ class DoRALinear(AdapterLinear):
         g = self._row_scale(n)  # g = m / n   (out,)
         s = self.scaling
         dropping = self.training and self.config.dropout > 0
-        xd = self.dropout(x) if dropping else x  # x̃
-        ut = xd @ W0.T  # x̃ W0ᵀ
-        y = g * (ut + s * ((xd @ self.A.T) @ self.B.T))  # g ⊙ x̃ (W0 + s B A)ᵀ
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # (N, in)
+        xd = self.dropout(x2) if dropping else x2  # x̃
+        ut = xd @ W0.T  # x̃ W0ᵀ   (N, out)
+        z = torch.addmm(ut, xd @ self.A.T, self.B.T, alpha=s)  # z = x̃ W0ᵀ + s x̃ Aᵀ Bᵀ (one fused op)
+        b = self.base.bias
+        y = z * g if b is None else torch.addcmul(b, z, g)  # g ⊙ z + b (the bias is not rescaled)
         if dropping:
-            y = y + (x @ W0.T - ut)  # the base sees the undropped input
-        if self.base.bias is not None:
-            y = y + self.base.bias
-        return y
+            y = y + (x2 @ W0.T - ut)  # the base sees the undropped input
+        return y.reshape(*lead, self.out_features)

@@ -1,0 +1,121 @@
+r"""DoRA's step against LoRA's, NumPy and torch; the row norm factored vs materialised.
+
+A "step" is one forward and one backward of a single adapted ``d × d`` layer on ``N`` tokens
+(no optimizer: it is the same for both). DoRA's extra work per step: the row norm
+(``W0 Aᵀ``: ``d·d·r`` multiply-adds, against ``2·N·d·d`` for the base layer's forward and input
+gradient), the (N, out) rescale, and with the exact gradient one more ``d·d·r`` matmul. With
+dropout, DoRA needs one more ``N·d·d`` matmul forward and one backward (the base sees the
+undropped input; the module docstring derives it), so its ratio to LoRA grows towards 1.5–2.
+Goal: DoRA (no dropout, detached norm) at most 1.2× LoRA.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import lowrank_ref as lr
+from bench.run import time_interleaved
+from lowrank_ref.adapters.dora import dora_row_norm
+
+
+def _numpy_layers(d, r, dropout, rng):
+    W = (rng.standard_normal((d, d)) / np.sqrt(d)).astype(np.float32)
+    b = np.zeros(d, np.float32)
+    layers = {
+        "lora": lr.adapters.LoRALinear(lr.nn.Linear.from_arrays(W, b), lr.LoRAConfig(r=r, alpha=2 * r, dropout=dropout), rng=rng),
+        "dora": lr.adapters.DoRALinear(lr.nn.Linear.from_arrays(W, b), lr.DoRAConfig(r=r, alpha=2 * r, dropout=dropout), rng=rng),
+        "dora_exact": lr.adapters.DoRALinear(lr.nn.Linear.from_arrays(W, b),
+                                             lr.DoRAConfig(r=r, alpha=2 * r, dropout=dropout, detach_norm=False), rng=rng),
+    }
+    dense = lr.adapters.DoRALinear(lr.nn.Linear.from_arrays(W, b), lr.DoRAConfig(r=r, alpha=2 * r, dropout=dropout), rng=rng)
+    dense.norm_method = "dense"
+    layers["dora_dense_norm"] = dense
+    for layer in layers.values():
+        layer.B.data = (0.01 * rng.standard_normal(layer.B.shape)).astype(np.float32)  # non-zero B
+    return layers
+
+
+def _step(layer, x, dy):
+    def fn():
+        layer.forward(x)
+        layer.backward(dy)
+        layer.zero_grad()
+
+    return fn
+
+
+def run(quick: bool) -> list[dict]:
+    rng = np.random.default_rng(0)
+    d, N, r = (128, 128, 8) if quick else (768, 2048, 16)
+    repeats = 3 if quick else 15
+    rows = []
+    shape = f"N={N}, d_in=d_out={d}, r={r}, float32"
+    # -- NumPy, without and with dropout --------------------------------------------------------
+    for dropout in (0.0, 0.1):
+        layers = _numpy_layers(d, r, dropout, rng)
+        x = rng.standard_normal((N, d)).astype(np.float32)
+        dy = rng.standard_normal((N, d)).astype(np.float32)
+        t = time_interleaved({k: _step(v, x, dy) for k, v in layers.items()}, repeats=repeats)
+        name = "dora_vs_lora_step_numpy" + ("_dropout" if dropout else "")
+        for impl, res in t.items():
+            row = {"name": name, "impl": impl, "ratio_to": None if impl == "lora" else "lora",
+                   "shape": shape + (f", dropout={dropout}" if dropout else ""), **res}
+            if impl == "dora" and not dropout:
+                row["goal"] = 1.2
+            rows.append(row)
+    # -- the norm alone: factored (W0 Aᵀ reused, ‖W0‖² cached) vs materialising V -------------------
+    layer = _numpy_layers(d, r, 0.0, rng)["dora"]
+    W, A, B, s = layer.base.weight.data, layer.A.data, layer.B.data, layer.scaling
+    w0_sq = layer._w0_sq()
+    t = time_interleaved({
+        "dense": lambda: dora_row_norm(W, A, B, s, method="dense"),
+        "factored": lambda: dora_row_norm(W, A, B, s, w0_sq=w0_sq, method="factored"),
+    }, repeats=repeats * 3)
+    n_f = dora_row_norm(W, A, B, s, w0_sq=w0_sq)[0]
+    n_d = dora_row_norm(W, A, B, s, method="dense")[0]
+    for impl, res in t.items():
+        rows.append({"name": "dora_row_norm_numpy", "impl": impl, "ratio_to": None if impl == "dense" else "dense",
+                     "shape": f"d={d}, r={r}, float32", "max_rel_diff": float(np.max(np.abs(n_f - n_d) / n_d)),
+                     "note": "dense builds V = W0 + sBA (d×d temp); factored never does", **res})
+    # -- torch (CPU here; the device of the machine running it) ----------------------------------
+    try:
+        import torch
+
+        import lowrank_gpu as lg
+    except ImportError:
+        rows.append({"name": "dora_vs_lora_step_torch", "impl": "dora", "seconds": None, "ratio_to": "lora",
+                     "skipped": "torch is not installed"})
+        return rows
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    base = torch.nn.Linear(d, d, device=device)
+    tl = {
+        "lora": lg.adapters.LoRALinear(base, lr.LoRAConfig(r=r, alpha=2 * r), rng=0),
+        "dora": lg.adapters.DoRALinear(torch.nn.Linear(d, d, device=device), lr.DoRAConfig(r=r, alpha=2 * r), rng=0),
+        "dora_exact": lg.adapters.DoRALinear(torch.nn.Linear(d, d, device=device),
+                                             lr.DoRAConfig(r=r, alpha=2 * r, detach_norm=False), rng=0),
+    }
+    for m in tl.values():
+        with torch.no_grad():
+            m.B.normal_(0, 0.01)
+    x = torch.randn(N, d, device=device, requires_grad=True)  # x̄ is needed inside a network
+    dy = torch.randn(N, d, device=device)
+
+    def tstep(m):
+        def fn():
+            x.grad = None
+            m(x).backward(dy)
+            m.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        return fn
+
+    t = time_interleaved({k: tstep(v) for k, v in tl.items()}, repeats=repeats)
+    for impl, res in t.items():
+        row = {"name": "dora_vs_lora_step_torch", "impl": impl, "ratio_to": None if impl == "lora" else "lora",
+               "shape": shape + f", {device}", **res}
+        if impl == "dora":
+            row["goal"] = 1.2
+        rows.append(row)
+    return rows
