@@ -96,6 +96,8 @@ def inject(model: nn.Module, config=None, targets=("q", "v"), ranks=None, alphas
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     spec = resolve_spec(config, method)
+    if (spec.numpy is None and spec.torch is None) and (ranks or alphas):
+        raise ValueError(f"method {spec.name!r} is a whole-model mode: ranks/alphas do not apply")
     if spec.torch is None:
         if spec.torch_model_fn is None:
             raise ValueError(f"method {spec.name!r} has no PyTorch implementation")

@@ -271,6 +271,8 @@ def inject(model, config=None, targets=("q", "v"), ranks=None, alphas=None, meth
     if not isinstance(model, Module):
         raise TypeError(f"model must be a lowrank_ref.nn.Module or a torch.nn.Module, got {type(model).__name__}")
     spec = resolve_spec(config, method)
+    if (spec.numpy is None and spec.torch is None) and (ranks or alphas):
+        raise ValueError(f"method {spec.name!r} is a whole-model mode: ranks/alphas do not apply")
     if spec.numpy is None:
         if spec.model_fn is None:
             raise ValueError(f"method {spec.name!r} has no NumPy implementation")
