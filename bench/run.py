@@ -1,0 +1,318 @@
+r"""``make bench``: time the project's hot paths side by side in one process; write JSON and markdown.
+
+    python -m bench.run [--quick] [--only NAME ...] [--out DIR]
+
+Every module ``bench/bench_<topic>.py`` is imported and its ``run`` called. ``--only lora`` (or
+``--only bench_lora``) runs one module; ``--quick`` asks each module for a smoke-test size (it
+checks that the harness and the code paths work; its timings mean little). The results go to
+``DIR/bench.json`` and ``DIR/bench.md`` (default ``bench/results``), and the table is printed.
+
+The contract for a benchmark module
+-----------------------------------
+
+.. code-block:: python
+
+    def run(quick: bool) -> list[dict]: ...
+
+Each dict is one row of the table:
+
+``name`` (str)
+    What is measured, e.g. ``"lora_layer_fwd_bwd"``. Rows with the same name are compared.
+``impl`` (str)
+    Which implementation: ``"numpy"``, ``"torch"``, ``"peft"``, ``"merged"``, ... Unique within a name.
+``seconds`` (float or None)
+    The median wall time of one call over the repeats, after warm-up. ``None`` only for a skipped row.
+``ratio_to`` (str or None)
+    The ``impl`` of the row (same ``name``) that this row's time is divided by; ``None`` for a
+    row that is only a reference.
+
+Optional keys:
+
+``goal`` (float)
+    The ratio this row must not exceed; the table says whether it is met.
+``skipped`` (str)
+    Why there is no time (``"peft is not installed"``); ``seconds`` is then ``None``.
+anything else
+    (``shape``, ``min_seconds``, ``repeats``, ``note``, ``max_abs_diff``...) is kept in the JSON.
+
+Use :func:`time_interleaved` to time the implementations of one ``name``: they take turns, call
+by call, so the noise of a shared machine (other processes, clock changes) falls on all of them
+alike rather than on whichever happened to run during a busy second. Never assert on timings in
+tests: the goals live here, in the table.
+
+A module that raises does not stop the others: its error becomes a skipped row, the traceback is
+printed, and the command exits with status 1 at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import importlib
+import json
+import math
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+import traceback
+
+__all__ = ["time_interleaved", "check_rows", "add_ratios", "render_markdown", "discover", "main"]
+
+BENCH_DIR = pathlib.Path(__file__).resolve().parent
+REQUIRED = ("name", "impl", "seconds", "ratio_to")
+
+
+# -- timing ---------------------------------------------------------------------------------
+def time_interleaved(fns: dict, repeats: int = 10, warmup: int = 2) -> dict:
+    """Time each zero-argument callable in ``fns`` (``{impl: fn}``), taking turns.
+
+    Each callable runs ``warmup`` times first (untimed), then ``repeats`` rounds in which every
+    callable runs once, in an order rotated each round. The garbage collector is paused while
+    timing. Returns ``{impl: {"seconds": median, "min_seconds": min, "repeats": repeats}}``.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for i in range(repeats):
+            k = i % len(names)
+            for name in names[k:] + names[:k]:
+                t0 = time.perf_counter()
+                fns[name]()
+                times[name].append(time.perf_counter() - t0)
+    finally:
+        if was_enabled:
+            gc.enable()
+    return {n: {"seconds": statistics.median(ts), "min_seconds": min(ts), "repeats": repeats}
+            for n, ts in times.items()}
+
+
+# -- rows -----------------------------------------------------------------------------------
+def check_rows(rows, source: str = "run()") -> list[dict]:
+    """Raise ``ValueError`` unless ``rows`` follows the contract above; return it as a list."""
+    if not isinstance(rows, list):
+        raise ValueError(f"{source} must return a list of dicts, got {type(rows).__name__}")
+    seen = set()
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{source} row {i} must be a dict, got {type(row).__name__}")
+        missing = [k for k in REQUIRED if k not in row]
+        if missing:
+            raise ValueError(f"{source} row {i} lacks {missing}: {row}")
+        if not isinstance(row["name"], str) or not isinstance(row["impl"], str):
+            raise ValueError(f"{source} row {i}: name and impl must be strings: {row}")
+        key = (row["name"], row["impl"])
+        if key in seen:
+            raise ValueError(f"{source} row {i}: impl {row['impl']!r} appears twice under {row['name']!r}")
+        seen.add(key)
+        s = row["seconds"]
+        if s is None:
+            if not row.get("skipped"):
+                raise ValueError(f"{source} row {i}: seconds is None but no 'skipped' reason is given")
+        elif isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s < 0:
+            raise ValueError(f"{source} row {i}: seconds must be a finite number >= 0, got {s!r}")
+        goal = row.get("goal")
+        if goal is not None and (isinstance(goal, bool) or not isinstance(goal, (int, float)) or goal <= 0):
+            raise ValueError(f"{source} row {i}: goal must be a positive number, got {goal!r}")
+        if goal is not None and row["ratio_to"] is None:
+            raise ValueError(f"{source} row {i}: a goal needs ratio_to (what the ratio is taken against)")
+    for i, row in enumerate(rows):
+        ref = row["ratio_to"]
+        if ref is not None and (row["name"], ref) not in seen:
+            raise ValueError(f"{source} row {i}: ratio_to={ref!r} names no row under {row['name']!r}")
+    return rows
+
+
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """Fill ``ratio`` (seconds / the ``ratio_to`` row's seconds) and ``met`` (``ratio <= goal``)."""
+    by_key = {(r["name"], r["impl"]): r for r in rows}
+    for r in rows:
+        r["ratio"], r["met"] = None, None
+        ref = by_key.get((r["name"], r["ratio_to"])) if r["ratio_to"] is not None else None
+        if ref is None or r["seconds"] is None or not ref["seconds"]:
+            continue
+        r["ratio"] = r["seconds"] / ref["seconds"]
+        if r.get("goal") is not None:
+            r["met"] = bool(r["ratio"] <= r["goal"])
+    return rows
+
+
+def _ms(s) -> str:
+    return "—" if s is None else f"{s * 1e3:.1f}"
+
+
+def render_markdown(rows: list[dict], meta: dict) -> str:
+    """The results as a markdown table, with the machine they were measured on."""
+    lines = [
+        "| benchmark | impl | median ms | min ms | ratio | goal | met |",
+        "|---|---|---:|---:|---|---|---|",
+    ]
+    for r in rows:
+        if r["seconds"] is None:
+            ratio = f"skipped: {r.get('skipped')}"
+        elif r.get("ratio") is not None:
+            ratio = f"{r['ratio']:.2f}× {r['ratio_to']}"
+        else:
+            ratio = "reference" if r["ratio_to"] is None else "—"
+        goal = f"≤ {r['goal']:.2f}× {r['ratio_to']}" if r.get("goal") is not None else ""
+        met = {True: "yes", False: "**no**", None: ""}[r.get("met")]
+        lines.append(f"| {r['name']} | {r['impl']} | {_ms(r['seconds'])} | {_ms(r.get('min_seconds'))} "
+                     f"| {ratio} | {goal} | {met} |")
+    notes = [f"- `{r['name']}`: {r['note']}" for r in rows if r.get("note")]
+    seen_notes = list(dict.fromkeys(notes))
+    machine = (f"{meta['cpu']}, {meta['cpu_count']} cores; Python {meta['python']}, NumPy {meta['numpy']}"
+               f" ({meta['blas']}), torch {meta.get('torch') or 'not installed'}"
+               f" ({meta.get('torch_threads')} threads), PEFT {meta.get('peft') or 'not installed'}")
+    head = [f"Measured {meta['date']} on {machine}."]
+    if meta.get("loadavg"):
+        head.append(f"Load average (1, 5, 15 min) when it finished: {meta['loadavg']}; the machine is shared, "
+                    "so compare ratios within a run rather than times across runs.")
+    if meta.get("openblas_env"):
+        head.append(f"Environment: {meta['openblas_env']}.")
+    if meta.get("quick"):
+        head.append("**Quick mode** (smoke-test sizes: the timings mean little).")
+    return "\n".join([" ".join(head), "", *lines, *([""] + seen_notes if seen_notes else []), ""])
+
+
+# -- the machine ----------------------------------------------------------------------------
+def _cpu_name() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _blas_name() -> str:
+    try:
+        import numpy as np
+
+        cfg = np.show_config(mode="dicts")
+        blas = cfg["Build Dependencies"]["blas"]
+        return f"{blas.get('name')} {blas.get('version', '')}".strip()
+    except Exception:  # older numpy: no dict mode
+        return "BLAS unknown"
+
+
+def _loadavg():
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:  # not on this platform
+        return None
+
+
+def machine_info(quick: bool) -> dict:
+    import numpy as np
+
+    meta = {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "blas": _blas_name(),
+        "quick": quick,
+        "loadavg": _loadavg(),
+        "openblas_env": ", ".join(f"{k}={os.environ[k]}" for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+                                  if k in os.environ),
+    }
+    try:
+        import torch
+
+        meta["torch"] = torch.__version__
+        meta["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        meta["torch"] = None
+    try:
+        from importlib.metadata import version
+
+        meta["peft"] = version("peft")
+    except Exception:
+        meta["peft"] = None
+    return meta
+
+
+# -- running --------------------------------------------------------------------------------
+def discover(only=None) -> list[str]:
+    """Module names ``bench.bench_*`` found next to this file, filtered by ``only``."""
+    names = sorted(p.stem for p in BENCH_DIR.glob("bench_*.py"))
+    if only:
+        wanted = {o if o.startswith("bench_") else f"bench_{o}" for o in only}
+        unknown = wanted - set(names)
+        if unknown:
+            raise ValueError(f"--only: no benchmark module {sorted(unknown)}; known: {names}")
+        names = [n for n in names if n in wanted]
+    return names
+
+
+def run_all(quick: bool = False, only=None) -> tuple[list[dict], list[str]]:
+    """Run the modules; return ``(rows, errors)``."""
+    rows: list[dict] = []
+    errors: list[str] = []
+    for mod_name in discover(only):
+        print(f"[bench] {mod_name}{' (quick)' if quick else ''} ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        try:
+            mod = importlib.import_module(f"bench.{mod_name}")
+            got = check_rows(mod.run(quick=quick), f"bench.{mod_name}.run()")
+        except Exception as e:  # one module's failure does not hide the others' results
+            traceback.print_exc()
+            errors.append(f"{mod_name}: {type(e).__name__}: {e}")
+            got = [{"name": mod_name, "impl": "-", "seconds": None, "ratio_to": None,
+                    "skipped": f"error: {type(e).__name__}: {e}"}]
+        for r in got:
+            r.setdefault("module", mod_name)
+        rows.extend(got)
+        print(f"[bench] {mod_name} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    return add_ratios(rows), errors
+
+
+def write_results(rows: list[dict], meta: dict, out) -> tuple[pathlib.Path, pathlib.Path]:
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    jpath, mpath = out / "bench.json", out / "bench.md"
+    jpath.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str) + "\n")
+    mpath.write_text(render_markdown(rows, meta))
+    return jpath, mpath
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke-test sizes (checks the code paths, not the speed)")
+    ap.add_argument("--only", action="append", metavar="NAME",
+                    help="run only bench/bench_NAME.py (repeatable)")
+    ap.add_argument("--out", default=str(BENCH_DIR / "results"), help="where bench.json and bench.md go")
+    args = ap.parse_args(argv)
+    try:
+        names = discover(args.only)
+    except ValueError as e:
+        ap.error(str(e))
+    if not names:
+        ap.error("no bench/bench_*.py modules found")
+    rows, errors = run_all(quick=args.quick, only=args.only)
+    meta = machine_info(args.quick)
+    jpath, mpath = write_results(rows, meta, args.out)
+    print(render_markdown(rows, meta))
+    print(f"wrote {jpath} and {mpath}")
+    if errors:
+        print("errors:\n  " + "\n  ".join(errors), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
