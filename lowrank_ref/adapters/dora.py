@@ -139,18 +139,23 @@ def dora_forward(x, params, cfg: DoRAConfig, mask=None, method="factored"):
         n, W0At = dora_row_norm(W, A, B, s, w0_sq=params.get("w0_sq"), method=method)  # (out,)
     live = n > 0
     g = np.where(live, m / np.where(live, n, 1), 0).astype(W.dtype)  # g = m / n; 0 on zero rows
+    lead = x.shape[:-1]
+    x = x.reshape(-1, x.shape[-1])  # (N, in): 2-D products go to BLAS (stacked ones may not)
+    if mask is not None:
+        mask = mask.reshape(x.shape)
     xd = x if mask is None else x * mask  # x̃ = x ⊙ M
-    h = xd @ A.T  # (..., r)
-    ut = xd @ W.T  # x̃ W0ᵀ   (..., out)
+    h = xd @ A.T  # (N, r)
+    ut = xd @ W.T  # x̃ W0ᵀ   (N, out)
     z = ut if mask is None else ut.copy()
-    z += (s * h) @ B.T  # z = x̃ Vᵀ = x̃ W0ᵀ + s x̃ Aᵀ Bᵀ (scaled on the (N, r) side)   (..., out)
+    z += (s * h) @ B.T  # z = x̃ Vᵀ = x̃ W0ᵀ + s x̃ Aᵀ Bᵀ (scaled on the (N, r) side)   (N, out)
     y = g * z  # g ⊙ x̃ Vᵀ
     if mask is not None:
         y += x @ W.T  # + x W0ᵀ − x̃ W0ᵀ: the base sees the undropped input
         y -= ut
     if b is not None:
         y += b  # the bias is not rescaled
-    return y, (x, xd, mask, h, z, g, n, W0At, W, A, B, m, s, cfg.detach_norm)
+    y = y.reshape(*lead, W.shape[0])  # (..., out)
+    return y, (lead, xd, mask, h, z, g, n, W0At, W, A, B, m, s, cfg.detach_norm)
 
 
 def dora_backward(dy, cache):
@@ -158,12 +163,8 @@ def dora_backward(dy, cache):
 
     The formulas are in the module docstring; ``detach_norm`` (from the cache) drops the path
     through ``n``."""
-    x, xd, mask, h, z, g, n, W0At, W, A, B, m, s, detach = cache
-    out = dy.shape[-1]
-    dy2 = dy.reshape(-1, out)  # (N, out)
-    z2 = z.reshape(-1, out)  # (N, out)
-    h2 = h.reshape(-1, h.shape[-1])  # (N, r)
-    xd2 = xd.reshape(-1, xd.shape[-1])  # (N, in)
+    lead, xd2, mask, h2, z2, g, n, W0At, W, A, B, m, s, detach = cache  # 2-D: (N, ·)
+    dy2 = dy.reshape(-1, dy.shape[-1])  # (N, out)
     live = n > 0
     dg = np.einsum("no,no->o", dy2, z2)  # ḡ = Σ_N ȳ ⊙ z   (out,)
     dm = np.where(live, dg / np.where(live, n, 1), 0)  # m̄ = ḡ / n
@@ -180,7 +181,7 @@ def dora_backward(dy, cache):
         dz -= dy2
         dxd = dz @ W  # (N, in)
         dxd += dzB @ A  # x̃̄ = (z̄ − ȳ) W0 + s (z̄ B) A
-        dxd *= mask.reshape(-1, mask.shape[-1])
+        dxd *= mask
         dx2 = dy2 @ W  # x̄ = ȳ W0 + x̃̄ ⊙ M
         dx2 += dxd
     if not detach:
@@ -191,7 +192,7 @@ def dora_backward(dy, cache):
         cB = c[:, None] * B  # (out, r)
         dB = dB + s * (c[:, None] * W0At + s * (cB @ (A @ A.T)))  # B̄ += s diag(c)(W0Aᵀ + s B AAᵀ)
         dA = dA + s * (cB.T @ W + s * ((cB.T @ B) @ A))  # Ā += s (cB)ᵀ W0 + s² (cB)ᵀ B A
-    dx = dx2.reshape(x.shape)
+    dx = dx2.reshape(*lead, W.shape[1])  # (..., in)
     return dx, {"A": dA, "B": dB, "m": dm, "W": None, "b": None}
 
 

@@ -53,28 +53,29 @@ class DoubleLoRALinear(AdapterLinear):
         return sum(s * (B.data @ A.data) for A, B, s in self._branches())
 
     def _forward(self, x):
-        y = x @ self.base.weight.data.T  # (..., out)
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])  # (N, in): 2-D products go to BLAS
+        y = x @ self.base.weight.data.T  # (N, out)
         if self.base.bias is not None:
-            y = y + self.base.bias.data
+            y += self.base.bias.data
         hs = []
         for A, B, s in self._branches():
-            h = x @ A.data.T  # (..., r_i)
-            y = y + (s * h) @ B.data.T  # + s_i x A_iᵀ B_iᵀ
+            h = x @ A.data.T  # (N, r_i)
+            y += (s * h) @ B.data.T  # + s_i x A_iᵀ B_iᵀ
             hs.append(h)
-        self._cache = (x, hs)
-        return y
+        self._cache = (x, lead, hs)
+        return y.reshape(*lead, self.out_features)
 
     def _backward(self, dy):
-        x, hs = self._pop_cache()
+        x2, lead, hs = self._pop_cache()  # x2 (N, in)
         dy2 = dy.reshape(-1, dy.shape[-1])  # (N, out)
-        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         dx = dy2 @ self.base.weight.data  # ȳ W0
         for (A, B, s), h in zip(self._branches(), hs):
             dh = s * (dy2 @ B.data)  # h̄_i = s_i ȳ B_i   (N, r_i)
-            B.accumulate(s * (dy2.T @ h.reshape(-1, h.shape[-1])))  # B̄_i = s_i ȳᵀ h_i
+            B.accumulate(s * (dy2.T @ h))  # B̄_i = s_i ȳᵀ h_i
             A.accumulate(dh.T @ x2)  # Ā_i = h̄_iᵀ x
-            dx = dx + dh @ A.data
-        return dx.reshape(x.shape)
+            dx += dh @ A.data
+        return dx.reshape(*lead, self.in_features)
 
     def as_lora(self, alpha: float | None = None) -> LoRALinear:
         r"""The single LoRA of rank ``r1 + r2`` with the same ``ΔW``: ``A = [A1; A2]``,
