@@ -456,3 +456,18 @@ def test_cuda_matches_numpy(rng):
     x = rng.standard_normal((4, 16))
     rtol, atol = TOL["float32"]
     assert_close(t(torch.from_numpy(x).float().cuda()), layer.forward(x), "cuda y", rtol, atol * 10)
+
+
+# -- adapter files ---------------------------------------------------------------------------
+def test_save_then_load_in_a_fresh_layer(rng, tmp_path):
+    from lowrank_ref import io
+
+    layer, W, b = make_layer(rng, detach_norm=False)
+    path = io.save_adapter(layer, tmp_path / "dora.safetensors")
+    fresh = lr.adapters.DoRALinear(lr.nn.Linear.from_arrays(W, b), layer.config, rng=np.random.default_rng(99))
+    x = rng.standard_normal((3, 7))
+    assert not np.allclose(fresh.forward(x), layer.forward(x))
+    io.load_adapter(fresh, path)
+    assert_close(fresh.forward(x), layer.forward(x), "y after load", 0, 0)
+    with pytest.raises(ValueError, match="'m' has shape"):
+        fresh.load_adapter_state(dict(layer.adapter_state(), m=np.ones(4)))
