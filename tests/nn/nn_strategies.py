@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from hypothesis import strategies as st
-
 from helpers import assert_close
+from hypothesis import strategies as st
 
 LAYOUTS = ("contiguous", "strided", "transposed")
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from helpers import assert_close
 from hypothesis import given
 from hypothesis import strategies as st
 from nn_strategies import arrays, compare_with_torch, copy_to_torch, perturb
 
 import lowrank_gpu.nn as gnn
 import lowrank_ref.nn as nn
-from helpers import assert_close
 
 dims = st.integers(1, 6)
 
