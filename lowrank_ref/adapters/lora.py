@@ -108,7 +108,7 @@ class LoRALinear(AdapterLinear):
         if not isinstance(config, LoRAConfig):
             raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
         super().__init__(base, config)
-        rng = np.random.default_rng() if rng is None else rng
+        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)  # None / int seed
         self.rng = rng
         r, dtype = config.r, base.weight.data.dtype
         if config.init == "pissa":
