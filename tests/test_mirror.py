@@ -1,0 +1,110 @@
+"""The two backends expose the same surface: the same public adapter classes, constructor
+parameters, and public methods/properties (with the same parameter names). Generic: every class
+either ``__all__`` lists is checked, so a new method is covered the day it is exported."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+import lowrank_gpu.adapters as gpu_adapters
+import lowrank_ref.adapters as ref_adapters
+
+NUMPY_ONLY = {"backward"}  # the hand-written backward; torch has autograd
+TORCH_ONLY: set[str] = set()
+# Reviewed, deliberate one-sided names: (class, name) -> why. Keep this list short.
+KNOWN_DIFFERENCES = {
+    ("DoRALinear", "clear_norm_cache"): "NumPy caches the rows' ‖W0‖²; torch recomputes, so has no cache",
+}
+
+
+def _classes(mod):
+    return {n: getattr(mod, n) for n in mod.__all__ if inspect.isclass(getattr(mod, n))}
+
+
+REF, GPU = _classes(ref_adapters), _classes(gpu_adapters)
+PAIRS = sorted(set(REF) & set(GPU))
+
+
+def _own_public_names(cls, package: str) -> set[str]:
+    """Public names defined by the adapter classes of ``package`` in ``cls``'s MRO (not by the
+    framework base, ``lowrank_ref.nn.Module`` or ``torch.nn.Module``)."""
+    names = set()
+    for klass in cls.__mro__:
+        if klass.__module__.startswith(package):
+            names |= {n for n in vars(klass) if not n.startswith("_")}
+    return names
+
+
+def _kind(obj) -> str:
+    if isinstance(obj, property):
+        return "property"
+    if callable(obj):
+        return "method"
+    return "attribute"
+
+
+def _params(fn) -> list[str]:
+    return [p for p in inspect.signature(fn).parameters if p != "self"]
+
+
+def test_same_public_names_in_all():
+    assert sorted(ref_adapters.__all__) == sorted(gpu_adapters.__all__), (
+        f"only in lowrank_ref.adapters: {sorted(set(ref_adapters.__all__) - set(gpu_adapters.__all__))}; "
+        f"only in lowrank_gpu.adapters: {sorted(set(gpu_adapters.__all__) - set(ref_adapters.__all__))}")
+    assert sorted(REF) == sorted(GPU)
+    assert "LoRALinear" in PAIRS
+
+
+@pytest.mark.parametrize("name", PAIRS)
+def test_same_constructor_parameters(name):
+    ref, gpu = _params(REF[name].__init__), _params(GPU[name].__init__)
+    assert ref == gpu, f"{name}.__init__: numpy {ref} vs torch {gpu}"
+
+
+@pytest.mark.parametrize("name", PAIRS)
+def test_same_public_methods_and_properties(name):
+    ref_cls, gpu_cls = REF[name], GPU[name]
+    allowed = {n for (c, n) in KNOWN_DIFFERENCES if c == name}
+    names = (_own_public_names(ref_cls, "lowrank_ref.adapters") - NUMPY_ONLY) | \
+            (_own_public_names(gpu_cls, "lowrank_gpu.adapters") - TORCH_ONLY)
+    names -= allowed
+    missing_ref = sorted(n for n in names if not hasattr(ref_cls, n))
+    missing_gpu = sorted(n for n in names if not hasattr(gpu_cls, n))
+    assert not missing_ref and not missing_gpu, (
+        f"{name}: missing in numpy {missing_ref}, missing in torch {missing_gpu}")
+    for n in sorted(names):
+        a, b = inspect.getattr_static(ref_cls, n), inspect.getattr_static(gpu_cls, n)
+        assert _kind(a) == _kind(b), f"{name}.{n}: numpy {_kind(a)} vs torch {_kind(b)}"
+        if _kind(a) == "method" and inspect.isfunction(a) and inspect.isfunction(b):
+            assert _params(a) == _params(b), f"{name}.{n}(): numpy {_params(a)} vs torch {_params(b)}"
+
+
+def test_the_core_surface_is_there():
+    """The names DESIGN.md promises on every adapter, in both backends."""
+    core = {"forward", "delta_weight", "merge", "unmerge", "merged", "scaling", "merged_weight",
+            "num_trainable_parameters", "adapter_parameters", "adapter_state", "load_adapter_state",
+            "in_features", "out_features", "PEFT_NAMES"}
+    for name in PAIRS:
+        for cls in (REF[name], GPU[name]):
+            assert not core - set(dir(cls)), f"{cls.__module__}.{name} lacks {sorted(core - set(dir(cls)))}"
+    assert hasattr(REF["LoRALinear"], "backward")
+
+
+def test_known_differences_are_still_real():
+    """An allowance that no longer applies must be removed (the list cannot rot)."""
+    for (cls_name, n) in KNOWN_DIFFERENCES:
+        if cls_name in PAIRS:
+            assert hasattr(REF[cls_name], n) != hasattr(GPU[cls_name], n), (cls_name, n)
+
+
+def test_the_collector_sees_names_a_subclass_adds():
+    class Extra(REF["LoRALinear"]):
+        def only_here(self):
+            pass
+
+    assert "only_here" in _own_public_names(Extra, __name__)
+    assert "merge" in _own_public_names(REF["LoRALinear"], "lowrank_ref.adapters")
+    assert "backward" in _own_public_names(REF["LoRALinear"], "lowrank_ref.adapters")
+    assert not hasattr(GPU["LoRALinear"], "only_here")
