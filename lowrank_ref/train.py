@@ -1,0 +1,302 @@
+r"""The training loop and the evaluation, for the NumPy models (and the switch to the torch loop).
+
+One step of :func:`train` is the whole of backpropagation by hand:
+
+.. code-block:: text
+
+    x, y   = random windows of block_size + 1 tokens          (B, T) each
+    z      = model.forward(x)                                 (B, T, V)
+    L, z̄   = cross_entropy(z, y)                              mean over B·T tokens
+    model.backward(z̄)                                         .grad on trainable parameters only
+    clip the global gradient norm; set the lr from the schedule; optimizer.step()
+
+:func:`evaluate` gives next-token loss and accuracy (the share of positions where the arg-max of
+the logits is the true next token) on deterministic, non-overlapping windows.
+
+``backend=`` picks the loop: ``"numpy"`` runs here; ``"torch"`` and ``"cuda"`` hand over to
+:func:`lowrank_gpu.train.train` with the same arguments (the model must then be a torch model).
+``None`` reads the backend off the model.
+
+Peak memory (``measure_memory=True``): the first step runs under :mod:`tracemalloc`, which sees
+every NumPy allocation (NumPy reports its data buffers to it). The number reported is the bytes
+the model holds before training (every parameter, frozen or not, and any other arrays its modules
+keep, such as packed 4-bit weights) plus the peak of what the step allocates on top: activations
+kept for the backward pass, gradients, and the optimizer state that the first step creates.
+Timing skips that step, because tracing slows allocation down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import tracemalloc
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lowrank_ref.data.batching import check_tokens, eval_windows, get_batch
+from lowrank_ref.registry import check_backend
+
+__all__ = ["TrainResult", "train", "evaluate", "model_backend", "model_bytes", "as_rng",
+           "OPTIMIZERS", "SCHEDULES", "check_train_args"]
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass
+class TrainResult:
+    """What a training run recorded.
+
+    Attributes:
+        losses: the training loss of every step (mean next-token cross-entropy of the batch).
+        lrs: the learning rate used at every step.
+        seconds_per_step: mean wall time of a step (steps after the first).
+        optimizer_state_bytes: bytes in the optimizer state after the last step.
+        peak_memory_bytes: see the module docstring; ``None`` unless ``measure_memory=True``.
+        backend: the loop that ran.
+    """
+
+    losses: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    seconds_per_step: float = float("nan")
+    optimizer_state_bytes: int = 0
+    peak_memory_bytes: int | None = None
+    backend: str = "numpy"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# -- small helpers --------------------------------------------------------------------------
+def as_rng(rng) -> np.random.Generator:
+    """A numpy Generator from None (fresh entropy), an int seed, or a Generator."""
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if rng is None:
+        return np.random.default_rng()
+    if isinstance(rng, bool) or not isinstance(rng, (int, np.integer)):
+        raise TypeError(f"rng must be None, an int seed or a numpy.random.Generator, got {type(rng).__name__}")
+    return np.random.default_rng(int(rng))
+
+
+def model_backend(model) -> str:
+    """``"numpy"`` for a lowrank_ref Module; ``"torch"``/``"cuda"`` for a torch module by device."""
+    from lowrank_ref.nn.module import Module
+
+    if isinstance(model, Module):
+        return "numpy"
+    if hasattr(model, "parameters") and hasattr(model, "state_dict"):  # a torch.nn.Module
+        for p in model.parameters():
+            return "cuda" if p.device.type == "cuda" else "torch"
+        return "torch"
+    raise TypeError(f"model must be a lowrank_ref.nn.Module or a torch.nn.Module, got {type(model).__name__}")
+
+
+def _resolve_backend(model, backend) -> str:
+    actual = model_backend(model)
+    if backend is None:
+        return actual
+    backend = check_backend(backend)
+    if backend != actual:
+        raise ValueError(
+            f"backend={backend!r} but the model is a {actual} model; build it for that backend "
+            f"(lowrank_ref.models.load_pretrained(backend={backend!r})) or pass backend={actual!r}"
+        )
+    return backend
+
+
+def model_bytes(model) -> int:
+    """Bytes of every array a NumPy model holds: parameters (frozen too) and other arrays its
+    modules keep as attributes (one level into plain objects, e.g. a quantised-weight record)."""
+    from lowrank_ref.nn.module import Parameter
+
+    seen: set[int] = set()
+    total = 0
+
+    def add(a) -> None:
+        nonlocal total
+        if isinstance(a, np.ndarray) and id(a) not in seen:
+            seen.add(id(a))
+            total += int(a.nbytes)
+
+    for _, mod in model.named_modules():
+        for key, v in vars(mod).items():
+            if key == "_cache":
+                continue  # activations kept for a backward pass, not the model
+            if isinstance(v, Parameter):
+                add(v.data)
+            elif isinstance(v, np.ndarray):
+                add(v)
+            elif hasattr(v, "__dict__") and not callable(v) and not hasattr(v, "named_modules"):
+                for w in vars(v).values():
+                    add(w)
+    return total
+
+
+def check_train_args(steps, lr, batch_size, optimizer, schedule, warmup, clip, weight_decay):
+    for name, v in (("steps", steps), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, (int, np.integer)) or not 0 <= warmup < steps:
+        raise ValueError(f"warmup must be an integer in [0, steps={steps}), got {warmup!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (np.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
+        raise ValueError(f"clip must be None or a positive number, got {clip!r}")
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
+        raise ValueError(f"weight_decay must be a non-negative number, got {weight_decay!r}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; known optimizers: {', '.join(OPTIMIZERS)}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; known schedules: {', '.join(SCHEDULES)}")
+
+
+def lr_at(step: int, steps: int, lr: float, schedule: str, warmup: int, min_lr: float) -> float:
+    """The learning rate of ``step`` (0-based)."""
+    if schedule == "constant":
+        return lr if step >= warmup else lr * step / warmup
+    from lowrank_ref.optim import cosine_schedule
+
+    return cosine_schedule(step, steps, lr, warmup_steps=warmup, min_lr=min_lr)
+
+
+def progress_bar(steps: int, progress: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(range(steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+
+
+# -- the loop -------------------------------------------------------------------------------
+def train(model, data, steps: int, lr: float = 1e-3, batch_size: int = 16, optimizer: str = "adamw",
+          schedule: str = "cosine", warmup: int = 0, clip: float | None = 1.0, rng=None,
+          progress: bool = True, backend: str | None = None, weight_decay: float = 0.0,
+          betas=(0.9, 0.999), eps: float = 1e-8, min_lr: float = 0.0, momentum: float = 0.9,
+          measure_memory: bool = False, desc: str = "train") -> TrainResult:
+    """Train the model's trainable parameters on next-token prediction over ``data``.
+
+    Args:
+        model: a NumPy :class:`~lowrank_ref.nn.Module` whose ``forward(idx (B, T)) -> (B, T, V)``
+            (a GPT, possibly with adapters); or a torch model when ``backend`` is torch/cuda.
+        data: a 1-D integer array of token ids; batches are random windows of it.
+        steps, lr, batch_size: the run's length, peak learning rate and windows per step.
+        optimizer: ``"adamw"`` (default), ``"adam"`` or ``"sgd"`` (with ``momentum``).
+        schedule: ``"cosine"`` (linear warmup, cosine to ``min_lr``) or ``"constant"``.
+        warmup: warmup steps. clip: max global gradient norm, or None for no clipping.
+        rng: an int seed or ``numpy.random.Generator`` for the batches (the same in every backend).
+        progress: show a tqdm progress bar (stderr); False is quiet.
+        backend: ``None`` (the model's), ``"numpy"``, ``"torch"`` or ``"cuda"``.
+        measure_memory: measure the peak memory of the first step (module docstring).
+    Returns:
+        A :class:`TrainResult`.
+    """
+    backend = _resolve_backend(model, backend)
+    if backend in ("torch", "cuda"):
+        from lowrank_gpu.train import train as torch_train
+
+        return torch_train(model, data, steps, lr=lr, batch_size=batch_size, optimizer=optimizer,
+                           schedule=schedule, warmup=warmup, clip=clip, rng=rng, progress=progress,
+                           backend=backend, weight_decay=weight_decay, betas=betas, eps=eps,
+                           min_lr=min_lr, momentum=momentum, measure_memory=measure_memory, desc=desc)
+    if backend != "numpy":
+        raise ValueError(f"train supports backends numpy, torch and cuda, got {backend!r}")
+    check_train_args(steps, lr, batch_size, optimizer, schedule, warmup, clip, weight_decay)
+    from lowrank_ref import optim
+    from lowrank_ref.nn.losses import cross_entropy
+
+    block_size = model.config.block_size
+    data = check_tokens(data, block_size, "data")
+    rng = as_rng(rng)
+    params = model.trainable_parameters()
+    if not params:
+        raise ValueError("the model has no trainable parameters: nothing to train")
+    if optimizer == "adamw":
+        opt = optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    elif optimizer == "adam":
+        opt = optim.Adam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    else:
+        opt = optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+    result = TrainResult(backend="numpy")
+    model.train()
+    opt.zero_grad()
+    times = []
+    bar = progress_bar(steps, progress, desc)
+    for step in bar:
+        tracing = measure_memory and step == 0
+        if tracing:
+            started = not tracemalloc.is_tracing()
+            if started:
+                tracemalloc.start()
+            before = tracemalloc.get_traced_memory()[0]
+            tracemalloc.reset_peak()
+        t0 = time.perf_counter()
+        x, y = get_batch(data, batch_size, block_size, rng)  # (B, T) each
+        logits = model.forward(x)  # (B, T, V)
+        loss, dlogits = cross_entropy(logits, y)
+        del logits
+        model.backward(dlogits)  # fills .grad of the trainable parameters
+        del dlogits
+        if clip is not None:
+            optim.clip_grad_norm(params, clip)
+        opt.lr = lr_at(step, steps, lr, schedule, warmup, min_lr)
+        opt.step()
+        opt.zero_grad()
+        elapsed = time.perf_counter() - t0
+        if tracing:
+            peak = tracemalloc.get_traced_memory()[1] - before
+            if started:
+                tracemalloc.stop()
+            result.peak_memory_bytes = model_bytes(model) + int(peak)
+        elif step > 0 or steps == 1:
+            times.append(elapsed)
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"the training loss became {loss} at step {step}; lower lr (now {lr})")
+        result.losses.append(float(loss))
+        result.lrs.append(float(opt.lr))
+        if step % 10 == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{loss:.3f}")
+    bar.close()
+    result.seconds_per_step = float(np.mean(times)) if times else float("nan")
+    result.optimizer_state_bytes = int(opt.state_bytes())
+    return result
+
+
+def evaluate(model, tokens, block_size: int | None = None, max_windows: int | None = 256,
+             batch_size: int = 64, backend: str | None = None) -> dict:
+    """Next-token ``{"loss", "accuracy", "tokens"}`` on non-overlapping windows of ``tokens``.
+
+    ``accuracy`` is the share of positions whose arg-max prediction is the true next token, in
+    [0, 1]. The model is evaluated in eval mode (dropout off) and put back in the mode it was in.
+    """
+    backend = _resolve_backend(model, backend)
+    if backend in ("torch", "cuda"):
+        from lowrank_gpu.train import evaluate as torch_evaluate
+
+        return torch_evaluate(model, tokens, block_size=block_size, max_windows=max_windows,
+                              batch_size=batch_size, backend=backend)
+    from lowrank_ref.nn.losses import log_softmax
+
+    block_size = model.config.block_size if block_size is None else block_size
+    x, y = eval_windows(tokens, block_size, max_windows)
+    was_training = model.training
+    model.eval()
+    nll, correct = 0.0, 0
+    try:
+        for i in range(0, x.shape[0], batch_size):
+            xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+            logits = model.forward(xb)  # (b, T, V)
+            logp = log_softmax(logits.astype(np.float64))
+            nll -= float(np.take_along_axis(logp, yb[..., None], axis=-1).sum())
+            correct += int((logits.argmax(-1) == yb).sum())
+    finally:
+        _drop_caches(model)
+        model.train(was_training)
+    n = int(y.size)
+    return {"loss": nll / n, "accuracy": correct / n, "tokens": n}
+
+
+def _drop_caches(model) -> None:
+    """Release the activations that forward passes kept for a backward that will not come."""
+    for _, mod in model.named_modules():
+        object.__setattr__(mod, "_cache", None)
