@@ -1,6 +1,8 @@
 """The PyTorch adapters: the same public classes as ``lowrank_ref.adapters``."""
 
+from lowrank_gpu.adapters.baselines import bitfit, full_finetune
 from lowrank_gpu.adapters.dora import DoRALinear
 from lowrank_gpu.adapters.lora import LoRALinear
 
 __all__ = ["LoRALinear", "DoRALinear"]
+__all__ += ["full_finetune", "bitfit"]  # whole-model baselines (functions)

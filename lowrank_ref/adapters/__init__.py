@@ -1,8 +1,10 @@
 """One file per method: pure forward/backward functions plus a Module that wraps them."""
 
 from lowrank_ref.adapters.base import AdapterLinear
+from lowrank_ref.adapters.baselines import bitfit, full_finetune
 from lowrank_ref.adapters.dora import DoRALinear
 from lowrank_ref.adapters.lora import LoRALinear
 
 __all__ = ["LoRALinear", "DoRALinear"]
+__all__ += ["full_finetune", "bitfit"]  # whole-model baselines (functions)
 _ = AdapterLinear  # the shared base class, importable as lowrank_ref.adapters.base.AdapterLinear
