@@ -33,7 +33,7 @@ bench: $(STAMP)
 	$(PY) -m bench.run --out bench/results
 
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/ $$([ "$$(id -u)" = 0 ] && echo --allow-root)  # Jupyter refuses root without it
 
 pretrain: $(STAMP)
 	$(VENV)/bin/lowrank-ref pretrain
