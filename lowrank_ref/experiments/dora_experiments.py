@@ -14,14 +14,23 @@ layer-wise targets.
 
 from __future__ import annotations
 
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+
 import numpy as np
 
 from lowrank_ref.adapters.base import AdapterLinear
 from lowrank_ref.adapters.lora import LoRALinear, init_lora_A
-from lowrank_ref.config import LoRAConfig
+from lowrank_ref.config import DoRAConfig, LoRAConfig
 from lowrank_ref.nn.module import Parameter
 
-__all__ = ["DoubleLoRALinear", "magnitude_direction"]
+__all__ = ["DoubleLoRALinear", "magnitude_direction", "quick_mode", "base_model", "finetune",
+           "rank_sweep", "double_lora_vs_lora_vs_dora", "layerwise_targets", "magnitude_direction_run",
+           "run_all", "main"]
 
 
 class DoubleLoRALinear(AdapterLinear):
@@ -114,3 +123,228 @@ def magnitude_direction(W0: np.ndarray, W: np.ndarray):
     cos = np.sum(W * W0, axis=1) / np.maximum(n * n0, np.finfo(np.float64).tiny)
     dD = float(np.mean(1.0 - cos))
     return dM, dD
+
+
+# -- the runs on the built-in task -----------------------------------------------------------------
+def quick_mode() -> bool:
+    """``LOWRANK_REF_QUICK=1`` (set by the notebook tests): shrink every run to a smoke test."""
+    return os.environ.get("LOWRANK_REF_QUICK", "") not in ("", "0")
+
+
+def base_model():
+    """The package's pre-trained small GPT (NumPy, float32): :func:`lowrank_ref.models.load_pretrained`."""
+    from lowrank_ref.models import load_pretrained
+
+    return load_pretrained(progress=False)
+
+
+def _replace_with_double(model, names, r: int, alpha: float, rng):
+    """Swap each LoRA layer in ``names`` for a :class:`DoubleLoRALinear` of ranks ``r/2 + r/2``,
+    each half with the same ``alpha`` (the naive construction: each half's scaling is ``2α/r``)."""
+    half = LoRAConfig(r=max(r // 2, 1), alpha=alpha)
+    for n in names:
+        layer = model.get_submodule(n)
+        model.set_submodule(n, DoubleLoRALinear(layer.base, half, half, rng=rng))
+
+
+def finetune(base, config=None, targets=("q", "v"), steps: int = 300, lr: float = 3e-3, batch_size: int = 16,
+             seed: int = 0, ranks=None, alphas=None, double: bool = False, record=None, record_every: int = 0,
+             eval_windows: int = 128) -> dict:
+    """Copy ``base``, inject ``config`` at ``targets``, train on the dialect, evaluate.
+
+    Returns a dict: ``dialect_loss`` / ``base_loss`` (held-out next-token loss: what it learned and
+    what it forgot), ``dialect_accuracy``, ``trainable_params``, ``train_losses`` and, if
+    ``record(model, step)`` is given, its results every ``record_every`` steps.
+
+    The loop is :func:`lowrank_ref.train.train`'s (AdamW, cosine schedule, clip 1.0); with
+    ``record`` it runs in chunks that share one optimizer (a small loop here, same update rule).
+    """
+    from lowrank_ref import data, optim
+    from lowrank_ref.inject import inject
+    from lowrank_ref.models import blas_threads
+    from lowrank_ref.nn.losses import cross_entropy
+    from lowrank_ref.optim.schedule import cosine_schedule
+    from lowrank_ref.train import evaluate, train
+
+    task = data.builtin_task()
+    model = copy.deepcopy(base)
+    rng = np.random.default_rng(seed)
+    res = inject(model, config, targets=targets, ranks=ranks, alphas=alphas, rng=rng)
+    if double:
+        _replace_with_double(model, res.replaced, config.r, config.alpha, rng)
+    out = {"method": "double_lora" if double else res.method, "targets": list(res.replaced),
+           "r": config.r, "alpha": config.alpha, "scaling": getattr(config, "scaling", None),
+           "trainable_params": model.num_trainable_parameters(), "steps": steps}
+    t0 = time.perf_counter()
+    with blas_threads(1):
+        if record is None:
+            tr = train(model, task.dialect_train, steps, lr=lr, batch_size=batch_size, rng=seed + 1,
+                       progress=False, warmup=min(20, steps // 10))
+            losses = tr.losses
+        else:
+            params = model.trainable_parameters()
+            opt = optim.AdamW(params, lr=lr, weight_decay=0.0)
+            brng = np.random.default_rng(seed + 1)
+            losses, recs = [], [record(model, 0)]
+            model.train()
+            for step in range(steps):
+                x, y = data.get_batch(task.dialect_train, batch_size, model.config.block_size, brng)
+                loss, dlogits = cross_entropy(model.forward(x), y)
+                model.backward(dlogits)
+                optim.clip_grad_norm(params, 1.0)
+                opt.lr = cosine_schedule(step, steps, lr, warmup_steps=min(20, steps // 10))
+                opt.step()
+                opt.zero_grad()
+                losses.append(float(loss))
+                if (step + 1) % record_every == 0:
+                    recs.append(record(model, step + 1))
+            out["records"] = recs
+        d = evaluate(model, task.dialect_heldout, max_windows=eval_windows)
+        b = evaluate(model, task.base_heldout, max_windows=eval_windows)
+    from lowrank_ref.inject import adapter_layers
+
+    out["delta_norm"] = float(sum(np.linalg.norm(layer.delta_weight().astype(np.float64))
+                                  for layer in adapter_layers(model).values()))
+    out.update(dialect_loss=d["loss"], dialect_accuracy=d["accuracy"], base_loss=b["loss"],
+               train_losses=[float(v) for v in losses], seconds=time.perf_counter() - t0)
+    out["model"] = model
+    return out
+
+
+def _strip(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k != "model"}
+
+
+def rank_sweep(base, ranks=(1, 2, 4, 8, 16, 32, 64), alpha: float = 8.0, steps: int = 300, lr: float = 3e-3,
+               targets=("q", "v"), seed: int = 0) -> list[dict]:
+    r"""LoRA at each rank with ``s = α/r`` and with rsLoRA's ``s = α/√r`` (same ``α``); each row
+    also has ``delta_norm``, how far training moved the weights (``Σ_layers ‖ΔW‖_F``)."""
+    rows = []
+    for rslora in (False, True):
+        for r in ranks:
+            cfg = LoRAConfig(r=r, alpha=alpha, rslora=rslora)
+            row = _strip(finetune(base, cfg, targets=targets, steps=steps, lr=lr, seed=seed))
+            row["rule"] = "alpha/sqrt(r)" if rslora else "alpha/r"
+            rows.append(row)
+    return rows
+
+
+def double_lora_vs_lora_vs_dora(base, r: int = 8, alpha: float = 16.0, steps: int = 300, lr: float = 3e-3,
+                                targets=("q", "v"), seed: int = 0) -> list[dict]:
+    """LoRA at rank r; the "double" r/2 + r/2 with each half given ``alpha`` (scaling ``2α/r``);
+    the double with each half given ``α/2`` (scaling ``α/r``: the same as LoRA's, so it *is*
+    LoRA at rank r); LoRA at rank r with the double's doubled scaling; DoRA at rank r."""
+    runs = [
+        ("lora", LoRAConfig(r=r, alpha=alpha), False),
+        ("double_lora (each half alpha)", LoRAConfig(r=r, alpha=alpha), True),
+        ("double_lora (each half alpha/2)", LoRAConfig(r=r, alpha=alpha / 2), True),
+        ("lora (alpha x2)", LoRAConfig(r=r, alpha=2 * alpha), False),
+        ("dora", DoRAConfig(r=r, alpha=alpha), False),
+    ]
+    rows = []
+    for label, cfg, double in runs:
+        row = _strip(finetune(base, cfg, targets=targets, steps=steps, lr=lr, seed=seed, double=double))
+        row["label"] = label
+        if double:
+            row["scaling"] = cfg.alpha / max(cfg.r // 2, 1)
+        rows.append(row)
+    return rows
+
+
+def layerwise_targets(base, r: int = 8, alpha: float = 16.0, steps: int = 300, lr: float = 3e-3,
+                      seed: int = 0) -> list[dict]:
+    """LoRA on more and more layers, at a fixed rank, and "all" at a rank that matches q,v's
+    parameter count; plus per-block targeting (only the first or only the last block)."""
+    runs = [("q", dict(targets="q")), ("q,v", dict(targets=("q", "v"))), ("attn", dict(targets="attn")),
+            ("mlp", dict(targets="mlp")), ("all", dict(targets="all")),
+            ("all, rank matched to q,v params", dict(targets="all", r=max(1, r // 4))),
+            ("block 0 only (attn+mlp)", dict(targets=("blocks.0.*",))),
+            ("last block only (attn+mlp)", dict(targets=("blocks.1.*",))),
+            ("all, rank 2*r on mlp", dict(targets="all", ranks={"mlp": 2 * r}))]
+    rows = []
+    for label, kw in runs:
+        kw = dict(kw)
+        rr = kw.pop("r", r)
+        row = _strip(finetune(base, LoRAConfig(r=rr, alpha=alpha * rr / r), steps=steps, lr=lr, seed=seed, **kw))
+        row["label"] = label
+        rows.append(row)
+    return rows
+
+
+def _md_record(model, step):
+    """(ΔM, ΔD) per adapted layer, and per row, against the pre-trained W0."""
+    from lowrank_ref.inject import adapter_layers
+
+    out = {"step": step, "layers": {}}
+    for name, layer in adapter_layers(model).items():
+        W0 = layer.base.weight.data.astype(np.float64)
+        W = layer.merged_weight().astype(np.float64)
+        n0, n = np.linalg.norm(W0, axis=1), np.linalg.norm(W, axis=1)
+        dM, dD = magnitude_direction(W0, W)
+        out["layers"][name] = {"dM": dM, "dD": dD, "row_dM": np.abs(n - n0).tolist(),
+                               "row_dD": (1 - np.sum(W * W0, 1) / (n * n0)).tolist()}
+    return out
+
+
+def magnitude_direction_run(base, r: int = 8, alpha: float = 16.0, steps: int = 300, lr: float = 3e-3,
+                            every: int = 50, targets=("q", "v"), seed: int = 0) -> dict:
+    r"""The paper's Fig. 2 analysis on the built-in task: LoRA and DoRA trained alike, ``(ΔD, ΔM)``
+    recorded for every adapted layer every ``every`` steps.
+
+    Returns ``{method: {"points": [(step, layer, ΔD, ΔM)], "corr": ..., "row_corr": ...}}`` where
+    ``corr`` is the Pearson correlation of ΔD and ΔM over (layer, checkpoint) points, and
+    ``row_corr`` the mean over layers of the correlation over output rows at the last checkpoint
+    (does a row that turned more also change its length more?)."""
+    result = {}
+    for name, cfg in (("lora", LoRAConfig(r=r, alpha=alpha)), ("dora", DoRAConfig(r=r, alpha=alpha))):
+        run = finetune(base, cfg, targets=targets, steps=steps, lr=lr, seed=seed, record=_md_record,
+                       record_every=every)
+        pts = [(rec["step"], ln, v["dD"], v["dM"]) for rec in run["records"][1:] for ln, v in rec["layers"].items()]
+        dD = np.array([p[2] for p in pts])
+        dM = np.array([p[3] for p in pts])
+        last = run["records"][-1]["layers"]
+        row_corr = [float(np.corrcoef(v["row_dD"], v["row_dM"])[0, 1]) for v in last.values()]
+        result[name] = {"points": pts, "corr": float(np.corrcoef(dD, dM)[0, 1]) if len(pts) > 2 else float("nan"),
+                        "row_corr": float(np.mean(row_corr)), "dialect_loss": run["dialect_loss"],
+                        "base_loss": run["base_loss"], "last": last}
+    return result
+
+
+def run_all(quick: bool | None = None, steps: int | None = None) -> dict:
+    """Every measurement of chapter 02, as plain data (what ``main`` writes to JSON)."""
+    quick = quick_mode() if quick is None else quick
+    steps = (20 if quick else 300) if steps is None else steps
+    base = base_model()
+    ranks = (2, 8) if quick else (1, 2, 4, 8, 16, 32, 64)
+    md = magnitude_direction_run(base, steps=steps, every=max(steps // 6, 1))
+    for v in md.values():
+        v.pop("last")
+    return {
+        "steps": steps,
+        "rank_sweep": rank_sweep(base, ranks=ranks, steps=steps),
+        "double_lora": double_lora_vs_lora_vs_dora(base, steps=steps),
+        "layerwise": layerwise_targets(base, steps=steps),
+        "magnitude_direction": md,
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Chapter 02's measurements (DoRA, double LoRA, rsLoRA, layer-wise)")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--out", default="runs/dora_experiments.json")
+    a = p.parse_args(argv)
+    res = run_all(quick=a.quick, steps=a.steps)
+    for row in res["rank_sweep"]:
+        row.pop("train_losses")
+    for row in res["double_lora"] + res["layerwise"]:
+        row.pop("train_losses")
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w", encoding="utf-8") as f:
+        json.dump(res, f, indent=1, default=float)
+    print(f"wrote {a.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
