@@ -13,7 +13,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, requires_cuda
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -353,3 +353,20 @@ def test_save_errors(tmp_path):
     with pytest.raises(TypeError, match="model_or_layer"):
         save_adapter({"A": np.ones(2)}, tmp_path / "x.safetensors")
     assert not any(p.name.endswith(".safetensors") for p in tmp_path.iterdir())
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_cuda_model_saves_and_loads(tmp_path):
+    from lowrank_gpu.nn.gpt import from_numpy
+
+    model = _adapted_gpt()
+    save_adapter(model, tmp_path / "np.safetensors")
+    tm = from_numpy(_gpt(), device="cuda")
+    load_adapter(tm, tmp_path / "np.safetensors")
+    assert all(p.is_cuda for p in tm.parameters())
+    assert_close(tm(torch.tensor(IDX, device="cuda")), model.forward(IDX), "cuda model from numpy file")
+    save_adapter(tm, tmp_path / "cuda.safetensors")
+    back = _gpt()
+    load_adapter(back, tmp_path / "cuda.safetensors")
+    np.testing.assert_array_equal(back.forward(IDX), model.forward(IDX))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import TOL, assert_close
+from helpers import TOL, assert_close, requires_cuda
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -415,3 +415,34 @@ def test_wrong_config_type_and_unknown_names(rng):
         lr.adapt(base, lr.LoRAConfig(r=1), method="lorra")
     with pytest.raises(TypeError, match="no method takes a config of type dict"):
         lr.adapt(base, {"r": 1})
+
+
+# --- on the GPU (skipped, with the reason, where there is none) ---------------------------------
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, "float64"), (torch.float32, "float32")])
+def test_cuda_layer_matches_numpy(dtype, tol):
+    rng = np.random.default_rng(0)
+    layer, _, _ = make_layer(rng, 6, 5, 3, 4.0)
+    W, b = layer.base.weight.data, layer.base.bias.data
+    tl = lr.adapt(lr.nn.Linear.from_arrays(W.astype(np.float64), b), layer.config, backend="cuda", rng=0).to(dtype)
+    with torch.no_grad():
+        tl.A.copy_(torch.from_numpy(layer.A.data))
+        tl.B.copy_(torch.from_numpy(layer.B.data))
+    assert tl.A.is_cuda and tl.base.weight.is_cuda
+    x, dy = rng.standard_normal((2, 3, 5)), rng.standard_normal((2, 3, 6))
+    y, dx = layer.forward(x), layer.backward(dy)
+    xt = torch.tensor(x, dtype=dtype, device="cuda", requires_grad=True)
+    yt = tl(xt)
+    (yt * torch.tensor(dy, dtype=dtype, device="cuda")).sum().backward()
+    rtol, atol = TOL[tol]
+    atol = atol * 50 if tol == "float32" else atol
+    assert_close(yt, y, "cuda forward", rtol, atol)
+    assert_close(xt.grad, dx, "cuda dx", rtol, atol)
+    assert_close(tl.A.grad, layer.A.grad, "cuda dA", rtol, atol)
+    assert_close(tl.B.grad, layer.B.grad, "cuda dB", rtol, atol)
+    W_t = tl.base.weight.detach().clone()
+    for _ in range(100):
+        tl.merge()
+        tl.unmerge()
+    assert torch.equal(tl.base.weight, W_t)
