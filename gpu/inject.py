@@ -104,7 +104,13 @@ def inject(model: nn.Module, config=None, targets=("q", "v"), ranks=None, alphas
         load_object(spec.torch_model_fn)(model)
         return InjectResult(spec.name, [], *_count(model))
     linears = _plain_linears(model)
-    names = select_targets(list(linears), targets)
+    try:
+        names = select_targets(list(linears), targets)
+    except ValueError as e:
+        done = [n for n in adapter_layers(model) if n]
+        if done:  # say why a layer the user can see is not a target
+            raise ValueError(f"{e} (already adapted, so not targets: {', '.join(done)})") from None
+        raise
     cfgs = layer_configs(config, names, ranks, alphas)
     cls = load_object(spec.torch)
     build_adapters(model, {n: (cls, cfgs[n]) for n in names}, rng=rng, **{**spec.kwargs, **kwargs})
