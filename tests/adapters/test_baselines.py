@@ -94,3 +94,10 @@ def test_baseline_configs_have_no_fields():
         FullFinetuneConfig().replace(alpha=1)
     with pytest.raises(ValueError, match="whole-model"):
         inject(_gpt(), FullFinetuneConfig(), ranks={"q": 2})
+
+
+def test_adapt_refuses_whole_model_modes():
+    base = lr.nn.Linear(3, 2)
+    for call in (lambda: lr.adapt(base, BitFitConfig()), lambda: lr.adapt(base, None, method="full")):
+        with pytest.raises(ValueError, match="whole-model mode"):
+            call()
