@@ -316,8 +316,10 @@ def _inject_from_plan(model, plan: dict, backend: str):
             if path is None:
                 raise ValueError(f"method {spec.name!r} has no {backend} implementation")
             cls = registry.load_object(path)
+            # a fresh random init on purpose: everything the layer needs must come from the file,
+            # so a tensor that the file lacks but a seed would regenerate shows up as a mismatch
             snaps.append(build_adapters(model, {p: (cls, cfg) for p, (_, cfg) in group.items()},
-                                        rng=0, **spec.kwargs))
+                                        rng=None, **spec.kwargs))
     except BaseException:
         for s in reversed(snaps):
             s.restore()

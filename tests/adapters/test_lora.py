@@ -118,17 +118,18 @@ def test_numpy_matches_torch_float32(c):
     assert_close(layer.B.grad, tl.B.grad, "dB f32", rtol, atol * scale)
 
 
-@given(seed=st.integers(0, 2**16), r=st.integers(1, 4), rslora=st.booleans(), wd=st.sampled_from([0.0, 0.1]))
-def test_three_adamw_steps_match_torch(seed, r, rslora, wd):
+@given(seed=st.integers(0, 2**16), out=st.integers(1, 6), inn=st.integers(1, 6), r=st.integers(1, 4),
+       rslora=st.booleans(), wd=st.sampled_from([0.0, 0.1]))
+def test_three_adamw_steps_match_torch(seed, out, inn, r, rslora, wd):
     rng = np.random.default_rng(seed)
-    layer, W, b = make_layer(rng, 4, 5, r, 2.0, rslora=rslora)
+    layer, W, b = make_layer(rng, out, inn, r, 2.0, rslora=rslora)
     tl = torch_twin(layer)
     opt = AdamW(layer.trainable_parameters(), lr=0.05, weight_decay=wd)
     topt = torch.optim.AdamW([tl.A, tl.B], lr=0.05, weight_decay=wd)
     assert set(layer.trainable_parameters()) == {"A", "B"}
     for step in range(3):
-        x = rng.standard_normal((3, 5))
-        dy = rng.standard_normal((3, 4))
+        x = rng.standard_normal((3, inn))
+        dy = rng.standard_normal((3, out))
         layer.forward(x)
         layer.backward(dy)
         _loss_grads(tl, x, dy)
