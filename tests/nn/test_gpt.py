@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import TOL, assert_close
+from helpers import TOL, assert_close, requires_cuda
 from hypothesis import given
 from hypothesis import strategies as st
 from nn_strategies import arrays, perturb
@@ -181,3 +181,16 @@ def test_copy_state_checks_names_and_shapes():
         assert torch.equal(p, before[n]), f"{n} changed although the copy was refused"
     with pytest.raises(TypeError, match="lowrank_ref.nn.GPT"):
         gnn.from_numpy(other)
+
+
+@requires_cuda
+def test_torch_gpt_on_cuda_matches_numpy_float64():
+    rng = np.random.default_rng(10)
+    m = perturb(small_gpt(), rng)
+    t = gnn.from_numpy(m, device="cuda")
+    assert t.head.weight.device.type == "cuda"
+    idx = rng.integers(0, 9, (3, 8))
+    logits = t(torch.from_numpy(idx).cuda())
+    assert_close(m.forward(idx), logits, "logits numpy vs cuda", *TOL["float64"])
+    back = gnn.to_numpy(t)
+    np.testing.assert_array_equal(back.forward(idx), m.forward(idx))
