@@ -99,6 +99,12 @@ register(MethodSpec(
     description="LoRA, Hu et al. 2021: ΔW = (α/r) B A",
 ))
 register(MethodSpec(
+    "qlora", "lowrank_ref.config:LoRAConfig",
+    "lowrank_ref.adapters.qlora:QLoRALinear", "lowrank_gpu.adapters.qlora:QLoRALinear",
+    kwargs={"blocksize": 64, "double_quant": True},
+    description="QLoRA, Dettmers et al. 2023: LoRA on an NF4 (4-bit, double-quantised) base weight",
+))
+register(MethodSpec(
     "dora", "lowrank_ref.config:DoRAConfig",
     "lowrank_ref.adapters.dora:DoRALinear", "lowrank_gpu.adapters.dora:DoRALinear",
     description="DoRA, Liu et al. 2024: W' = m ⊙ (W0 + s B A) / ‖W0 + s B A‖ row-wise",
