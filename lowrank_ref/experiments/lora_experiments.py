@@ -1,0 +1,305 @@
+r"""Chapter 01's measurements: counting LoRA's parameters, rank and alpha, which layers to adapt.
+
+* :func:`bert_base_parameters` and :func:`bert_lora_counts`: the parameter counts of a BERT-base
+  shape (Devlin et al. 2019: 12 layers, ``d = 768``, FFN 3072, a 30,522-token vocabulary, 512
+  positions, 2 segment types) and of LoRA on it, to check the claim "109M trainable parameters
+  down to about 5,000" term by term.
+* :func:`finetune`: one LoRA run on the built-in task, set up as ``lowrank-ref compare`` sets up
+  its ``lora`` row (same model, data, steps, batch, schedule, evaluation).
+* :func:`rank_alpha_sweep`: rank against three scaling rules that agree at ``r = 8``:
+  ``alpha = 2r`` (``s = 2`` at every rank), a fixed ``alpha = 16`` with ``s = alpha/r``, and
+  rsLoRA's ``s = alpha/sqrt(r)`` (Kalajdzievski 2023, arXiv:2312.03732) with ``alpha = 2 sqrt(8)``.
+* :func:`scaling_lr_grid`: ``s`` against the learning rate at a fixed rank (with Adam, ``s``
+  acts much like a learning-rate multiplier).
+* :func:`target_sets`: ``q, v`` only vs all attention projections vs the MLP vs everything,
+  at the same rank and at a matched parameter budget.
+* :func:`init_comparison`: Kaiming-uniform ``A`` (the reference code's) vs Gaussian ``A``.
+* :func:`baselines`: full fine-tuning, BitFit and LoRA through :func:`run_compare`.
+
+``python -m lowrank_ref.experiments.lora_experiments [--quick] [--out FILE]`` runs them all and
+writes JSON. ``LOWRANK_REF_QUICK=1`` (the notebook tests set it) shrinks every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+from lowrank_ref.config import LoRAConfig
+
+__all__ = ["BERT_BASE", "bert_base_parameters", "lora_parameters", "bert_lora_counts", "quick_mode",
+           "settings", "finetune", "summarize", "rank_alpha_sweep", "scaling_lr_grid", "target_sets",
+           "init_comparison", "baselines", "run_all", "main", "RS_ALPHA"]
+
+# -- counting --------------------------------------------------------------------------------------
+BERT_BASE = {"n_layer": 12, "d_model": 768, "d_ff": 3072, "vocab": 30522, "positions": 512, "token_types": 2}
+
+
+def bert_base_parameters(shape: dict | None = None) -> dict[str, int]:
+    r"""BERT-base's parameters, by part (every weight and bias; LayerNorm has ``γ`` and ``β``).
+
+    * embeddings: token ``V d`` + position ``P d`` + segment ``2 d`` + LayerNorm ``2 d``;
+    * per layer: ``W_q, W_k, W_v, W_o`` (``d × d`` + bias each), FFN ``d → d_ff → d`` with biases,
+      two LayerNorms;
+    * pooler: ``d × d`` + bias (the ``[CLS]`` head that BERT's pre-training uses).
+    """
+    s = dict(BERT_BASE if shape is None else shape)
+    d, f, L = s["d_model"], s["d_ff"], s["n_layer"]
+    emb = s["vocab"] * d + s["positions"] * d + s["token_types"] * d + 2 * d
+    attn = 4 * (d * d + d)
+    ffn = (d * f + f) + (f * d + d)
+    layer = attn + ffn + 2 * (2 * d)
+    pooler = d * d + d
+    biases = d + L * (4 * d + (f + d) + 2 * d) + d  # embedding LN β; per layer q,k,v,o, FFN, 2 LN β; pooler
+    return {"embeddings": emb, "attention_per_layer": attn, "ffn_per_layer": ffn, "per_layer": layer,
+            "layers": L * layer, "pooler": pooler, "total": emb + L * layer + pooler, "biases": biases}
+
+
+def lora_parameters(shapes, r: int) -> int:
+    """Trainable scalars of rank-``r`` LoRA on linear layers of the given ``(out, in)`` shapes:
+    ``A (r, in)`` and ``B (out, r)``, i.e. ``r (in + out)`` per layer."""
+    return sum(r * (o + i) for o, i in shapes)
+
+
+def bert_lora_counts(shape: dict | None = None) -> list[dict]:
+    """What "LoRA on BERT-base" trains, for the configurations people mean by it.
+
+    Each row: ``what`` (the configuration), ``trainable`` (scalars), ``fraction`` (of the whole
+    model), ``reduction`` (whole model / trainable)."""
+    s = dict(BERT_BASE if shape is None else shape)
+    d, f, L = s["d_model"], s["d_ff"], s["n_layer"]
+    total = bert_base_parameters(s)["total"]
+    sq = (d, d)
+    head2 = 2 * d + 2  # a 2-class classifier on [CLS]: trained in every method
+    rows = [
+        ("full fine-tuning (every weight and bias)", total),
+        ("BitFit: every bias (linear and LayerNorm β)", bert_base_parameters(s)["biases"]),
+        ("LoRA r=1 on W_q, W_v of one layer", lora_parameters([sq, sq], 1)),
+        ("LoRA r=1 on W_q, W_v of one layer + a 2-class head", lora_parameters([sq, sq], 1) + head2),
+        ("LoRA r=1 on W_q, W_v of all 12 layers", L * lora_parameters([sq, sq], 1)),
+        ("LoRA r=8 on W_q, W_v of all 12 layers (the paper's RoBERTa-base setting)",
+         L * lora_parameters([sq, sq], 8)),
+        ("LoRA r=8 on every linear layer of all 12 layers (q, k, v, o, FFN in and out)",
+         L * lora_parameters([sq] * 4 + [(f, d), (d, f)], 8)),
+    ]
+    return [{"what": w, "trainable": int(n), "fraction": n / total, "reduction": total / n} for w, n in rows]
+
+
+# -- the runs --------------------------------------------------------------------------------------
+RS_ALPHA = 2.0 * math.sqrt(8.0)  # rsLoRA's alpha that gives s = 2 at r = 8, like alpha = 16 with alpha/r
+
+
+def quick_mode() -> bool:
+    """``LOWRANK_REF_QUICK=1`` (set by the notebook tests): shrink every run to a smoke test."""
+    return os.environ.get("LOWRANK_REF_QUICK", "") not in ("", "0")
+
+
+def settings(quick: bool | None = None) -> dict:
+    """Steps, seeds, evaluation size: ``compare``'s defaults, or a smoke test in quick mode."""
+    from lowrank_ref.experiments.compare import DEFAULTS
+
+    quick = quick_mode() if quick is None else quick
+    if quick:
+        return {"steps": 40, "batch_size": 16, "warmup": 4, "eval_windows": 32, "seeds": (0,), "quick": True}
+    return {"steps": DEFAULTS["steps"], "batch_size": DEFAULTS["batch_size"], "warmup": DEFAULTS["warmup"],
+            "eval_windows": DEFAULTS["eval_windows"], "seeds": (0, 1, 2), "quick": False}
+
+
+def finetune(config: LoRAConfig, targets=("q", "v"), lr: float = 3e-3, seed: int = 0, steps: int = 300,
+             batch_size: int = 16, warmup: int = 20, eval_windows: int = 256, ranks=None, base=None) -> dict:
+    """Fine-tune the shipped model with LoRA on the dialect; return what it learned and kept.
+
+    The same recipe as ``lowrank-ref compare``'s ``lora`` row (AdamW, cosine schedule with warmup,
+    clip 1.0, one BLAS thread); ``seed`` picks the adapters' init (``seed``) and the batch order
+    (``seed + 1``), as there. Returns ``target_after`` / ``retained_after`` (next-token accuracy
+    on held-out dialect / base-language text), the matching losses, ``trainable_params``, the
+    final training loss (mean of the last 10 steps) and the wall time.
+    """
+    from lowrank_ref import data
+    from lowrank_ref.inject import inject
+    from lowrank_ref.models import blas_threads, load_pretrained
+    from lowrank_ref.train import evaluate, train
+
+    task = data.builtin_task(0)
+    model = load_pretrained(progress=False) if base is None else _copy(base)
+    t0 = time.perf_counter()
+    with blas_threads(1):
+        res = inject(model, config, targets=targets, ranks=ranks, rng=np.random.default_rng(seed))
+        tr = train(model, task.dialect_train, steps, lr=lr, batch_size=batch_size, warmup=min(warmup, steps - 1),
+                   rng=np.random.default_rng(seed + 1), progress=False)
+        after = evaluate(model, task.dialect_heldout, max_windows=eval_windows)
+        kept = evaluate(model, task.base_heldout, max_windows=eval_windows)
+    return {
+        "r": config.r, "alpha": config.alpha, "rslora": config.rslora, "scaling": config.scaling,
+        "init": config.init, "targets": list(targets) if not isinstance(targets, str) else [targets],
+        "lr": lr, "seed": seed, "steps": steps, "trainable_params": int(res.trainable_params),
+        "target_after": after["accuracy"], "target_loss_after": after["loss"],
+        "retained_after": kept["accuracy"], "retained_loss_after": kept["loss"],
+        "final_train_loss": float(np.mean(tr.losses[-10:])), "seconds": time.perf_counter() - t0,
+    }
+
+
+def _copy(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+_MEMO: dict = {}  # runs are deterministic: the same arguments give the same row (r=8 recurs)
+
+
+def _over_seeds(cfg: dict, config: LoRAConfig, targets=("q", "v"), lr: float = 3e-3) -> list[dict]:
+    run = {k: cfg[k] for k in ("steps", "batch_size", "warmup", "eval_windows")}
+    rows = []
+    for s in cfg["seeds"]:
+        # configs giving the same s train identically (rsLoRA is only another way to reach s)
+        key = (config.r, round(config.scaling, 12), config.init, config.dropout, repr(targets), lr, s,
+               tuple(sorted(run.items())))
+        if key not in _MEMO:
+            _MEMO[key] = finetune(config, targets=targets, lr=lr, seed=s, **run)
+        row = dict(_MEMO[key])
+        row.update(alpha=config.alpha, rslora=config.rslora)
+        rows.append(row)
+    return rows
+
+
+def summarize(rows: list[dict], keys) -> list[dict]:
+    """Group ``rows`` by ``keys`` and give each group's mean, min and max of the metrics."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(_hashable(r[k]) for k in keys), []).append(r)
+    out = []
+    for key, rs in groups.items():
+        row = dict(zip(keys, key))
+        row["n_seeds"] = len(rs)
+        row["trainable_params"] = rs[0]["trainable_params"]
+        row["scaling"] = rs[0]["scaling"]
+        for m in ("target_after", "retained_after", "target_loss_after", "final_train_loss"):
+            v = [r[m] for r in rs]
+            row[m] = float(np.mean(v))
+            row[m + "_min"], row[m + "_max"] = float(np.min(v)), float(np.max(v))
+        out.append(row)
+    return out
+
+
+def _hashable(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+def rank_alpha_sweep(ranks=None, cfg: dict | None = None, lr: float = 3e-3) -> list[dict]:
+    """LoRA on ``q, v`` at each rank under three scaling rules that all give ``s = 2`` at r = 8.
+
+    ``rule``: ``"alpha=2r"`` (``s = 2`` everywhere: the rule of thumb), ``"alpha=16, alpha/r"``
+    (``s = 16/r``: the paper's scaling with alpha held fixed) and ``"rsLoRA alpha/sqrt(r)"``
+    (``s = RS_ALPHA/sqrt(r)``). One row per (rule, rank, seed)."""
+    cfg = settings() if cfg is None else cfg
+    ranks = ((1, 8, 32) if cfg["quick"] else (1, 2, 4, 8, 16, 32, 64)) if ranks is None else ranks
+    rows = []
+    for r in ranks:
+        for rule, c in (("alpha=2r", LoRAConfig(r=r, alpha=2 * r)),
+                        ("alpha=16, alpha/r", LoRAConfig(r=r, alpha=16)),
+                        ("rsLoRA alpha/sqrt(r)", LoRAConfig(r=r, alpha=RS_ALPHA, rslora=True))):
+            for row in _over_seeds(cfg, config=c, lr=lr):
+                row["rule"] = rule
+                rows.append(row)
+    return rows
+
+
+def scaling_lr_grid(scalings=None, lrs=None, r: int = 8, cfg: dict | None = None) -> list[dict]:
+    """LoRA r=8 on ``q, v`` for each scaling ``s`` (``alpha = s r``) and learning rate."""
+    cfg = settings() if cfg is None else cfg
+    scalings = ((0.5, 2.0, 8.0) if not cfg["quick"] else (0.5, 8.0)) if scalings is None else scalings
+    lrs = ((1e-3, 3e-3, 1e-2) if not cfg["quick"] else (3e-3,)) if lrs is None else lrs
+    rows = []
+    for s in scalings:
+        for lr in lrs:
+            rows += _over_seeds(cfg, config=LoRAConfig(r=r, alpha=s * r), lr=lr)
+    return rows
+
+
+TARGET_SETS = {
+    "q, v": ("q", "v"),
+    "q, k, v, o": ("attn",),
+    "MLP (fc, proj)": ("mlp",),
+    "all linear": "all",
+}
+
+
+def target_sets(r: int = 8, budget_r: int = 2, cfg: dict | None = None, lr: float = 3e-3) -> list[dict]:
+    """LoRA (alpha = 2r) on each target set at rank ``r``, and on every linear layer at
+    ``budget_r`` (about the parameter budget of ``q, v`` at rank ``r``). One row per set and seed."""
+    cfg = settings() if cfg is None else cfg
+    plan = [(name, t, r) for name, t in TARGET_SETS.items()]
+    plan.append((f"all linear, r={budget_r}", "all", budget_r))
+    if cfg["quick"]:
+        plan = [plan[0], plan[3]]
+    rows = []
+    for name, targets, rank in plan:
+        for row in _over_seeds(cfg, config=LoRAConfig(r=rank, alpha=2 * rank), targets=targets, lr=lr):
+            row["target_set"] = name
+            rows.append(row)
+    return rows
+
+
+def init_comparison(cfg: dict | None = None, r: int = 8) -> list[dict]:
+    """LoRA r=8, alpha=16 on ``q, v`` with Kaiming-uniform ``A`` vs Gaussian ``A`` (B = 0 in both)."""
+    cfg = settings() if cfg is None else cfg
+    rows = []
+    for init in ("kaiming", "gaussian"):
+        rows += _over_seeds(cfg, config=LoRAConfig(r=r, alpha=2 * r, init=init))
+    return rows
+
+
+def baselines(cfg: dict | None = None) -> list[dict]:
+    """``full``, ``bitfit`` and ``lora`` through :func:`lowrank_ref.experiments.run_compare`
+    (the main job, unchanged), once per seed; rows carry compare's columns plus ``seed``."""
+    from lowrank_ref.experiments.compare import run_compare
+
+    cfg = settings() if cfg is None else cfg
+    rows = []
+    for s in cfg["seeds"]:
+        for row in run_compare(["full", "bitfit", "lora"], steps=cfg["steps"], batch_size=cfg["batch_size"],
+                               seed=s, eval_windows=cfg["eval_windows"], progress=False):
+            row["seed"] = s
+            rows.append(row)
+    return rows
+
+
+def run_all(quick: bool | None = None, progress: bool = True) -> dict:
+    """Every measurement of chapter 01, as plain data (what :func:`main` writes as JSON)."""
+    cfg = settings(quick)
+    out = {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
+           "bert_base": bert_base_parameters(), "bert_lora_counts": bert_lora_counts()}
+    for name, fn in (("baselines", baselines), ("rank_alpha", rank_alpha_sweep), ("targets", target_sets),
+                     ("scaling_lr", scaling_lr_grid), ("init", init_comparison)):
+        t0 = time.perf_counter()
+        out[name] = fn(cfg=cfg)
+        if progress:
+            print(f"[lora_experiments] {name}: {len(out[name])} runs in {time.perf_counter() - t0:.0f} s",
+                  file=sys.stderr, flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lowrank_ref.experiments.lora_experiments",
+                                description="Chapter 01's measurements (rank and alpha, targets, init, baselines)")
+    p.add_argument("--quick", action="store_true", help="a smoke test (what the notebook runs under test)")
+    p.add_argument("--out", default="runs/lora_experiments.json")
+    a = p.parse_args(argv)
+    res = run_all(quick=a.quick or None)
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w", encoding="utf-8") as f:
+        json.dump(res, f, indent=1, default=float)
+        f.write("\n")
+    print(f"wrote {a.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
