@@ -35,7 +35,7 @@ from lowrank_ref.config import LoRAConfig
 
 __all__ = ["BERT_BASE", "bert_base_parameters", "lora_parameters", "bert_lora_counts", "quick_mode",
            "settings", "finetune", "summarize", "rank_alpha_sweep", "scaling_lr_grid", "target_sets",
-           "init_comparison", "baselines", "run_all", "main", "RS_ALPHA"]
+           "init_comparison", "baselines", "run_all", "main", "RS_ALPHA", "EXPERIMENTS"]
 
 # -- counting --------------------------------------------------------------------------------------
 BERT_BASE = {"n_layer": 12, "d_model": 768, "d_ff": 3072, "vocab": 30522, "positions": 512, "token_types": 2}
@@ -271,13 +271,23 @@ def baselines(cfg: dict | None = None) -> list[dict]:
     return rows
 
 
-def run_all(quick: bool | None = None, progress: bool = True) -> dict:
-    """Every measurement of chapter 01, as plain data (what :func:`main` writes as JSON)."""
+EXPERIMENTS = ("baselines", "rank_alpha", "targets", "scaling_lr", "init")
+
+
+def run_all(quick: bool | None = None, progress: bool = True, only=None, ranks=None) -> dict:
+    """Every measurement of chapter 01, as plain data (what :func:`main` writes as JSON).
+
+    ``only``: a subset of :data:`EXPERIMENTS`; ``ranks``: the ranks of the rank sweep (to split a
+    long run over several processes and join the JSON files afterwards)."""
     cfg = settings(quick)
     out = {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
            "bert_base": bert_base_parameters(), "bert_lora_counts": bert_lora_counts()}
-    for name, fn in (("baselines", baselines), ("rank_alpha", rank_alpha_sweep), ("targets", target_sets),
-                     ("scaling_lr", scaling_lr_grid), ("init", init_comparison)):
+    fns = {"baselines": baselines, "rank_alpha": lambda cfg: rank_alpha_sweep(ranks=ranks, cfg=cfg),
+           "targets": target_sets, "scaling_lr": scaling_lr_grid, "init": init_comparison}
+    for name in EXPERIMENTS if only is None else only:
+        if name not in fns:
+            raise ValueError(f"unknown experiment {name!r}; known: {', '.join(EXPERIMENTS)}")
+        fn = fns[name]
         t0 = time.perf_counter()
         out[name] = fn(cfg=cfg)
         if progress:
@@ -291,8 +301,11 @@ def main(argv=None) -> int:
                                 description="Chapter 01's measurements (rank and alpha, targets, init, baselines)")
     p.add_argument("--quick", action="store_true", help="a smoke test (what the notebook runs under test)")
     p.add_argument("--out", default="runs/lora_experiments.json")
+    p.add_argument("--only", nargs="+", choices=EXPERIMENTS, help="run only these experiments")
+    p.add_argument("--ranks", type=lambda v: tuple(int(r) for r in v.split(",")), default=None,
+                   help="ranks of the rank sweep, comma-separated (default 1,2,4,8,16,32,64)")
     a = p.parse_args(argv)
-    res = run_all(quick=a.quick or None)
+    res = run_all(quick=a.quick or None, only=a.only, ranks=a.ranks)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w", encoding="utf-8") as f:
         json.dump(res, f, indent=1, default=float)
