@@ -131,11 +131,17 @@ def quick_mode() -> bool:
     return os.environ.get("LOWRANK_REF_QUICK", "") not in ("", "0")
 
 
-def base_model():
-    """The package's pre-trained small GPT (NumPy, float32): :func:`lowrank_ref.models.load_pretrained`."""
-    from lowrank_ref.models import load_pretrained
+def base_model(quick: bool | None = None):
+    """The package's pre-trained small GPT (NumPy, float32): :func:`lowrank_ref.models.load_pretrained`.
 
-    return load_pretrained(progress=False)
+    In quick mode, if the shipped weights file is missing, a 60-step stand-in is trained instead
+    of rebuilding the real one (a smoke test must not take minutes)."""
+    from lowrank_ref import models
+
+    quick = quick_mode() if quick is None else quick
+    if quick and not (models.ASSET_DIR / models.WEIGHTS_FILE).exists():
+        return models.pretrain(out=None, steps=60, progress=False)[0]
+    return models.load_pretrained(progress=False)
 
 
 def _replace_with_double(model, names, r: int, alpha: float, rng):
@@ -149,7 +155,7 @@ def _replace_with_double(model, names, r: int, alpha: float, rng):
 
 def finetune(base, config=None, targets=("q", "v"), steps: int = 300, lr: float = 3e-3, batch_size: int = 16,
              seed: int = 0, ranks=None, alphas=None, double: bool = False, record=None, record_every: int = 0,
-             eval_windows: int = 128) -> dict:
+             eval_windows: int | None = None) -> dict:
     """Copy ``base``, inject ``config`` at ``targets``, train on the dialect, evaluate.
 
     Returns a dict: ``dialect_loss`` / ``base_loss`` (held-out next-token loss: what it learned and
@@ -167,6 +173,8 @@ def finetune(base, config=None, targets=("q", "v"), steps: int = 300, lr: float 
     from lowrank_ref.train import evaluate, train
 
     task = data.builtin_task()
+    if eval_windows is None:
+        eval_windows = 16 if quick_mode() else 128
     model = copy.deepcopy(base)
     rng = np.random.default_rng(seed)
     res = inject(model, config, targets=targets, ranks=ranks, alphas=alphas, rng=rng)
@@ -314,7 +322,7 @@ def run_all(quick: bool | None = None, steps: int | None = None) -> dict:
     """Every measurement of chapter 02, as plain data (what ``main`` writes to JSON)."""
     quick = quick_mode() if quick is None else quick
     steps = (20 if quick else 300) if steps is None else steps
-    base = base_model()
+    base = base_model(quick)
     ranks = (2, 8) if quick else (1, 2, 4, 8, 16, 32, 64)
     md = magnitude_direction_run(base, steps=steps, every=max(steps // 6, 1))
     for v in md.values():
