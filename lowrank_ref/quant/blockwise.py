@@ -11,7 +11,8 @@ The scheme (QLoRA §3, Dettmers et al. 2023, arXiv:2305.14314; the byte layout o
    with the float32 midpoints :math:`m_c = (t_c + t_{c+1})/2`: :math:`c_j = \#\{c : m_c < u_j\}`.
    A value exactly on a midpoint goes to the lower level.
 4. Pack two 4-bit codes per byte, the first element in the high nibble:
-   ``byte_k = (c_{2k} << 4) | c_{2k+1}``; an odd count is padded with one zero code.
+   ``byte_k = (c_{2k} << 4) | c_{2k+1}``; an odd count is padded with the value 0.0 (NF4 code
+   7), as bitsandbytes pads.
 
 Dequantisation is :math:`\hat x_j = t_{c_j} \cdot a_b` (one float32 multiply), so quantising
 ``table * a`` gives it back exactly.
