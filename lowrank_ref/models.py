@@ -26,7 +26,7 @@ import numpy as np
 from lowrank_ref.registry import check_backend
 
 __all__ = ["PretrainSettings", "DEFAULT_SETTINGS", "ASSET_DIR", "WEIGHTS_FILE", "CONFIG_FILE",
-           "pretrain", "load_pretrained", "save_model", "load_model", "blas_threads"]
+           "pretrain", "load_pretrained", "save_model", "load_model", "blas_threads", "shipped_settings"]
 
 ASSET_DIR = Path(__file__).resolve().parent / "assets"
 WEIGHTS_FILE = "gpt_base.safetensors"
@@ -138,6 +138,11 @@ def _settings_from_meta(meta: dict | None) -> PretrainSettings:
     if meta is None:
         return DEFAULT_SETTINGS
     return PretrainSettings(**meta["settings"])
+
+
+def shipped_settings(asset_dir=None) -> PretrainSettings:
+    """The settings recorded in ``gpt_base.json`` (the defaults when there is no such file)."""
+    return _settings_from_meta(_read_meta(ASSET_DIR if asset_dir is None else Path(asset_dir)))
 
 
 # -- pre-training ---------------------------------------------------------------------------
