@@ -35,7 +35,7 @@ from lowrank_ref.config import LoRAConfig
 
 __all__ = ["BERT_BASE", "bert_base_parameters", "lora_parameters", "bert_lora_counts", "quick_mode",
            "settings", "finetune", "summarize", "rank_alpha_sweep", "scaling_lr_grid", "target_sets",
-           "init_comparison", "baselines", "run_all", "main", "RS_ALPHA", "EXPERIMENTS"]
+           "init_comparison", "reference", "baselines", "run_all", "main", "RS_ALPHA", "EXPERIMENTS", "tables", "join_results"]
 
 # -- counting --------------------------------------------------------------------------------------
 BERT_BASE = {"n_layer": 12, "d_model": 768, "d_ff": 3072, "vocab": 30522, "positions": 512, "token_types": 2}
@@ -256,6 +256,21 @@ def init_comparison(cfg: dict | None = None, r: int = 8) -> list[dict]:
     return rows
 
 
+def reference(cfg: dict | None = None) -> dict:
+    """The shipped model before any fine-tuning: accuracy on held-out dialect and base text."""
+    from lowrank_ref import data
+    from lowrank_ref.models import blas_threads, load_pretrained
+    from lowrank_ref.train import evaluate
+
+    cfg = settings() if cfg is None else cfg
+    task, model = data.builtin_task(0), load_pretrained(progress=False)
+    with blas_threads(1):
+        t = evaluate(model, task.dialect_heldout, max_windows=cfg["eval_windows"])
+        b = evaluate(model, task.base_heldout, max_windows=cfg["eval_windows"])
+    return {"target_before": t["accuracy"], "retained_before": b["accuracy"],
+            "target_loss_before": t["loss"], "retained_loss_before": b["loss"]}
+
+
 def baselines(cfg: dict | None = None) -> list[dict]:
     """``full``, ``bitfit`` and ``lora`` through :func:`lowrank_ref.experiments.run_compare`
     (the main job, unchanged), once per seed; rows carry compare's columns plus ``seed``."""
@@ -271,6 +286,94 @@ def baselines(cfg: dict | None = None) -> list[dict]:
     return rows
 
 
+# -- tables ----------------------------------------------------------------------------------------
+def _pm(row: dict, m: str) -> str:
+    """``mean (min–max)`` over seeds, as accuracy percentages."""
+    if row["n_seeds"] == 1:
+        return f"{100 * row[m]:.1f}"
+    return f"{100 * row[m]:.1f} ({100 * row[m + '_min']:.1f}–{100 * row[m + '_max']:.1f})"
+
+
+def _md(head: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(head))) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
+
+
+def tables(results: dict) -> dict[str, str]:
+    """Markdown tables of :func:`run_all`'s results (the ones in chapter 01), by experiment name.
+
+    Accuracies are next-token accuracies on held-out text, in percent: the mean over seeds and,
+    in brackets, the lowest and highest seed."""
+    out = {}
+    if "bert_lora_counts" in results:
+        out["bert"] = _md(["what is trained", "trainable parameters", "share of 109,482,240", "reduction"],
+                          [[r["what"], f"{r['trainable']:,}", f"{100 * r['fraction']:.4f}%", f"{r['reduction']:,.0f}×"]
+                           for r in results["bert_lora_counts"]])
+    if "baselines" in results:
+        rows = results["baselines"]
+        body = []
+        for m in dict.fromkeys(r["method"] for r in rows):
+            rs = [r for r in rows if r["method"] == m]
+            ta, ra = [r["target_after"] for r in rs], [r["retained_after"] for r in rs]
+            body.append([m, f"{rs[0]['trainable_params']:,}", f"{rs[0]['adapter_bytes']:,}",
+                         f"{100 * np.mean([r['target_before'] for r in rs]):.1f}",
+                         f"{100 * np.mean(ta):.1f} ({100 * min(ta):.1f}–{100 * max(ta):.1f})",
+                         f"{100 * np.mean(ra):.1f} ({100 * min(ra):.1f}–{100 * max(ra):.1f})"])
+        out["baselines"] = _md(["method", "trainable", "file bytes", "target before", "target after",
+                                "retained after"], body)
+    if "rank_alpha" in results:
+        summ = summarize(results["rank_alpha"], ["rule", "r"])
+        rules = list(dict.fromkeys(r["rule"] for r in summ))
+        ranks = sorted({r["r"] for r in summ})
+        by = {(r["rule"], r["r"]): r for r in summ}
+        body = []
+        for rk in ranks:
+            cells = [str(rk), f"{by[(rules[0], rk)]['trainable_params']:,}"]
+            for rule in rules:
+                row = by.get((rule, rk))
+                cells.append("—" if row is None else f"s={row['scaling']:.2g}: {_pm(row, 'target_after')}")
+            body.append(cells)
+        out["rank_alpha"] = _md(["r", "trainable"] + [f"{rule} (target after)" for rule in rules], body)
+        body = []
+        for rk in ranks:
+            cells = [str(rk)] + ["—" if (rule, rk) not in by else _pm(by[(rule, rk)], "retained_after")
+                                 for rule in rules]
+            body.append(cells)
+        out["rank_alpha_retained"] = _md(["r"] + [f"{rule} (retained after)" for rule in rules], body)
+    if "scaling_lr" in results:
+        summ = summarize(results["scaling_lr"], ["scaling", "lr"])
+        lrs = sorted({r["lr"] for r in summ})
+        ss = sorted({r["scaling"] for r in summ})
+        by = {(r["scaling"], r["lr"]): r for r in summ}
+        body = [[f"s = {sv:g} (alpha = {8 * sv:g})"] + [
+            "—" if (sv, lr_) not in by else f"{_pm(by[(sv, lr_)], 'target_after')} / {_pm(by[(sv, lr_)], 'retained_after')}"
+            for lr_ in lrs] for sv in ss]
+        out["scaling_lr"] = _md(["r = 8"] + [f"lr = {lr_:g}: target / retained" for lr_ in lrs], body)
+    if "targets" in results:
+        summ = summarize(results["targets"], ["target_set"])
+        out["targets"] = _md(["adapted layers", "trainable", "target after", "retained after"],
+                             [[r["target_set"], f"{r['trainable_params']:,}", _pm(r, "target_after"),
+                               _pm(r, "retained_after")] for r in summ])
+    if "init" in results:
+        summ = summarize(results["init"], ["init"])
+        out["init"] = _md(["init of A (B = 0)", "target after", "retained after", "final train loss"],
+                          [[r["init"], _pm(r, "target_after"), _pm(r, "retained_after"),
+                            f"{r['final_train_loss']:.3f}"] for r in summ])
+    return out
+
+
+def join_results(*parts: dict) -> dict:
+    """Join the JSON results of runs split with ``--only`` / ``--ranks`` into one."""
+    out: dict = {}
+    for part in parts:
+        for k, v in part.items():
+            if isinstance(v, list) and isinstance(out.get(k), list):
+                out[k] = out[k] + v
+            else:
+                out.setdefault(k, v)
+    return out
+
+
 EXPERIMENTS = ("baselines", "rank_alpha", "targets", "scaling_lr", "init")
 
 
@@ -281,7 +384,8 @@ def run_all(quick: bool | None = None, progress: bool = True, only=None, ranks=N
     long run over several processes and join the JSON files afterwards)."""
     cfg = settings(quick)
     out = {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
-           "bert_base": bert_base_parameters(), "bert_lora_counts": bert_lora_counts()}
+           "bert_base": bert_base_parameters(), "bert_lora_counts": bert_lora_counts(),
+           "reference": reference(cfg)}
     fns = {"baselines": baselines, "rank_alpha": lambda cfg: rank_alpha_sweep(ranks=ranks, cfg=cfg),
            "targets": target_sets, "scaling_lr": scaling_lr_grid, "init": init_comparison}
     for name in EXPERIMENTS if only is None else only:
