@@ -204,12 +204,19 @@ def run_compare(methods=None, backend: str = "numpy", steps: int | None = None, 
 
     task = data.builtin_task(0)
     out_dir = None if out is None else Path(out)
+    base_before = None
     rows, histories = [], []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lowrank-compare-") as tmp:
         folder = Path(tmp) if out_dir is None else out_dir / "adapters"
         folder.mkdir(parents=True, exist_ok=True)
         with blas_threads(threads if backend == "numpy" else None):
+            if out_dir is not None:  # the reference line in the plot: the shipped model on base text
+                from lowrank_ref.models import load_pretrained
+                from lowrank_ref.train import evaluate
+
+                shipped = load_pretrained(backend=backend, dtype=dtype, progress=progress)
+                base_before = evaluate(shipped, task.base_heldout, max_windows=int(eval_windows))["accuracy"]
             for name in names:
                 row, hist = _one_row(name, VARIANTS[name], task, backend, dtype, int(steps), int(batch_size),
                                      DEFAULTS["warmup"], int(eval_windows), int(seed), progress, folder,
@@ -223,7 +230,7 @@ def run_compare(methods=None, backend: str = "numpy", steps: int | None = None, 
             json.dump(rows, f, indent=2)
             f.write("\n")
         run = {"backend": backend, "steps": int(steps), "batch_size": int(batch_size), "seed": int(seed),
-               "wall_seconds": round(wall, 2),
+               "wall_seconds": round(wall, 2), "retained_before": base_before,
                "variants": {n: {"method": VARIANTS[n].method, "config": repr(VARIANTS[n].config),
                                 "targets": VARIANTS[n].targets, "lr": VARIANTS[n].lr * lr_scale}
                             for n in names},
@@ -231,7 +238,7 @@ def run_compare(methods=None, backend: str = "numpy", steps: int | None = None, 
         with open(out_dir / "compare_history.json", "w", encoding="utf-8") as f:
             json.dump(run, f, indent=1)
             f.write("\n")
-        plot_compare(rows, histories, out_dir / "compare.png")
+        plot_compare(rows, histories, out_dir / "compare.png", retained_before=base_before)
     if verbose:
         print(format_table(rows))
     return rows
@@ -259,8 +266,9 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_compare(rows: list[dict], histories: list[dict], path) -> None:
-    """Two panels: the three accuracies per method, and each method's training-loss curve."""
+def plot_compare(rows: list[dict], histories: list[dict], path, retained_before: float | None = None) -> None:
+    """Two panels: the three accuracies per method (a dashed line at ``retained_before``, the
+    shipped model's accuracy on base text), and each method's training-loss curve."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -273,6 +281,8 @@ def plot_compare(rows: list[dict], histories: list[dict], path) -> None:
     for k, (key, label) in enumerate((("target_before", "dialect, before"), ("target_after", "dialect, after"),
                                       ("retained_after", "base language, after"))):
         ax1.bar(x + (k - 1) * w, [r[key] for r in rows], w, label=label)
+    if retained_before is not None:
+        ax1.axhline(retained_before, color="0.3", ls="--", lw=1, label="base language, before")
     ax1.set_xticks(x, names)
     ax1.set_ylabel("next-token accuracy")
     ax1.set_ylim(0, 1)
