@@ -21,6 +21,7 @@ from lowrank_ref.quant.blockwise import (
 from lowrank_ref.quant.tables import dynamic_map, fp4_codebook, fp4_table, nf4_paper_eq4, nf4_table
 from lowrank_ref.quant.uniform import (
     absmax_int8_roundtrip,
+    absmax_int_roundtrip,
     affine_roundtrip,
     quantize_absmax_int8,
     quantize_affine,
@@ -31,7 +32,7 @@ __all__ = [
     "NF4Tensor", "quantize_nf4", "quantize_fp4", "quantize_4bit", "pack_nibbles", "unpack_nibbles",
     "quantize_blockwise", "dequantize_blockwise", "nf4_table", "fp4_table", "fp4_codebook",
     "nf4_paper_eq4", "dynamic_map", "quantize_affine", "affine_roundtrip", "quantize_absmax_int8",
-    "absmax_int8_roundtrip", "roundtrip_error", "QLoRALinear", "NF4Linear",
+    "absmax_int8_roundtrip", "absmax_int_roundtrip", "roundtrip_error", "QLoRALinear", "NF4Linear",
 ]
 
 

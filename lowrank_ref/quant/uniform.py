@@ -29,6 +29,7 @@ import numpy as np
 from lowrank_ref.quant.blockwise import as_float_input
 
 __all__ = ["quantize_affine", "dequantize_affine", "affine_roundtrip", "quantize_absmax_int8",
+           "quantize_absmax_int", "absmax_int_roundtrip",
            "dequantize_absmax_int8", "absmax_int8_roundtrip", "roundtrip_error"]
 
 
@@ -85,18 +86,31 @@ def affine_roundtrip(x, bits: int = 8, blocksize: int | None = None) -> np.ndarr
     return dequantize_affine(q, s, z, np.shape(x))
 
 
-def quantize_absmax_int8(x, blocksize: int | None = None):
-    r"""Symmetric int8: ``S = max|x| / 127``, ``q = round(x / S)`` in ``[-127, 127]``. Returns ``(q, S)``."""
+def quantize_absmax_int(x, bits: int = 8, blocksize: int | None = None):
+    r"""Symmetric int-k: ``S = max|x| / (2^{k-1}-1)``, ``q = round(x / S)``. Returns ``(q, S)``.
+
+    One scale per block, like NF4: with ``bits=4`` this is the fair uniform baseline for NF4
+    (15 levels ``-7..7`` against NF4's 16 normal quantiles).
+    """
+    bits = _check_bits(bits)
+    if bits < 2:
+        raise ValueError(f"bits must be at least 2 for a signed code, got {bits}")
     x = as_float_input(x).astype(np.float64)
     rows, _ = _blocks(x, blocksize)
-    scale = np.abs(rows).max(axis=1) / 127.0  # S = absmax / 127
+    qmax = 2 ** (bits - 1) - 1
+    scale = np.abs(rows).max(axis=1) / qmax  # S = absmax / (2^{k-1}-1)
     scale = np.where(scale > 0, scale, 1.0)
-    q = np.clip(np.round(rows / scale[:, None]), -127, 127).astype(np.int8)
-    return q, scale
+    q = np.clip(np.round(rows / scale[:, None]), -qmax, qmax)
+    return q.astype(np.int8 if bits <= 8 else np.int16), scale
+
+
+def quantize_absmax_int8(x, blocksize: int | None = None):
+    r"""Symmetric int8: ``S = max|x| / 127``, ``q = round(x / S)`` in ``[-127, 127]``. Returns ``(q, S)``."""
+    return quantize_absmax_int(x, 8, blocksize)
 
 
 def dequantize_absmax_int8(q, scale, shape) -> np.ndarray:
-    """``x̂ = S q``."""
+    """``x̂ = S q`` (any bit width)."""
     xh = scale[:, None] * q.astype(np.float64)
     n = int(np.prod(shape))
     return xh.reshape(-1)[:n].reshape(shape)
@@ -104,6 +118,12 @@ def dequantize_absmax_int8(q, scale, shape) -> np.ndarray:
 
 def absmax_int8_roundtrip(x, blocksize: int | None = None) -> np.ndarray:
     q, s = quantize_absmax_int8(x, blocksize)
+    return dequantize_absmax_int8(q, s, np.shape(x))
+
+
+def absmax_int_roundtrip(x, bits: int = 4, blocksize: int | None = None) -> np.ndarray:
+    """Quantise then dequantise with symmetric absmax int-k; float64, same shape as ``x``."""
+    q, s = quantize_absmax_int(x, bits, blocksize)
     return dequantize_absmax_int8(q, s, np.shape(x))
 
 
