@@ -43,13 +43,14 @@ class GradcheckResult:
     abs_err: float
     rel_err: float
     ok: bool
+    ratio: float = 0.0  # |analytic - numeric| / (atol + rtol·scale) at the worst entry: ok iff <= 1
 
     def __str__(self) -> str:
         mark = "ok  " if self.ok else "FAIL"
         return (
             f"{mark} {self.name:<28} shape={str(self.shape):<12} worst at {self.index}: "
             f"analytic={self.analytic:+.8e} numeric={self.numeric:+.8e} "
-            f"abs={self.abs_err:.2e} rel={self.rel_err:.2e}"
+            f"abs={self.abs_err:.2e} rel={self.rel_err:.2e} err/tol={self.ratio:.2g}"
         )
 
 
@@ -63,7 +64,8 @@ class GradcheckReport:
 
     @property
     def worst(self) -> GradcheckResult:
-        return max(self.results, key=lambda r: (not r.ok, r.rel_err))
+        """The tensor whose worst entry came closest to (or went furthest past) its tolerance."""
+        return max(self.results, key=lambda r: (not r.ok, r.ratio))
 
     def __bool__(self) -> bool:
         return self.ok
@@ -105,8 +107,9 @@ def _compare(name, analytic, numeric, atol, rtol) -> GradcheckResult:
     err = np.abs(analytic - numeric)
     scale = np.maximum(np.abs(analytic), np.abs(numeric))
     # how far each entry is past its allowance; the worst one is reported
-    excess = err - (atol + rtol * scale)
-    i = np.unravel_index(int(np.argmax(excess)), numeric.shape) if numeric.size else ()
+    allowed = np.maximum(atol + rtol * scale, np.finfo(np.float64).tiny)
+    excess = err - allowed
+    i = np.unravel_index(int(np.argmax(err / allowed)), numeric.shape) if numeric.size else ()
     rel = float(np.max(err / np.maximum(scale, 1e-300))) if numeric.size else 0.0
     return GradcheckResult(
         name=name,
@@ -117,6 +120,7 @@ def _compare(name, analytic, numeric, atol, rtol) -> GradcheckResult:
         abs_err=float(err[i]) if numeric.size else 0.0,
         rel_err=rel,
         ok=bool(np.all(excess <= 0)),
+        ratio=float(err[i] / allowed[i]) if numeric.size else 0.0,
     )
 
 

@@ -44,7 +44,7 @@ def test_passes_on_correct_gradients(rng):
     report = gradcheck(layer, rng.standard_normal((5, 3)))
     assert report.ok and bool(report)
     assert [r.name for r in report.results] == ["weight", "bias", "input"]
-    assert all(r.rel_err < 1e-5 for r in report.results)
+    assert all(r.rel_err < 1e-5 and r.ratio <= 1 for r in report.results)
 
 
 def test_fails_on_missing_bias_gradient_and_names_it(rng):
@@ -73,6 +73,8 @@ def test_names_the_wrong_index(rng):
     (bad,) = [r for r in report.results if not r.ok]
     assert bad.name == "weight" and bad.index == (2, 1) and bad.shape == (4, 3)
     assert bad.abs_err == pytest.approx(1e-3, rel=1e-4)
+    assert bad.ratio > 1 and report.worst is bad
+    assert all(r.ratio <= 1 for r in report.results if r is not bad)
     assert "weight" in str(bad) and "(2, 1)" in str(bad) and str(bad).startswith("FAIL")
 
 
