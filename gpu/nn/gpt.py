@@ -131,19 +131,31 @@ class GPT(nn.Module):
         return self.head(self.ln_f(x))  # (B, T, V)
 
     @torch.no_grad()
-    def generate(self, idx: torch.Tensor, n_new: int, temperature: float = 1.0, generator=None):
-        """Append ``n_new`` sampled tokens (``temperature=0``: greedy); dropout off while sampling."""
+    def generate(self, idx: torch.Tensor, n_new: int, rng=None, temperature: float = 1.0,
+                 top_k: int | None = None) -> torch.Tensor:
+        """Append ``n_new`` sampled tokens to ``idx (B, T)``, as the NumPy ``GPT.generate``:
+        ``temperature=0`` is greedy, ``top_k`` keeps the k largest logits; dropout is off while
+        sampling and the train/eval mode is restored afterwards. ``rng``: None, a seed, a NumPy
+        Generator or a torch.Generator (on the CPU)."""
+        from lowrank_gpu.nn.convert import generator_from
+
+        if not (temperature >= 0 and math.isfinite(temperature)):
+            raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+        g = generator_from(rng)
         was = self.training
         self.eval()
         try:
             for _ in range(n_new):
-                logits = self(idx[:, -self.config.block_size:])[:, -1, :]
+                logits = self(idx[:, -self.config.block_size:])[:, -1, :].double().cpu()  # (B, V)
                 if temperature == 0:
                     nxt = logits.argmax(dim=-1, keepdim=True)
                 else:
-                    probs = torch.softmax(logits / temperature, dim=-1)
-                    nxt = torch.multinomial(probs, 1, generator=generator)
-                idx = torch.cat([idx, nxt], dim=1)
+                    logits = logits / temperature
+                    if top_k is not None and top_k < logits.shape[-1]:
+                        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+                        logits = logits.masked_fill(logits < kth, float("-inf"))
+                    nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=g)
+                idx = torch.cat([idx, nxt.to(idx.device)], dim=1)
         finally:
             self.train(was)
         return idx

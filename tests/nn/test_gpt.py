@@ -194,3 +194,25 @@ def test_torch_gpt_on_cuda_matches_numpy_float64():
     assert_close(m.forward(idx), logits, "logits numpy vs cuda", *TOL["float64"])
     back = gnn.to_numpy(t)
     np.testing.assert_array_equal(back.forward(idx), m.forward(idx))
+
+
+def test_torch_generate_greedy_matches_numpy():
+    rng = np.random.default_rng(11)
+    m = perturb(small_gpt(dropout=0.2), rng)
+    t = gnn.from_numpy(m)
+    t.train()
+    prompt = rng.integers(0, 9, (2, 3))
+    out_t = t.generate(torch.from_numpy(prompt), 9, temperature=0.0)
+    assert t.training
+    np.testing.assert_array_equal(out_t.numpy(), m.generate(prompt, 9, temperature=0.0))
+    sampled = t.generate(torch.from_numpy(prompt), 4, rng=0, temperature=1.0, top_k=2)
+    assert sampled.shape == (2, 7) and int(sampled.max()) < 9
+    np.testing.assert_array_equal(sampled.numpy(), t.generate(torch.from_numpy(prompt), 4, rng=0, top_k=2).numpy())
+
+
+def test_numpy_top_k_one_is_greedy():
+    rng = np.random.default_rng(12)
+    m = perturb(small_gpt(), rng)
+    prompt = rng.integers(0, 9, (3, 2))
+    np.testing.assert_array_equal(m.generate(prompt, 6, rng=rng, temperature=1.5, top_k=1),
+                                  m.generate(prompt, 6, temperature=0.0))
