@@ -35,7 +35,7 @@ from lowrank_ref.config import LoRAConfig
 
 __all__ = ["BERT_BASE", "bert_base_parameters", "lora_parameters", "bert_lora_counts", "quick_mode",
            "settings", "finetune", "summarize", "rank_alpha_sweep", "scaling_lr_grid", "target_sets",
-           "init_comparison", "reference", "baselines", "run_all", "main", "RS_ALPHA", "EXPERIMENTS", "tables", "join_results"]
+           "init_comparison", "reference", "compare_lr", "baselines", "run_all", "main", "RS_ALPHA", "EXPERIMENTS", "tables", "join_results"]
 
 # -- counting --------------------------------------------------------------------------------------
 BERT_BASE = {"n_layer": 12, "d_model": 768, "d_ff": 3072, "vocab": 30522, "positions": 512, "token_types": 2}
@@ -111,7 +111,14 @@ def settings(quick: bool | None = None) -> dict:
             "eval_windows": DEFAULTS["eval_windows"], "seeds": (0, 1, 2), "quick": False}
 
 
-def finetune(config: LoRAConfig, targets=("q", "v"), lr: float = 3e-3, seed: int = 0, steps: int = 300,
+def compare_lr() -> float:
+    """The learning rate of ``lowrank-ref compare``'s ``lora`` row: every run here uses it."""
+    from lowrank_ref.experiments.compare import VARIANTS
+
+    return float(VARIANTS["lora"].lr)
+
+
+def finetune(config: LoRAConfig, targets=("q", "v"), lr: float | None = None, seed: int = 0, steps: int = 300,
              batch_size: int = 16, warmup: int = 20, eval_windows: int = 256, ranks=None, base=None) -> dict:
     """Fine-tune the shipped model with LoRA on the dialect; return what it learned and kept.
 
@@ -126,6 +133,7 @@ def finetune(config: LoRAConfig, targets=("q", "v"), lr: float = 3e-3, seed: int
     from lowrank_ref.models import blas_threads, load_pretrained
     from lowrank_ref.train import evaluate, train
 
+    lr = compare_lr() if lr is None else lr
     task = data.builtin_task(0)
     model = load_pretrained(progress=False) if base is None else _copy(base)
     t0 = time.perf_counter()
@@ -154,7 +162,8 @@ def _copy(model):
 _MEMO: dict = {}  # runs are deterministic: the same arguments give the same row (r=8 recurs)
 
 
-def _over_seeds(cfg: dict, config: LoRAConfig, targets=("q", "v"), lr: float = 3e-3) -> list[dict]:
+def _over_seeds(cfg: dict, config: LoRAConfig, targets=("q", "v"), lr: float | None = None) -> list[dict]:
+    lr = compare_lr() if lr is None else lr
     run = {k: cfg[k] for k in ("steps", "batch_size", "warmup", "eval_windows")}
     rows = []
     for s in cfg["seeds"]:
@@ -192,7 +201,7 @@ def _hashable(v):
     return tuple(v) if isinstance(v, list) else v
 
 
-def rank_alpha_sweep(ranks=None, cfg: dict | None = None, lr: float = 3e-3) -> list[dict]:
+def rank_alpha_sweep(ranks=None, cfg: dict | None = None, lr: float | None = None) -> list[dict]:
     """LoRA on ``q, v`` at each rank under three scaling rules that all give ``s = 2`` at r = 8.
 
     ``rule``: ``"alpha=2r"`` (``s = 2`` everywhere: the rule of thumb), ``"alpha=16, alpha/r"``
@@ -212,10 +221,12 @@ def rank_alpha_sweep(ranks=None, cfg: dict | None = None, lr: float = 3e-3) -> l
 
 
 def scaling_lr_grid(scalings=None, lrs=None, r: int = 8, cfg: dict | None = None) -> list[dict]:
-    """LoRA r=8 on ``q, v`` for each scaling ``s`` (``alpha = s r``) and learning rate."""
+    """LoRA r=8 on ``q, v`` for each scaling ``s`` (``alpha = s r``) and learning rate (default:
+    compare's lr and a third and three times it)."""
     cfg = settings() if cfg is None else cfg
     scalings = ((0.5, 2.0, 8.0) if not cfg["quick"] else (0.5, 8.0)) if scalings is None else scalings
-    lrs = ((1e-3, 3e-3, 1e-2) if not cfg["quick"] else (3e-3,)) if lrs is None else lrs
+    base_lr = compare_lr()
+    lrs = ((base_lr / 3, base_lr, 3 * base_lr) if not cfg["quick"] else (base_lr,)) if lrs is None else lrs
     rows = []
     for s in scalings:
         for lr in lrs:
@@ -231,7 +242,7 @@ TARGET_SETS = {
 }
 
 
-def target_sets(r: int = 8, budget_r: int = 2, cfg: dict | None = None, lr: float = 3e-3) -> list[dict]:
+def target_sets(r: int = 8, budget_r: int = 2, cfg: dict | None = None, lr: float | None = None) -> list[dict]:
     """LoRA (alpha = 2r) on each target set at rank ``r``, and on every linear layer at
     ``budget_r`` (about the parameter budget of ``q, v`` at rank ``r``). One row per set and seed."""
     cfg = settings() if cfg is None else cfg
@@ -348,7 +359,7 @@ def tables(results: dict) -> dict[str, str]:
         body = [[f"s = {sv:g} (alpha = {8 * sv:g})"] + [
             "—" if (sv, lr_) not in by else f"{_pm(by[(sv, lr_)], 'target_after')} / {_pm(by[(sv, lr_)], 'retained_after')}"
             for lr_ in lrs] for sv in ss]
-        out["scaling_lr"] = _md(["r = 8"] + [f"lr = {lr_:g}: target / retained" for lr_ in lrs], body)
+        out["scaling_lr"] = _md(["r = 8"] + [f"lr = {lr_:.2g}: target / retained" for lr_ in lrs], body)
     if "targets" in results:
         summ = summarize(results["targets"], ["target_set"])
         out["targets"] = _md(["adapted layers", "trainable", "target after", "retained after"],
