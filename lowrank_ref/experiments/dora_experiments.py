@@ -145,15 +145,23 @@ def base_model(quick: bool | None = None):
 
 
 def _replace_with_double(model, names, r: int, alpha: float, rng):
-    """Swap each LoRA layer in ``names`` for a :class:`DoubleLoRALinear` of ranks ``r/2 + r/2``,
-    each half with the same ``alpha`` (the naive construction: each half's scaling is ``2α/r``)."""
-    half = LoRAConfig(r=max(r // 2, 1), alpha=alpha)
+    """Swap each LoRA layer in ``names`` (rank ``r``, even) for a :class:`DoubleLoRALinear` of
+    ranks ``r/2 + r/2``, each half given ``alpha`` (so each half's scaling is ``α/(r/2)``).
+
+    The halves start from the LoRA layer's own ``A`` split in two (``[A1; A2] = A``), so the only
+    difference from that LoRA layer is the scaling: the comparison is not blurred by the init."""
+    if r % 2:
+        raise ValueError(f"the double LoRA needs an even rank, got r={r}")
+    half = LoRAConfig(r=r // 2, alpha=alpha)
     for n in names:
         layer = model.get_submodule(n)
-        model.set_submodule(n, DoubleLoRALinear(layer.base, half, half, rng=rng))
+        dbl = DoubleLoRALinear(layer.base, half, half, rng=rng)
+        dbl.A1.data = layer.A.data[: r // 2].copy()
+        dbl.A2.data = layer.A.data[r // 2 :].copy()
+        model.set_submodule(n, dbl)
 
 
-def finetune(base, config=None, targets=("q", "v"), steps: int = 300, lr: float = 3e-3, batch_size: int = 16,
+def finetune(base, config=None, targets=("q", "v"), steps: int = 300, lr: float = 1e-2, batch_size: int = 16,
              seed: int = 0, ranks=None, alphas=None, double: bool = False, record=None, record_every: int = 0,
              eval_windows: int | None = None) -> dict:
     """Copy ``base``, inject ``config`` at ``targets``, train on the dialect, evaluate.
@@ -223,7 +231,7 @@ def _strip(row: dict) -> dict:
     return {k: v for k, v in row.items() if k != "model"}
 
 
-def rank_sweep(base, ranks=(1, 2, 4, 8, 16, 32, 64), alpha: float = 8.0, steps: int = 300, lr: float = 3e-3,
+def rank_sweep(base, ranks=(1, 2, 4, 8, 16, 32, 64), alpha: float = 8.0, steps: int = 300, lr: float = 1e-2,
                targets=("q", "v"), seed: int = 0) -> list[dict]:
     r"""LoRA at each rank with ``s = α/r`` and with rsLoRA's ``s = α/√r`` (same ``α``); each row
     also has ``delta_norm``, how far training moved the weights (``Σ_layers ‖ΔW‖_F``)."""
@@ -237,11 +245,12 @@ def rank_sweep(base, ranks=(1, 2, 4, 8, 16, 32, 64), alpha: float = 8.0, steps: 
     return rows
 
 
-def double_lora_vs_lora_vs_dora(base, r: int = 8, alpha: float = 16.0, steps: int = 300, lr: float = 3e-3,
-                                targets=("q", "v"), seed: int = 0) -> list[dict]:
+def double_lora_vs_lora_vs_dora(base, r: int = 8, alpha: float = 16.0, steps: int = 300, lr: float = 1e-2,
+                                targets=("q", "v"), seeds=(0,)) -> list[dict]:
     """LoRA at rank r; the "double" r/2 + r/2 with each half given ``alpha`` (scaling ``2α/r``);
-    the double with each half given ``α/2`` (scaling ``α/r``: the same as LoRA's, so it *is*
-    LoRA at rank r); LoRA at rank r with the double's doubled scaling; DoRA at rank r."""
+    the double with each half given ``α/2`` (scaling ``α/r``: LoRA's, so it *is* LoRA at rank r);
+    LoRA at rank r with ``2α`` (the double's scaling); DoRA at rank r. Each seed gives one row
+    per run (the doubles start from the same ``A`` as the LoRA of their seed)."""
     runs = [
         ("lora", LoRAConfig(r=r, alpha=alpha), False),
         ("double_lora (each half alpha)", LoRAConfig(r=r, alpha=alpha), True),
@@ -250,16 +259,17 @@ def double_lora_vs_lora_vs_dora(base, r: int = 8, alpha: float = 16.0, steps: in
         ("dora", DoRAConfig(r=r, alpha=alpha), False),
     ]
     rows = []
-    for label, cfg, double in runs:
-        row = _strip(finetune(base, cfg, targets=targets, steps=steps, lr=lr, seed=seed, double=double))
-        row["label"] = label
-        if double:
-            row["scaling"] = cfg.alpha / max(cfg.r // 2, 1)
-        rows.append(row)
+    for seed in seeds:
+        for label, cfg, double in runs:
+            row = _strip(finetune(base, cfg, targets=targets, steps=steps, lr=lr, seed=seed, double=double))
+            row.update(label=label, seed=seed)
+            if double:
+                row["scaling"] = cfg.alpha / (cfg.r // 2)
+            rows.append(row)
     return rows
 
 
-def layerwise_targets(base, r: int = 8, alpha: float = 16.0, steps: int = 300, lr: float = 3e-3,
+def layerwise_targets(base, r: int = 8, alpha: float = 16.0, steps: int = 300, lr: float = 1e-2,
                       seed: int = 0) -> list[dict]:
     """LoRA on more and more layers, at a fixed rank, and "all" at a rank that matches q,v's
     parameter count; plus per-block targeting (only the first or only the last block)."""
@@ -294,7 +304,7 @@ def _md_record(model, step):
     return out
 
 
-def magnitude_direction_run(base, r: int = 8, alpha: float = 16.0, steps: int = 300, lr: float = 3e-3,
+def magnitude_direction_run(base, r: int = 8, alpha: float = 16.0, steps: int = 300, lr: float = 1e-2,
                             every: int = 50, targets=("q", "v"), seed: int = 0) -> dict:
     r"""The paper's Fig. 2 analysis on the built-in task: LoRA and DoRA trained alike, ``(ΔD, ΔM)``
     recorded for every adapted layer every ``every`` steps.
@@ -330,7 +340,7 @@ def run_all(quick: bool | None = None, steps: int | None = None) -> dict:
     return {
         "steps": steps,
         "rank_sweep": rank_sweep(base, ranks=ranks, steps=steps),
-        "double_lora": double_lora_vs_lora_vs_dora(base, steps=steps),
+        "double_lora": double_lora_vs_lora_vs_dora(base, steps=steps, seeds=(0,) if quick else (0, 1, 2)),
         "layerwise": layerwise_targets(base, steps=steps),
         "magnitude_direction": md,
     }

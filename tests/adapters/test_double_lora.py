@@ -88,3 +88,16 @@ def test_dora_is_not_a_double_lora(rng):
     layer.B.data = rng.standard_normal((8, 1))
     layer.m.data = layer.m.data * rng.uniform(0.8, 1.2, 8)
     assert np.linalg.matrix_rank(layer.delta_weight()) == 8 > 2 * layer.r
+
+
+def test_magnitude_direction_measures(rng):
+    """ΔM sees only length changes, ΔD only turns (the paper's §3 measures, row-wise)."""
+    from lowrank_ref.experiments.dora_experiments import magnitude_direction
+
+    W0 = rng.standard_normal((6, 4))
+    dM, dD = magnitude_direction(W0, 1.5 * W0)
+    assert np.isclose(dM, 0.5 * np.linalg.norm(W0, axis=1).mean()) and abs(dD) < 1e-12
+    Q, _ = np.linalg.qr(rng.standard_normal((4, 4)))
+    dM, dD = magnitude_direction(W0, W0 @ Q)  # every row turned, no row longer or shorter
+    cos = np.sum(W0 * (W0 @ Q), axis=1) / np.linalg.norm(W0, axis=1) ** 2
+    assert abs(dM) < 1e-12 and np.isclose(dD, np.mean(1 - cos)) and dD > 0.01
