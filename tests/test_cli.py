@@ -35,8 +35,11 @@ def test_unknown_method_is_a_clear_error(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["compare", "--methods", "nope", "--out", str(tmp_path)])
     assert e.value.code == 2
+    from lowrank_ref.experiments.compare import VARIANTS
+
     err = capsys.readouterr().err
-    assert "unknown method(s) 'nope'" in err and "known methods: full, bitfit, lora" in err
+    assert "unknown method(s) 'nope'" in err and "known methods: " + ", ".join(VARIANTS) in err
+    assert "full, bitfit, lora" in err
     assert not (tmp_path / "compare.json").exists()  # failed before any work
 
 
