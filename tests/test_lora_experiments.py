@@ -63,3 +63,18 @@ def test_summarize_groups_seeds():
     (s,) = le.summarize(rows, ["rule", "r"])
     assert s["n_seeds"] == 2 and abs(s["target_after"] - 0.2) < 1e-12
     assert s["target_after_min"] == 0.1 and s["target_after_max"] == 0.3
+
+
+def test_at_init_only_B_gets_a_gradient():
+    """Chapter 01 §3: with B = 0, h̄ = s ȳ B = 0, so Ā = 0 at the first step; B̄ = s ȳᵀ h is not."""
+    rng = np.random.default_rng(0)
+    base = lr.nn.Linear.from_arrays(rng.standard_normal((5, 7)), rng.standard_normal(5))
+    layer = lr.adapters.LoRALinear(base, lr.LoRAConfig(r=3, alpha=6), rng=rng)
+    layer.forward(rng.standard_normal((4, 7)))
+    layer.backward(rng.standard_normal((4, 5)))
+    assert np.all(layer.A.grad == 0) and np.any(layer.B.grad != 0)
+    layer.A.data[:] = 0  # both factors zero: nothing can ever train
+    layer.zero_grad()
+    layer.forward(rng.standard_normal((4, 7)))
+    layer.backward(rng.standard_normal((4, 5)))
+    assert np.all(layer.A.grad == 0) and np.all(layer.B.grad == 0)
