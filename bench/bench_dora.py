@@ -45,6 +45,16 @@ def _step(layer, x, dy):
 
 
 def run(quick: bool) -> list[dict]:
+    # NumPy's BLAS on one thread: both sides alike, and on a shared 2-core machine two spinning
+    # OpenBLAS threads made timings swing by 2x (see lowrank_ref.models.blas_threads)
+    from lowrank_ref.models import blas_threads
+
+    with blas_threads(1):
+        rows = _run_numpy(quick)
+    return rows + _run_torch(quick)
+
+
+def _run_numpy(quick: bool) -> list[dict]:
     rng = np.random.default_rng(0)
     d, N, r = (128, 128, 8) if quick else (768, 2048, 16)
     repeats = 3 if quick else 15
@@ -59,7 +69,7 @@ def run(quick: bool) -> list[dict]:
         name = "dora_vs_lora_step_numpy" + ("_dropout" if dropout else "")
         for impl, res in t.items():
             row = {"name": name, "impl": impl, "ratio_to": None if impl == "lora" else "lora",
-                   "shape": shape + (f", dropout={dropout}" if dropout else ""), **res}
+                   "shape": shape + (f", dropout={dropout}" if dropout else "") + ", BLAS 1 thread", **res}
             if impl == "dora" and not dropout:
                 row["goal"] = 1.2
             rows.append(row)
@@ -77,6 +87,14 @@ def run(quick: bool) -> list[dict]:
         rows.append({"name": "dora_row_norm_numpy", "impl": impl, "ratio_to": None if impl == "dense" else "dense",
                      "shape": f"d={d}, r={r}, float32", "max_rel_diff": float(np.max(np.abs(n_f - n_d) / n_d)),
                      "note": "dense builds V = W0 + sBA (d×d temp); factored never does", **res})
+    return rows
+
+
+def _run_torch(quick: bool) -> list[dict]:
+    d, N, r = (128, 128, 8) if quick else (768, 2048, 16)
+    repeats = 3 if quick else 15
+    shape = f"N={N}, d_in=d_out={d}, r={r}, float32"
+    rows = []
     # -- torch (CPU here; the device of the machine running it) ----------------------------------
     try:
         import torch
