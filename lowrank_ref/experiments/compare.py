@@ -73,6 +73,10 @@ VARIANTS: dict[str, Variant] = {
     "full": Variant("full", None, lr=1e-3),
     "bitfit": Variant("bitfit", None, lr=3e-2),
     "lora": Variant("lora", LoRAConfig(r=8, alpha=16), targets=("q", "v"), lr=1e-2),
+    # QLoRA: LoRA's row with the adapted layers' base weights stored in NF4 (double-quantised);
+    # the other layers stay float, so its memory column shows only those layers' saving.
+    "qlora": Variant("qlora", LoRAConfig(r=8, alpha=16), targets=("q", "v"), lr=1e-2,
+                     kwargs={"blocksize": 64, "double_quant": True}),
 }
 
 # the default run (`lowrank-ref compare` with no flags): at most 3 minutes on 2 cores, NumPy.
