@@ -88,6 +88,13 @@ def _cmd_compare(args) -> int:
     from lowrank_ref.experiments.compare import check_methods, format_table, run_compare
 
     methods = check_methods(args.methods)  # fail before any work
+    if args.backend in ("torch", "cuda"):
+        from lowrank_ref.backend import torch_device
+
+        try:
+            torch_device(args.backend)  # torch installed? a GPU there for cuda?
+        except (RuntimeError, ImportError) as e:
+            raise ValueError(str(e)) from None
     t0 = time.perf_counter()
     rows = run_compare(methods=methods, backend=args.backend, steps=args.steps, out=args.out,
                        progress=not args.quiet, batch_size=args.batch_size, lr_scale=args.lr_scale,

@@ -57,6 +57,17 @@ def test_bad_arguments_exit_2(capsys, argv, match):
     assert match in capsys.readouterr().err
 
 
+def test_cuda_without_a_gpu_is_a_clear_error(capsys, tmp_path):
+    import helpers
+
+    if helpers.CUDA:
+        pytest.skip("a CUDA GPU is present: this checks the message shown without one")
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "--backend", "cuda", "--out", str(tmp_path)])
+    assert e.value.code == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
 def test_compare_end_to_end(capsys, tmp_path):
     assert main(["compare", "--methods", "bitfit,lora", "--steps", "2", "--batch-size", "2",
                  "--out", str(tmp_path), "--quiet"]) == 0
