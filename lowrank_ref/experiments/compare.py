@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lowrank_ref.config import LoRAConfig
+from lowrank_ref.config import DoRAConfig, LoRAConfig
 from lowrank_ref.registry import check_backend
 
 __all__ = ["Variant", "VARIANTS", "COLUMNS", "DEFAULTS", "run_compare", "format_table", "plot_compare",
@@ -73,6 +73,10 @@ VARIANTS: dict[str, Variant] = {
     "full": Variant("full", None, lr=1e-3),
     "bitfit": Variant("bitfit", None, lr=3e-2),
     "lora": Variant("lora", LoRAConfig(r=8, alpha=16), targets=("q", "v"), lr=1e-2),
+    # LoRA on every linear layer but the head (chapter 02 §10: more layers, same rank)
+    "lora_all": Variant("lora", LoRAConfig(r=8, alpha=16), targets="all", lr=1e-2),
+    # DoRA: LoRA's row plus a magnitude per output row (detached norm, as in the paper's §4.3)
+    "dora": Variant("dora", DoRAConfig(r=8, alpha=16), targets=("q", "v"), lr=1e-2),
     # QLoRA: LoRA's row with the adapted layers' base weights stored in NF4 (double-quantised);
     # the other layers stay float, so its memory column shows only those layers' saving.
     "qlora": Variant("qlora", LoRAConfig(r=8, alpha=16), targets=("q", "v"), lr=1e-2,
