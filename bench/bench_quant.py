@@ -1,0 +1,106 @@
+r"""NF4 benchmarks: dequantising and quantising a 4096 x 4096 weight (float32 output).
+
+Rows (see :mod:`bench.run` for the contract):
+
+``nf4_dequantize_4096x4096``
+    ``numpy`` (:meth:`lowrank_ref.quant.NF4Tensor.dequantize` into a preallocated output),
+    ``numpy_alloc`` (the same, allocating its output like the others do), ``bitsandbytes``
+    (``bitsandbytes.functional.dequantize_4bit`` on the CPU, when installed), ``torch`` (this
+    project's torch mirror, CPU), and ``memcpy`` (copying a float32 array of the output's size:
+    the floor, since dequantisation must at least write it). Goal: numpy <= 1.2x bitsandbytes.
+    Each row records the largest difference of its output from NumPy's (0: same floats).
+``nf4_quantize_4096x4096``
+    ``numpy`` vs ``bitsandbytes`` vs ``torch``; no goal (informative).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bench.run import time_interleaved
+from lowrank_ref import quant
+
+FULL = {"shape": (4096, 4096), "repeats": 11, "warmup": 2, "q_repeats": 3}
+QUICK = {"shape": (64, 128), "repeats": 1, "warmup": 1, "q_repeats": 1}
+
+
+def _bnb():
+    try:
+        import bitsandbytes.functional as F
+        import torch
+    except Exception as e:  # not installed, or no usable native library
+        return None, f"bitsandbytes is not usable here ({type(e).__name__}: {e})"
+    return (F, torch), None
+
+
+def run(quick: bool) -> list[dict]:
+    cfg = QUICK if quick else FULL
+    shape = cfg["shape"]
+    W = (np.random.default_rng(0).standard_normal(shape, dtype=np.float32) * 0.02)
+    q = quant.quantize_nf4(W, 64)
+    ref = q.dequantize().copy()
+    out = np.empty(W.size, dtype=np.float32)
+    src = np.empty_like(out)
+    src[:] = ref.reshape(-1)
+    rows_meta = {"shape": list(shape), "blocksize": 64}
+
+    deq = {"numpy": lambda: q.dequantize(out), "numpy_alloc": q.dequantize,
+           "memcpy": lambda: np.copyto(out, src)}
+    diffs = {"numpy": 0.0, "numpy_alloc": 0.0}
+    skipped = {}
+    mods, why = _bnb()
+    tq = None
+    try:
+        import torch
+
+        from lowrank_gpu.quant.nf4 import TorchNF4Tensor
+        tq = TorchNF4Tensor.from_numpy(q)
+        deq["torch"] = lambda: tq.dequantize()
+        diffs["torch"] = float(np.abs(tq.dequantize().numpy().reshape(-1) - ref.reshape(-1)).max())
+    except ImportError:
+        skipped["torch"] = "torch is not installed"
+    if mods is not None:
+        F, torch = mods
+        packed, state = F.quantize_4bit(torch.from_numpy(W), blocksize=64, quant_type="nf4")
+        deq["bitsandbytes"] = lambda: F.dequantize_4bit(packed, state)
+        diffs["bitsandbytes"] = float(np.abs(F.dequantize_4bit(packed, state).numpy().reshape(-1)
+                                             - ref.reshape(-1)).max())
+    else:
+        skipped["bitsandbytes"] = why
+
+    t = time_interleaved(deq, repeats=cfg["repeats"], warmup=cfg["warmup"])
+    rows = []
+    name = "nf4_dequantize_4096x4096" if not quick else "nf4_dequantize"
+    base = "bitsandbytes" if "bitsandbytes" in t else "memcpy"
+    for impl in ("numpy", "numpy_alloc", "torch", "bitsandbytes", "memcpy"):
+        if impl in skipped:
+            rows.append({"name": name, "impl": impl, "seconds": None, "ratio_to": None, "skipped": skipped[impl]})
+            continue
+        if impl not in t:
+            continue
+        row = {"name": name, "impl": impl, **t[impl], **rows_meta,
+               "ratio_to": None if impl in ("bitsandbytes", "memcpy") else base}
+        if impl in diffs:
+            row["max_abs_diff"] = diffs[impl]
+        if impl == "numpy" and base == "bitsandbytes":
+            row["goal"] = 1.2
+        rows.append(row)
+    if base == "bitsandbytes":  # also against the floor
+        rows.append({"name": name + "_vs_memcpy", "impl": "numpy", **t["numpy"], **rows_meta, "ratio_to": "memcpy"})
+        rows.append({"name": name + "_vs_memcpy", "impl": "memcpy", **t["memcpy"], **rows_meta, "ratio_to": None})
+
+    qf = {"numpy": lambda: quant.quantize_nf4(W, 64)}
+    if tq is not None:
+        from lowrank_gpu.quant.nf4 import quantize_nf4 as tquant
+
+        Wt = torch.from_numpy(W)
+        qf["torch"] = lambda: tquant(Wt, 64)
+    if mods is not None:
+        Wt = torch.from_numpy(W)
+        qf["bitsandbytes"] = lambda: F.quantize_4bit(Wt, blocksize=64, quant_type="nf4")
+    tq_times = time_interleaved(qf, repeats=cfg["q_repeats"], warmup=1)
+    qname = "nf4_quantize_4096x4096" if not quick else "nf4_quantize"
+    qbase = "bitsandbytes" if "bitsandbytes" in tq_times else "numpy"
+    for impl, tt in tq_times.items():
+        rows.append({"name": qname, "impl": impl, **tt, **rows_meta, "ratio_to": None if impl == qbase else qbase})
+    return rows
