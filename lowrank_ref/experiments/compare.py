@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -231,6 +232,12 @@ def run_compare(methods=None, backend: str = "numpy", steps: int | None = None, 
                                      float(lr_scale))
                 rows.append(row)
                 histories.append(hist)
+                if progress:
+                    from tqdm.auto import tqdm
+
+                    tqdm.write(f"{name:>8s}: dialect {row['target_before']:.3f} -> {row['target_after']:.3f}, "
+                               f"base text after {row['retained_after']:.3f}, "
+                               f"{row['trainable_params']:,} trainable", file=sys.stderr)
     wall = time.perf_counter() - t0
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
