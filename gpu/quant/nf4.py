@@ -64,14 +64,28 @@ def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     return (v * absmax[:, None]).reshape(-1)[:n]
 
 
+def _pair_lut(table: torch.Tensor) -> torch.Tensor:
+    """``lut[byte] = (table[byte >> 4], table[byte & 15])``: (256, 2), one gather per byte."""
+    b = torch.arange(256, device=table.device)
+    return torch.stack([table[b >> 4], table[b & 15]], dim=1)
+
+
 def dequantize_codes(packed: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, n: int,
                      blocksize: int) -> torch.Tensor:
-    r"""``x̂_j = t[c_j] · a_b`` (float32, flat ``(n,)``) from packed codes."""
-    codes = torch.stack([packed >> 4, packed & 0x0F], dim=1).reshape(-1)  # (2m,)
-    nb = absmax.numel()
-    vals = torch.nn.functional.pad(table[codes.long()], (0, nb * blocksize - codes.numel()))
-    vals = vals[: nb * blocksize].view(nb, blocksize) * absmax[:, None]  # x̂ = t_c · a_b
-    return vals.reshape(-1)[:n]
+    r"""``x̂_j = t[c_j] · a_b`` (float32, flat ``(n,)``) from packed codes.
+
+    One ``index_select`` from a 256-entry table of value pairs decodes two codes per byte; then
+    the block scales multiply in place (the same float32 products as the NumPy reference)."""
+    m = packed.numel()
+    vals = torch.empty((m, 2), dtype=torch.float32, device=packed.device)
+    torch.index_select(_pair_lut(table), 0, packed.reshape(-1).int(), out=vals)  # (m, 2)
+    flat = vals.view(-1)
+    full = n // blocksize
+    if full:
+        flat[: full * blocksize].view(full, blocksize).mul_(absmax[:full, None])  # x̂ = t_c · a_b
+    if n > full * blocksize:
+        flat[full * blocksize: n].mul_(absmax[full])
+    return flat[:n]
 
 
 @dataclass(eq=False)
