@@ -144,6 +144,8 @@ def main(argv=None) -> int:
         return handler(args)
     except (ValueError, TypeError) as e:
         parser.exit(2, f"lowrank-ref: error: {e}\n")
+    except OSError as e:  # e.g. pretrain into a read-only install: say where to write instead
+        parser.exit(1, f"lowrank-ref: error: {e} (pass --out DIR to write elsewhere)\n")
     except KeyboardInterrupt:
         parser.exit(130, "lowrank-ref: interrupted\n")
 

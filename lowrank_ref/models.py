@@ -172,6 +172,11 @@ def pretrain(out=None, steps: int | None = None, settings: PretrainSettings | No
         s = PretrainSettings(**{**asdict(s), "steps": int(steps)})
     if s.warmup >= s.steps:  # a short run (tests) keeps a warmup shorter than itself
         s = PretrainSettings(**{**asdict(s), "warmup": s.steps - 1})
+    if out is not None:  # fail on an unwritable folder before minutes of training, not after
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK):
+            raise PermissionError(f"cannot write to {out}")
     task = data.builtin_task(s.data_seed)
     cfg = GPTConfig(vocab_size=task.vocab_size, block_size=s.block_size, n_layer=s.n_layer,
                     n_head=s.n_head, d_model=s.d_model, mlp_ratio=s.mlp_ratio, dropout=0.0)
@@ -199,8 +204,6 @@ def pretrain(out=None, steps: int | None = None, settings: PretrainSettings | No
         },
     }
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
         save_model(model, out / WEIGHTS_FILE)
         with open(out / CONFIG_FILE, "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
