@@ -277,3 +277,10 @@ def test_double_quant_against_bitsandbytes():
     theirs = F.dequantize_blockwise(state.absmax, state.state2).numpy().astype(np.float64) + float(state.offset)
     assert np.mean(q.qabsmax != state.absmax.numpy()) < 0.01
     assert np.all(np.abs(ours - plain) <= np.abs(theirs - plain) + 1e-6)
+
+
+def test_chapter_numbers_for_the_table():
+    """Chapter 03 quotes: the widest gap is at the negative end (0.304); Q(δ) ≈ 1.848."""
+    gaps = np.diff(lr.quant.nf4_table().astype(np.float64))
+    assert np.argmax(gaps) == 0 and gaps[0] == pytest.approx(0.3038, abs=1e-4)
+    assert norm.ppf(tables.NF4_OFFSET) == pytest.approx(1.848, abs=1e-3)
