@@ -255,3 +255,17 @@ def test_bad_input():
     tbase = torch.nn.Linear(8, 4)
     with pytest.raises(ValueError, match="blocksize"):
         lg.adapters.QLoRALinear(tbase, lr.LoRAConfig(r=2), blocksize=0)
+
+
+def test_save_then_load_gives_the_same_outputs(tmp_path):
+    from lowrank_ref.io import load_adapter, save_adapter
+
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((8, 64)).astype(np.float32)
+    layer = lr.quant.QLoRALinear(lr.nn.Linear.from_arrays(W), lr.LoRAConfig(r=2, alpha=4), rng=1)
+    layer.B.data = rng.standard_normal(layer.B.shape).astype(np.float32)
+    path = save_adapter(layer, tmp_path / "qlora.safetensors")
+    other = lr.quant.QLoRALinear(lr.nn.Linear.from_arrays(W), lr.LoRAConfig(r=2, alpha=4), rng=99)
+    load_adapter(other, path)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    np.testing.assert_array_equal(other.forward(x), layer.forward(x))
