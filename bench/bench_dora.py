@@ -129,10 +129,16 @@ def _run_torch(quick: bool) -> list[dict]:
 
         return fn
 
-    t = time_interleaved({k: tstep(v) for k, v in tl.items()}, repeats=repeats)
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(1)  # as for NumPy: one thread, both sides alike, less noise
+    try:
+        t = time_interleaved({k: tstep(v) for k, v in tl.items()}, repeats=repeats)
+    finally:
+        torch.set_num_threads(threads)
     for impl, res in t.items():
         row = {"name": "dora_vs_lora_step_torch", "impl": impl, "ratio_to": None if impl == "lora" else "lora",
-               "shape": shape + f", {device}", **res}
+               "shape": shape + (f", {device}, 1 thread" if device == "cpu" else f", {device}"), **res}
         if impl == "dora":
             row["goal"] = 1.2
         rows.append(row)

@@ -30,6 +30,7 @@ from lowrank_ref.nn.module import Parameter
 
 __all__ = ["DoubleLoRALinear", "magnitude_direction", "quick_mode", "base_model", "finetune",
            "rank_sweep", "double_lora_vs_lora_vs_dora", "layerwise_targets", "magnitude_direction_run",
+           "dora_vs_lora_lr", "double_equals_lora_float64",
            "run_all", "main"]
 
 
@@ -269,6 +270,30 @@ def double_lora_vs_lora_vs_dora(base, r: int = 8, alpha: float = 16.0, steps: in
     return rows
 
 
+def dora_vs_lora_lr(base, lrs=(3e-3, 1e-2, 3e-2), r: int = 8, alpha: float = 16.0, steps: int = 300,
+                    targets=("q", "v"), seed: int = 0) -> list[dict]:
+    """LoRA and DoRA (both gradients) over learning rates: a method is compared at its own best lr."""
+    rows = []
+    for lr in lrs:
+        for label, cfg in (("lora", LoRAConfig(r=r, alpha=alpha)), ("dora", DoRAConfig(r=r, alpha=alpha)),
+                           ("dora (exact gradient)", DoRAConfig(r=r, alpha=alpha, detach_norm=False))):
+            row = _strip(finetune(base, cfg, targets=targets, steps=steps, lr=lr, seed=seed))
+            row.update(label=label, lr=lr)
+            rows.append(row)
+    return rows
+
+
+def double_equals_lora_float64(base, r: int = 8, alpha: float = 16.0, steps: int = 30, lr: float = 1e-2,
+                               targets=("q", "v"), seed: int = 0) -> dict:
+    """In float64, LoRA at rank r and the double with halves given α/2 (same A) train to the same
+    weights: the largest difference of their training losses over ``steps`` steps."""
+    b64 = copy.deepcopy(base).astype(np.float64)
+    a = finetune(b64, LoRAConfig(r=r, alpha=alpha), targets=targets, steps=steps, lr=lr, seed=seed)
+    d = finetune(b64, LoRAConfig(r=r, alpha=alpha / 2), targets=targets, steps=steps, lr=lr, seed=seed, double=True)
+    return {"steps": steps, "max_abs_loss_diff": float(np.max(np.abs(np.subtract(a["train_losses"], d["train_losses"])))),
+            "dialect_loss": [a["dialect_loss"], d["dialect_loss"]]}
+
+
 def layerwise_targets(base, r: int = 8, alpha: float = 16.0, steps: int = 300, lr: float = 1e-2,
                       seed: int = 0) -> list[dict]:
     """LoRA on more and more layers, at a fixed rank, and "all" at a rank that matches q,v's
@@ -342,6 +367,8 @@ def run_all(quick: bool | None = None, steps: int | None = None) -> dict:
         "rank_sweep": rank_sweep(base, ranks=ranks, steps=steps),
         "double_lora": double_lora_vs_lora_vs_dora(base, steps=steps, seeds=(0,) if quick else (0, 1, 2)),
         "layerwise": layerwise_targets(base, steps=steps),
+        "dora_vs_lora_lr": dora_vs_lora_lr(base, steps=steps, lrs=(1e-2,) if quick else (3e-3, 1e-2, 3e-2)),
+        "double_equals_lora_float64": double_equals_lora_float64(base, steps=min(steps, 30)),
         "magnitude_direction": md,
     }
 
@@ -355,7 +382,7 @@ def main(argv=None) -> int:
     res = run_all(quick=a.quick, steps=a.steps)
     for row in res["rank_sweep"]:
         row.pop("train_losses")
-    for row in res["double_lora"] + res["layerwise"]:
+    for row in res["double_lora"] + res["layerwise"] + res["dora_vs_lora_lr"]:
         row.pop("train_losses")
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w", encoding="utf-8") as f:
