@@ -106,3 +106,18 @@ def test_sgd_vs_adam_state_memory_as_rank_grows():
         assert n == 2 * row["r"] * (32 + 48)
         assert row["sgd"] == 0 and row["sgd_momentum"] == 4 * n and row["adam"] == 8 * n
         assert row["adam8bit"] < row["adam"] / 3.5
+
+
+def test_the_papers_headline_memory_claims_from_first_principles():
+    """QLoRA: 4.127 bits/param; 65B fine-tuned in under 48 GB; over 780 GB for 16-bit full
+    fine-tuning. Parameter count by hand from LLaMA-65B's shapes."""
+    from lowrank_ref.quant import memory
+
+    assert memory.bits_per_param(64, False) == 4.5
+    assert round(memory.bits_per_param(64, True), 3) == 4.127
+    m = memory.llama_memory()
+    d, L, f, V = 8192, 80, 22016, 32000
+    assert m["params"] == L * (4 * d * d + 3 * d * f) + 2 * V * d + (2 * L + 1) * d
+    assert m["lora_params"] == L * 64 * (4 * 2 * d + 3 * (d + f))
+    assert 40e9 < m["total"] < 48e9
+    assert memory.full_finetune_bytes(m["params"]) > 780e9
