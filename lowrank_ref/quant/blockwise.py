@@ -320,6 +320,37 @@ class NF4Tensor:
                        np.float32(np.asarray(arrays["offset"]).reshape(-1)[0]))
         return cls(packed, shape, blocksize, quant_type, np.asarray(arrays["absmax"]).reshape(-1).copy())
 
+    # -- files ----------------------------------------------------------------------------
+    def save(self, path) -> str:
+        """Write the stored arrays and ``shape``/``blocksize``/``quant_type`` to a safetensors file."""
+        import json
+
+        from safetensors.numpy import save_file
+
+        meta = {"format": "lowrank_ref.NF4Tensor", "shape": json.dumps(list(self.shape)),
+                "blocksize": str(self.blocksize), "quant_type": self.quant_type}
+        save_file({k: np.ascontiguousarray(v) for k, v in self.arrays().items()}, str(path), metadata=meta)
+        return str(path)
+
+    @classmethod
+    def load(cls, path) -> NF4Tensor:
+        """Read a file written by :meth:`save`; every size is checked against the shape first."""
+        import json
+
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != "lowrank_ref.NF4Tensor":
+                raise ValueError(f"{path} is not an NF4Tensor file (metadata format {meta.get('format')!r})")
+            arrays = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            shape = tuple(json.loads(meta["shape"]))
+            blocksize = int(meta["blocksize"])
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"{path}: bad or missing shape/blocksize metadata ({e})") from None
+        return cls.from_arrays(arrays, shape, blocksize, meta.get("quant_type", "nf4"))
+
     def __repr__(self) -> str:
         dq = ", double_quant" if self.double_quant else ""
         return (f"NF4Tensor(shape={self.shape}, {self.quant_type}, blocksize={self.blocksize}{dq}, "

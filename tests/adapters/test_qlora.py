@@ -269,3 +269,22 @@ def test_save_then_load_gives_the_same_outputs(tmp_path):
     load_adapter(other, path)
     x = rng.standard_normal((3, 64)).astype(np.float32)
     np.testing.assert_array_equal(other.forward(x), layer.forward(x))
+
+
+def test_a_few_adamw_steps_agree_with_torch():
+    nl, tl = pair(3, 12, 64, 3, 64, True, True)
+    opt_n = lr.optim.AdamW(nl.trainable_parameters(), lr=1e-2, weight_decay=0.01)
+    opt_t = torch.optim.AdamW([tl.A, tl.B], lr=1e-2, weight_decay=0.01)
+    rng = np.random.default_rng(7)
+    for _ in range(4):
+        x = rng.standard_normal((5, 64)).astype(np.float32)
+        y = nl.forward(x)
+        nl.backward(2 * y)  # loss = sum(y²)
+        opt_n.step()
+        opt_n.zero_grad()
+        yt = tl(torch.from_numpy(x))
+        (yt * yt).sum().backward()
+        opt_t.step()
+        opt_t.zero_grad()
+    assert_close(nl.A.data, tl.A, "A after 4 steps", *TOL["float32"])
+    assert_close(nl.B.data, tl.B, "B after 4 steps", *TOL["float32"])

@@ -284,3 +284,27 @@ def test_chapter_numbers_for_the_table():
     gaps = np.diff(lr.quant.nf4_table().astype(np.float64))
     assert np.argmax(gaps) == 0 and gaps[0] == pytest.approx(0.3038, abs=1e-4)
     assert norm.ppf(tables.NF4_OFFSET) == pytest.approx(1.848, abs=1e-3)
+
+
+def test_file_round_trip_and_tampered_files(tmp_path):
+    from safetensors.numpy import save_file
+
+    x = np.random.default_rng(2).standard_normal((20, 50)).astype(np.float32)
+    for dq in (False, True):
+        q = lr.quant.quantize_nf4(x, 64, double_quant=dq)
+        r = lr.quant.NF4Tensor.load(q.save(tmp_path / f"w{dq}.safetensors"))
+        assert r.shape == (20, 50) and r.double_quant == dq
+        np.testing.assert_array_equal(r.dequantize(), q.dequantize())
+    q = lr.quant.quantize_nf4(x, 64)
+    arrays = q.arrays()
+    meta = {"format": "lowrank_ref.NF4Tensor", "shape": "[20, 51]", "blocksize": "64", "quant_type": "nf4"}
+    save_file(arrays, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="packed has 500 entries.*needs 510"):
+        lr.quant.NF4Tensor.load(tmp_path / "bad.safetensors")
+    save_file({**arrays, "absmax": arrays["absmax"][:-1].copy()}, str(tmp_path / "bad2.safetensors"),
+              metadata={**meta, "shape": "[20, 50]"})
+    with pytest.raises(ValueError, match="absmax has 15 entries"):
+        lr.quant.NF4Tensor.load(tmp_path / "bad2.safetensors")
+    save_file(arrays, str(tmp_path / "bad3.safetensors"))
+    with pytest.raises(ValueError, match="not an NF4Tensor file"):
+        lr.quant.NF4Tensor.load(tmp_path / "bad3.safetensors")
