@@ -270,7 +270,7 @@ def double_lora_vs_lora_vs_dora(base, r: int = 8, alpha: float = 16.0, steps: in
     return rows
 
 
-def dora_vs_lora_lr(base, lrs=(3e-3, 1e-2, 3e-2), r: int = 8, alpha: float = 16.0, steps: int = 300,
+def dora_vs_lora_lr(base, lrs=(3e-3, 1e-2, 3e-2, 1e-1), r: int = 8, alpha: float = 16.0, steps: int = 300,
                     targets=("q", "v"), seed: int = 0) -> list[dict]:
     """LoRA and DoRA (both gradients) over learning rates: a method is compared at its own best lr."""
     rows = []
@@ -367,7 +367,7 @@ def run_all(quick: bool | None = None, steps: int | None = None) -> dict:
         "rank_sweep": rank_sweep(base, ranks=ranks, steps=steps),
         "double_lora": double_lora_vs_lora_vs_dora(base, steps=steps, seeds=(0,) if quick else (0, 1, 2)),
         "layerwise": layerwise_targets(base, steps=steps),
-        "dora_vs_lora_lr": dora_vs_lora_lr(base, steps=steps, lrs=(1e-2,) if quick else (3e-3, 1e-2, 3e-2)),
+        "dora_vs_lora_lr": dora_vs_lora_lr(base, steps=steps, lrs=(1e-2,) if quick else (3e-3, 1e-2, 3e-2, 1e-1)),
         "double_equals_lora_float64": double_equals_lora_float64(base, steps=min(steps, 30)),
         "magnitude_direction": md,
     }
