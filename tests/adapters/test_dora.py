@@ -65,6 +65,18 @@ def test_magnitude_starts_as_row_norms_over_the_input_axis(rng):
     assert not np.any(layer.B.data) and np.any(layer.A.data)
 
 
+def test_gaussian_init(rng):
+    """init="gaussian": A ~ N(0, 1/r²) (PEFT's reading of the LoRA paper), B = 0, in both backends."""
+    W = rng.standard_normal((8, 400))
+    layer = lr.adapters.DoRALinear(lr.nn.Linear.from_arrays(W), lr.DoRAConfig(r=4, init="gaussian"), rng=rng)
+    assert not np.any(layer.B.data)
+    assert abs(layer.A.data.std() - 1 / 4) < 0.02  # 1600 draws: the std's own error is ~0.0045
+    kaiming = lr.adapters.DoRALinear(lr.nn.Linear.from_arrays(W), lr.DoRAConfig(r=4), rng=rng)
+    assert np.abs(kaiming.A.data).max() <= 1 / np.sqrt(400)  # U(±1/√in)
+    t = lr.adapt(lr.nn.Linear.from_arrays(W), lr.DoRAConfig(r=4, init="gaussian"), backend="torch", rng=0)
+    assert abs(float(t.A.detach().std()) - 1 / 4) < 0.02 and not t.B.detach().any()
+
+
 def test_identity_at_init(rng):
     W, b = rng.standard_normal((6, 5)), rng.standard_normal(6)
     layer = lr.adapters.DoRALinear(lr.nn.Linear.from_arrays(W, b), lr.DoRAConfig(r=2, alpha=4), rng=rng)
