@@ -105,6 +105,12 @@ register(MethodSpec(
     description="QLoRA, Dettmers et al. 2023: LoRA on an NF4 (4-bit, double-quantised) base weight",
 ))
 register(MethodSpec(
+    "lora_int4", "lowrank_ref.config:LoRAConfig",
+    "lowrank_ref.adapters.qlora:QLoRAInt4Linear", "lowrank_gpu.adapters.qlora:QLoRAInt4Linear",
+    kwargs={"blocksize": 64, "double_quant": True},
+    description="QLoRA's layer with a uniform int4 base instead of NF4 (the data-type baseline)",
+))
+register(MethodSpec(
     "dora", "lowrank_ref.config:DoRAConfig",
     "lowrank_ref.adapters.dora:DoRALinear", "lowrank_gpu.adapters.dora:DoRALinear",
     description="DoRA, Liu et al. 2024: W' = m ⊙ (W0 + s B A) / ‖W0 + s B A‖ row-wise",

@@ -3,7 +3,7 @@
 from lowrank_gpu.adapters.baselines import bitfit, full_finetune
 from lowrank_gpu.adapters.dora import DoRALinear
 from lowrank_gpu.adapters.lora import LoRALinear
-from lowrank_gpu.adapters.qlora import QLoRALinear
+from lowrank_gpu.adapters.qlora import QLoRAInt4Linear, QLoRALinear
 
-__all__ = ["LoRALinear", "DoRALinear", "QLoRALinear"]
+__all__ = ["LoRALinear", "DoRALinear", "QLoRALinear", "QLoRAInt4Linear"]
 __all__ += ["full_finetune", "bitfit"]  # whole-model baselines (functions)

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 
 from lowrank_ref.quant import blockwise as ref
-from lowrank_ref.quant.tables import dynamic_map, fp4_codebook, midpoints, nf4_table
+from lowrank_ref.quant.tables import dynamic_map, fp4_codebook, int4_table, midpoints, nf4_table
 
 __all__ = ["TorchNF4Tensor", "quantize_nf4", "quantize_4bit", "dequantize_codes", "table_tensor",
            "quantize_blockwise", "dequantize_blockwise"]
 
-_TABLES = {"nf4": nf4_table, "fp4": fp4_codebook}
+_TABLES = {"nf4": nf4_table, "fp4": fp4_codebook, "int4": int4_table}
 _TINY = 1e-38
 
 

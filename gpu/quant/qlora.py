@@ -17,11 +17,11 @@ from torch import nn
 
 from lowrank_gpu.adapters.base import AdapterLinear
 from lowrank_gpu.nn.convert import generator_from
-from lowrank_gpu.quant.nf4 import TorchNF4Tensor, quantize_nf4
+from lowrank_gpu.quant.nf4 import TorchNF4Tensor, quantize_4bit
 from lowrank_ref.config import LoRAConfig
 from lowrank_ref.quant.blockwise import check_blocksize
 
-__all__ = ["NF4Linear", "QLoRALinear"]
+__all__ = ["NF4Linear", "QLoRALinear", "QLoRAInt4Linear"]
 
 
 def _bits(t: torch.Tensor | None):
@@ -63,8 +63,9 @@ class NF4Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True) -> NF4Linear:
-        q = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
+    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
+                    quant_type: str = "nf4") -> NF4Linear:
+        q = quantize_4bit(linear.weight.detach(), blocksize, double_quant, quant_type)
         return cls(q, None if linear.bias is None else linear.bias.detach().float())
 
     @property
@@ -91,6 +92,7 @@ class NF4Linear(nn.Module):
 
 class QLoRALinear(AdapterLinear):
     PEFT_NAMES = {"A": "lora_A.weight", "B": "lora_B.weight"}  # PEFT's key suffixes
+    QUANT_TYPE = "nf4"
 
     def __init__(self, base: nn.Linear, config: LoRAConfig | None = None, blocksize: int = 64,
                  double_quant: bool = True, rng=None):
@@ -106,7 +108,7 @@ class QLoRALinear(AdapterLinear):
         blocksize = check_blocksize(blocksize)
         if not isinstance(double_quant, bool):
             raise TypeError(f"double_quant must be a bool, got {double_quant!r}")
-        nf4_base = NF4Linear.from_linear(base, blocksize, double_quant)
+        nf4_base = NF4Linear.from_linear(base, blocksize, double_quant, self.QUANT_TYPE)
         nn.Module.__init__(self)
         self.base = nf4_base  # the only copy of W0; the given nn.Linear is not kept
         self.config = config
@@ -190,3 +192,9 @@ class QLoRALinear(AdapterLinear):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, {self.config}, blocksize={self.blocksize}, "
                 f"double_quant={self.double_quant}, merged={self.merged}")
+
+
+class QLoRAInt4Linear(QLoRALinear):
+    """The base in uniform symmetric int4 instead of NF4 (the ``lora_int4`` row of ``compare``)."""
+
+    QUANT_TYPE = "int4"

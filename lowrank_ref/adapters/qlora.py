@@ -4,6 +4,12 @@ The implementation lives in :mod:`lowrank_ref.quant.qlora` (next to the NF4 stor
 ``QLoRALinear(base, LoRAConfig, blocksize=64, double_quant=True)``.
 """
 
-from lowrank_ref.quant.qlora import NF4Linear, QLoRALinear, qlora_backward, qlora_forward
+from lowrank_ref.quant.qlora import (
+    NF4Linear,
+    QLoRAInt4Linear,
+    QLoRALinear,
+    qlora_backward,
+    qlora_forward,
+)
 
-__all__ = ["QLoRALinear", "NF4Linear", "qlora_forward", "qlora_backward"]
+__all__ = ["QLoRALinear", "QLoRAInt4Linear", "NF4Linear", "qlora_forward", "qlora_backward"]

@@ -82,6 +82,8 @@ VARIANTS: dict[str, Variant] = {
     # the other layers stay float, so its memory column shows only those layers' saving.
     "qlora": Variant("qlora", LoRAConfig(r=8, alpha=16), targets=("q", "v"), lr=1e-2,
                      kwargs={"blocksize": 64, "double_quant": True}),
+    "lora_int4": Variant("lora_int4", LoRAConfig(r=8, alpha=16), targets=("q", "v"), lr=1e-2,
+                         kwargs={"blocksize": 64, "double_quant": True}),
 }
 
 # the default run (`lowrank-ref compare` with no flags): at most 3 minutes on 2 cores, NumPy.
@@ -190,7 +192,8 @@ def run_compare(methods=None, backend: str = "numpy", steps: int | None = None, 
         lr_scale: multiplies every variant's learning rate.
         dtype: model dtype (default float32). seed: adapters' init and the batch order.
         eval_windows: how many 32-token windows each evaluation reads (default 256).
-        threads: NumPy BLAS threads (see :func:`lowrank_ref.models.blas_threads`).
+        threads: CPU threads for NumPy's BLAS, and for torch with ``backend="torch"``
+            (see :func:`lowrank_ref.models.blas_threads`); ``None`` leaves them alone.
     """
     from lowrank_ref import data
     from lowrank_ref.models import blas_threads
@@ -219,7 +222,7 @@ def run_compare(methods=None, backend: str = "numpy", steps: int | None = None, 
     with tempfile.TemporaryDirectory(prefix="lowrank-compare-") as tmp:
         folder = Path(tmp) if out_dir is None else out_dir / "adapters"
         folder.mkdir(parents=True, exist_ok=True)
-        with blas_threads(threads if backend == "numpy" else None):
+        with blas_threads(threads if backend != "cuda" else None, torch_too=backend == "torch"):
             if out_dir is not None:  # the reference line in the plot: the shipped model on base text
                 from lowrank_ref.models import load_pretrained
                 from lowrank_ref.train import evaluate

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lowrank_ref.quant.tables import dynamic_map, fp4_codebook, midpoints, nf4_table
+from lowrank_ref.quant.tables import dynamic_map, fp4_codebook, int4_table, midpoints, nf4_table
 
 __all__ = [
     "NF4Tensor", "quantize_4bit", "quantize_nf4", "quantize_fp4", "pack_nibbles", "unpack_nibbles",
@@ -159,7 +159,7 @@ def dequantize_blockwise(q, absmax, code: np.ndarray | None = None, blocksize: i
 
 
 # --- the 4-bit quantised tensor -------------------------------------------------------------
-_TABLES = {"nf4": nf4_table, "fp4": fp4_codebook}
+_TABLES = {"nf4": nf4_table, "fp4": fp4_codebook, "int4": int4_table}
 
 
 def _codebook(quant_type: str) -> np.ndarray:
@@ -376,7 +376,7 @@ def quantize_4bit(x, blocksize: int = 64, double_quant: bool = False, quant_type
         x: a finite, non-empty real floating array (computed in float32).
         blocksize: values per block, a positive even integer (64 in QLoRA).
         double_quant: also quantise the absmax values (8-bit, blocks of 256).
-        quant_type: ``"nf4"`` or ``"fp4"``.
+        quant_type: ``"nf4"``, ``"fp4"`` or ``"int4"`` (uniform symmetric, the baseline).
     """
     blocksize = check_blocksize(blocksize)
     if not isinstance(double_quant, bool):

@@ -45,9 +45,9 @@ from lowrank_ref.adapters.lora import init_lora_A
 from lowrank_ref.config import LoRAConfig
 from lowrank_ref.nn.linear import check_last_dim
 from lowrank_ref.nn.module import Module, Parameter, check_finite
-from lowrank_ref.quant.blockwise import NF4Tensor, check_blocksize, quantize_nf4
+from lowrank_ref.quant.blockwise import NF4Tensor, check_blocksize, quantize_4bit
 
-__all__ = ["NF4Linear", "QLoRALinear", "qlora_forward", "qlora_backward", "requantize_merged",
+__all__ = ["NF4Linear", "QLoRALinear", "QLoRAInt4Linear", "qlora_forward", "qlora_backward", "requantize_merged",
            "merge_requant_error"]
 
 
@@ -69,10 +69,10 @@ class NF4Linear(Module):
             raise ValueError(f"bias must have shape ({qweight.shape[0]},), got {self.bias.shape}")
 
     @classmethod
-    def from_linear(cls, linear, blocksize: int = 64, double_quant: bool = True) -> NF4Linear:
+    def from_linear(cls, linear, blocksize: int = 64, double_quant: bool = True, quant_type: str = "nf4") -> NF4Linear:
         """Quantise a :class:`~lowrank_ref.nn.Linear`'s weight (the ``Linear`` is not kept)."""
         linear = check_base(linear)
-        q = quantize_nf4(linear.weight.data, blocksize=blocksize, double_quant=double_quant)
+        q = quantize_4bit(linear.weight.data, blocksize=blocksize, double_quant=double_quant, quant_type=quant_type)
         b = None if linear.bias is None else linear.bias.data.astype(np.float32)
         return cls(q, b)
 
@@ -159,6 +159,7 @@ class QLoRALinear(AdapterLinear):
     """
 
     PEFT_NAMES = {"A": "lora_A.weight", "B": "lora_B.weight"}  # PEFT's key suffixes
+    QUANT_TYPE = "nf4"  # the 4-bit data type of the base weight
 
     def __init__(self, base, config: LoRAConfig | None = None, blocksize: int = 64,
                  double_quant: bool = True, rng=None):
@@ -173,7 +174,8 @@ class QLoRALinear(AdapterLinear):
         if not isinstance(double_quant, bool):
             raise TypeError(f"double_quant must be a bool, got {double_quant!r}")
         # everything is checked; now build (quantising W0 is the only expensive step)
-        nf4_base = NF4Linear.from_linear(base, blocksize=blocksize, double_quant=double_quant)
+        nf4_base = NF4Linear.from_linear(base, blocksize=blocksize, double_quant=double_quant,
+                                         quant_type=self.QUANT_TYPE)
         Module.__init__(self)
         self.base = nf4_base  # the only copy of W0: 4-bit codes + scales
         self.config = config
@@ -273,11 +275,19 @@ class QLoRALinear(AdapterLinear):
                 f"double_quant={self.double_quant}, merged={self.merged}")
 
 
+class QLoRAInt4Linear(QLoRALinear):
+    """The same layer with the base in uniform symmetric int4 (one absmax per block) instead of
+    NF4: same storage, same bytes per weight; the ``lora_int4`` row of ``compare``."""
+
+    QUANT_TYPE = "int4"
+
+
 def requantize_merged(layer: QLoRALinear) -> NF4Tensor:
     """NF4 of ``W̃0 + ΔW`` (same block size and double quantisation): what "merge into the 4-bit
     model" produces. Explicit on purpose; the layer is not changed."""
     q = layer.base.qweight
-    return quantize_nf4(layer.merged_weight(), blocksize=q.blocksize, double_quant=q.double_quant)
+    return quantize_4bit(layer.merged_weight(), blocksize=q.blocksize, double_quant=q.double_quant,
+                         quant_type=q.quant_type)
 
 
 def merge_requant_error(layer: QLoRALinear) -> dict:

@@ -70,7 +70,7 @@ from scipy.stats import norm
 
 __all__ = [
     "NF4_OFFSET", "linspace32", "nf4_table", "normal_float_table", "nf4_paper_eq4", "nf4_offset_explained",
-    "fp4_codebook", "fp4_table", "dynamic_map", "midpoints",
+    "fp4_codebook", "fp4_table", "int4_table", "dynamic_map", "midpoints",
 ]
 
 NF4_OFFSET = 0.9677083  # bitsandbytes create_normal_map(offset=0.9677083): the end probability δ
@@ -155,6 +155,16 @@ def fp4_codebook() -> np.ndarray:
 def fp4_table() -> np.ndarray:
     """The 16 FP4 levels sorted (both zeros kept: -0 then +0), float32."""
     return np.sort(fp4_codebook(), kind="stable")
+
+
+def int4_table() -> np.ndarray:
+    r"""Symmetric absmax int4 in the 4-bit machinery: levels ``(c - 7)/7`` for codes ``c = 0..15``.
+
+    Codes 0..14 are the uniform levels -1, -6/7, ..., 0, ..., 1 (``q = round(7u)``); code 15
+    (8/7) is never chosen because ``u ≤ 1`` is below its midpoint 15/14. The uniform baseline
+    for NF4 with the same storage (4 bits + one absmax per block).
+    """
+    return ((np.arange(16, dtype=np.float32) - np.float32(7)) / np.float32(7)).astype(np.float32)
 
 
 def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> np.ndarray:

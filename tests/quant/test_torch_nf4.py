@@ -15,7 +15,7 @@ from lowrank_gpu.quant.nf4 import TorchNF4Tensor
 
 
 @given(n=st.integers(1, 3000), bs=st.sampled_from([2, 16, 64, 256]), dq=st.booleans(),
-       qt=st.sampled_from(["nf4", "fp4"]), seed=st.integers(0, 2**31 - 1), scale=st.floats(1e-4, 1e4))
+       qt=st.sampled_from(["nf4", "fp4", "int4"]), seed=st.integers(0, 2**31 - 1), scale=st.floats(1e-4, 1e4))
 def test_same_codes_and_floats_bit_for_bit(n, bs, dq, qt, seed, scale):
     x = (np.random.default_rng(seed).standard_normal(n) * scale).astype(np.float32)
     a = lr.quant.quantize_4bit(x, bs, dq, qt)

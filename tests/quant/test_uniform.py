@@ -67,3 +67,19 @@ def test_bad_input():
         lr.quant.quantize_absmax_int8(np.array([np.nan]))
     with pytest.raises(TypeError):
         lr.quant.quantize_affine(np.arange(3))
+
+
+def test_int4_in_the_4bit_machinery_is_uniform_absmax_int4():
+    """quantize_4bit(quant_type="int4") (the lora_int4 base) equals round(7x/absmax)·absmax/7."""
+    x = np.random.default_rng(1).standard_normal(64 * 40).astype(np.float32)
+    q = lr.quant.quantize_4bit(x, 64, quant_type="int4")
+    assert q.codes().max() <= 14  # code 15 (8/7) is never used
+    np.testing.assert_allclose(q.dequantize(), lr.quant.absmax_int_roundtrip(x, 4, 64), rtol=1e-6, atol=1e-7)
+
+
+def test_qlora_int4_layer_stores_int4():
+    base = lr.nn.Linear.from_arrays(np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32))
+    layer = lr.adapters.QLoRAInt4Linear(base, lr.LoRAConfig(r=2), double_quant=False, rng=0)
+    assert layer.qweight.quant_type == "int4"
+    np.testing.assert_allclose(layer.dequantized_weight(),
+                               lr.quant.absmax_int_roundtrip(base.weight.data, 4, 64), rtol=1e-6, atol=1e-7)
