@@ -57,19 +57,33 @@ DEFAULT_SETTINGS = PretrainSettings()
 
 
 @contextlib.contextmanager
-def blas_threads(n: int | None = 1):
-    """Run NumPy's BLAS on ``n`` threads inside the block (``None``: leave it alone).
+def blas_threads(n: int | None = 1, torch_too: bool = False):
+    """Run NumPy's BLAS (and, with ``torch_too``, PyTorch's CPU ops) on ``n`` threads inside the
+    block (``None``: leave both alone).
 
     The matrices here are tiny (64 x 256); spreading them over threads buys little, and on busy
-    cores OpenBLAS's spinning threads made a training step ten times slower. One thread also
-    fixes the summation order, which makes rebuilds bit-for-bit repeatable."""
+    cores the spinning threads made a training step ten times slower (NumPy: 0.16 s -> 0.04 s;
+    torch CPU: 0.15 s -> 0.015 s, measured on 2 shared cores). One thread also fixes the
+    summation order, which makes rebuilds bit-for-bit repeatable."""
     if n is None:
         yield
         return
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(limits=int(n), user_api="blas"):
-        yield
+    old = None
+    if torch_too:
+        import torch
+
+        old = torch.get_num_threads()
+        torch.set_num_threads(int(n))
+    try:
+        with threadpool_limits(limits=int(n), user_api="blas"):
+            yield
+    finally:
+        if old is not None:
+            import torch
+
+            torch.set_num_threads(old)
 
 
 def _as_numpy_dtype(dtype):
