@@ -203,7 +203,7 @@ class DoRALinear(AdapterLinear):
     Args:
         base: the pretrained layer (frozen by this constructor).
         config: a :class:`~lowrank_ref.config.DoRAConfig`.
-        rng: a ``numpy.random.Generator`` for the init and the dropout masks.
+        rng: a ``numpy.random.Generator`` (or an int seed, or None) for the init and the dropout masks.
 
     ``norm_method`` (attribute, ``"factored"`` by default, or ``"dense"``) picks how the row norm
     is computed; both give the same numbers (tested) and differ in cost (``bench/bench_dora.py``).
@@ -217,7 +217,7 @@ class DoRALinear(AdapterLinear):
         if not isinstance(config, DoRAConfig):
             raise TypeError(f"config must be a DoRAConfig, got {type(config).__name__}")
         super().__init__(base, config)
-        rng = np.random.default_rng() if rng is None else rng
+        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)  # None / int seed
         self.rng = rng
         self.norm_method = "factored"
         r, dtype = config.r, base.weight.data.dtype

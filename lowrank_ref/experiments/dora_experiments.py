@@ -48,7 +48,7 @@ class DoubleLoRALinear(AdapterLinear):
                 raise TypeError(f"{name} must be a LoRAConfig without dropout or PiSSA init, got {c!r}")
         super().__init__(base, config1)
         self.config2 = config2
-        rng = np.random.default_rng() if rng is None else rng
+        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
         dtype = base.weight.data.dtype
         self.A1 = Parameter(init_lora_A(config1.r, self.in_features, config1.init, rng, dtype))  # (r1, in)
         self.B1 = Parameter(np.zeros((self.out_features, config1.r), dtype=dtype))  # (out, r1)

@@ -483,3 +483,10 @@ def test_save_then_load_in_a_fresh_layer(rng, tmp_path):
     assert_close(fresh.forward(x), layer.forward(x), "y after load", 0, 0)
     with pytest.raises(ValueError, match="'m' has shape"):
         fresh.load_adapter_state(dict(layer.adapter_state(), m=np.ones(4)))
+
+
+def test_int_seed_rng_gives_the_same_layer():
+    W = np.random.default_rng(0).standard_normal((3, 4))
+    a = lr.adapters.DoRALinear(lr.nn.Linear.from_arrays(W), lr.DoRAConfig(r=2), rng=5)
+    b = lr.adapters.DoRALinear(lr.nn.Linear.from_arrays(W), lr.DoRAConfig(r=2), rng=np.random.default_rng(5))
+    assert np.array_equal(a.A.data, b.A.data)
