@@ -303,7 +303,9 @@ def plot_compare(rows: list[dict], histories: list[dict], path, retained_before:
         ax1.axhline(retained_before, color="0.3", ls="--", lw=1, label="base language, before")
     ax1.set_xticks(x, names)
     ax1.set_ylabel("next-token accuracy")
-    ax1.set_ylim(0, 1)
+    top = max([r[k] for r in rows for k in ("target_before", "target_after", "retained_after")]
+              + [retained_before or 0.0])
+    ax1.set_ylim(0, min(1.0, 1.3 * top + 0.02))  # accuracies in [0, 1]; zoomed to what is there
     ax1.legend(fontsize=8)
     ax1.set_title("what each method learned and kept")
     for r, h in zip(rows, histories):
