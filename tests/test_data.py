@@ -77,6 +77,25 @@ def test_agreement_holds_in_generated_text():
         assert singular_verb == (not s.subject.plural), words
 
 
+def test_selection_rules_hold_in_generated_text():
+    from lowrank_ref.data.grammar import ADJECTIVES, TRANSITIVE
+
+    def nps(np_):
+        yield np_
+        if np_.pp is not None:
+            yield from nps(np_.pp[1])
+
+    for s in draw_sentences(400, seed=5):
+        assert s.subject.kind == "animate"
+        if s.obj is not None:
+            assert s.obj.kind in TRANSITIVE[s.verb][1]
+        for np_ in list(nps(s.subject)) + (list(nps(s.obj)) if s.obj else []):
+            if np_.adj is not None:
+                assert np_.kind in ADJECTIVES[np_.adj], (np_.adj, np_.noun)
+    assert TRANSITIVE["chases"][1] == ("animate",) and TRANSITIVE["eats"][1] == ("food",)
+    assert ADJECTIVES["happy"] == ("animate",) and "animate" not in ADJECTIVES["red"]
+
+
 def test_dialect_differs_measurably_in_word_statistics():
     t = data.builtin_task(0)
     V = t.vocab_size

@@ -6,7 +6,8 @@ predictable, so a small model has something to learn beyond word frequencies:
 - **Agreement.** Determiners carry number (``a``/``every`` singular, ``some``/``many`` plural,
   ``the`` either), and the verb agrees with its subject (``the cat sees``, ``the cats see``).
 - **Selection.** Subjects are animate; ``chases`` wants an animate object, ``eats`` food,
-  ``carries`` a thing; ``happy`` describes only animals and people, ``red`` only things.
+  ``finds`` and ``carries`` food or things; ``happy`` describes only animals and people,
+  ``red`` only food and things.
 - **Optional parts.** An adjective before a noun (probability ``P_ADJ``), a prepositional phrase
   after it (``P_PP``), an intransitive verb instead of a transitive one (``P_INTRANSITIVE``).
 
