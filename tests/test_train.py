@@ -207,3 +207,28 @@ def test_load_pretrained_returns_fresh_copies_in_each_backend():
         load_pretrained(dtype="bfloat16")
     with pytest.raises(ValueError, match="known backends"):
         load_pretrained(backend="tpu")
+
+
+def test_a_model_trained_on_other_data_is_refused(tmp_path):
+    import json
+    import shutil
+
+    from lowrank_ref.models import ASSET_DIR, CONFIG_FILE, WEIGHTS_FILE, load_pretrained
+
+    shutil.copy(ASSET_DIR / WEIGHTS_FILE, tmp_path / WEIGHTS_FILE)
+    meta = json.loads((ASSET_DIR / CONFIG_FILE).read_text())
+    meta["data_version"] = "0"
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="lowrank-ref pretrain"):
+        load_pretrained(asset_dir=tmp_path)
+
+
+def test_a_corrupt_weights_file_is_a_clear_error(tmp_path):
+    import shutil
+
+    from lowrank_ref.models import ASSET_DIR, CONFIG_FILE, WEIGHTS_FILE, load_pretrained
+
+    shutil.copy(ASSET_DIR / CONFIG_FILE, tmp_path / CONFIG_FILE)
+    (tmp_path / WEIGHTS_FILE).write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="cannot read model weights"):
+        load_pretrained(asset_dir=tmp_path)
