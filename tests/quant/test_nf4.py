@@ -308,3 +308,13 @@ def test_file_round_trip_and_tampered_files(tmp_path):
     save_file(arrays, str(tmp_path / "bad3.safetensors"))
     with pytest.raises(ValueError, match="not an NF4Tensor file"):
         lr.quant.NF4Tensor.load(tmp_path / "bad3.safetensors")
+
+
+def test_non_contiguous_input_and_constant_tensor():
+    W = np.random.default_rng(5).standard_normal((30, 40)).astype(np.float32)
+    a, b = lr.quant.quantize_nf4(W.T, 64), lr.quant.quantize_nf4(np.ascontiguousarray(W.T), 64)
+    np.testing.assert_array_equal(a.packed, b.packed)
+    assert a.dequantize().shape == (40, 30)
+    # every absmax equal: the centred absmax values are all 0, and double quantisation is exact
+    c = lr.quant.quantize_nf4(np.full(1000, -0.5, np.float32), 64, double_quant=True)
+    np.testing.assert_array_equal(c.dequantize(), np.full(1000, -0.5, np.float32))
