@@ -89,7 +89,9 @@ def blas_threads(n: int | None = 1, torch_too: bool = False):
 def _as_numpy_dtype(dtype):
     if dtype is None:
         return np.dtype(np.float32)
-    name = str(dtype).replace("torch.", "")
+    # a NumPy dtype or scalar type (np.float64) is taken as it is; a string or torch dtype by name
+    is_numpy = isinstance(dtype, np.dtype) or (isinstance(dtype, type) and issubclass(dtype, np.generic))
+    name = np.dtype(dtype).name if is_numpy else str(dtype).replace("torch.", "")
     if name == "bfloat16":
         raise ValueError("dtype bfloat16 has no NumPy type; use backend='torch' or 'cuda' for bfloat16")
     try:
