@@ -133,6 +133,9 @@ def _layer_meta(path: str, layer, backend: str, tensors: dict) -> dict:
         meta["scaling"] = float(layer.scaling)
     if hasattr(cfg, "rslora"):
         meta["scaling_rule"] = "alpha/sqrt(r)" if cfg.rslora else "alpha/r"
+    options = layer.layer_options()
+    if options:
+        meta["options"] = dict(options)  # e.g. QLoRA's blocksize and double_quant
     for name, value in layer.adapter_state().items():
         key = peft_key(path, type(layer), name)
         if key in tensors:
@@ -225,6 +228,15 @@ def _parse_header(header: dict, path) -> tuple[dict, dict]:
     return layers, user
 
 
+def _options(p: str, m: dict) -> dict:
+    """The layer's constructor options from the file: a flat object of JSON scalars."""
+    options = m.get("options", {})
+    if not isinstance(options, dict) or not all(
+            isinstance(k, str) and isinstance(v, (bool, int, float, str)) for k, v in options.items()):
+        raise ValueError(f"layer {p!r}: 'options' metadata must be an object of scalars, got {options!r}")
+    return options
+
+
 def _plan(layers: dict) -> dict:
     """{path: (spec, config)}, checking that every method and config is known and valid."""
     plan = {}
@@ -284,7 +296,7 @@ def load_adapter(model_or_layer, path) -> dict:
     adapters = _adapters(model_or_layer, backend)
     snapshot = None
     if not adapters:
-        snapshot = _inject_from_plan(model_or_layer, plan, backend)
+        snapshot = _inject_from_plan(model_or_layer, plan, layers, backend)
         adapters = _adapters(model_or_layer, backend)
     try:
         states = _match(adapters, layers, plan, tensors, backend)
@@ -297,13 +309,15 @@ def load_adapter(model_or_layer, path) -> dict:
     return {"layers": layers, "user": user, "format_version": int(header["adapter_format_version"])}
 
 
-def _inject_from_plan(model, plan: dict, backend: str):
+def _inject_from_plan(model, plan: dict, layers: dict, backend: str):
     if "" in plan:
         raise ValueError("the file holds a single adapter layer (path ''): load it into an adapter "
                          "layer built with the same config (lowrank_ref.adapt), not into a plain layer")
-    groups: dict = {}
+    groups: dict = {}  # layers built alike: same method, same constructor options
     for p, (spec, cfg) in plan.items():
-        groups.setdefault(spec.name, {})[p] = (spec, cfg)
+        options = _options(p, layers[p])
+        key = (spec.name, json.dumps(options, sort_keys=True))
+        groups.setdefault(key, {})[p] = (spec, cfg, options)
     if backend == "numpy":
         from lowrank_ref.inject import build_adapters
     else:
@@ -311,15 +325,18 @@ def _inject_from_plan(model, plan: dict, backend: str):
     snaps = []
     try:
         for group in groups.values():
-            spec = next(iter(group.values()))[0]
+            spec, _, options = next(iter(group.values()))
             path = _class_path(spec, backend)
             if path is None:
                 raise ValueError(f"method {spec.name!r} has no {backend} implementation")
             cls = registry.load_object(path)
             # a fresh random init on purpose: everything the layer needs must come from the file,
             # so a tensor that the file lacks but a seed would regenerate shows up as a mismatch
-            snaps.append(build_adapters(model, {p: (cls, cfg) for p, (_, cfg) in group.items()},
-                                        rng=None, **spec.kwargs))
+            try:
+                snaps.append(build_adapters(model, {p: (cls, cfg) for p, (_, cfg, _) in group.items()},
+                                            rng=None, **{**spec.kwargs, **options}))
+            except TypeError as e:
+                raise ValueError(f"method {spec.name!r}: the file's layer options {options} do not fit: {e}") from None
     except BaseException:
         for s in reversed(snaps):
             s.restore()
@@ -352,6 +369,9 @@ def _match(adapters: dict, layers: dict, plan: dict, tensors: dict, backend: str
             raise ValueError(f"{where}: the file holds method {spec.name!r}, the model has {method!r}")
         if layer.config != cfg:
             raise ValueError(f"{where}: config differs: file {cfg}, model {layer.config}")
+        options = _options(p, layers[p])
+        if layer.layer_options() != options:
+            raise ValueError(f"{where}: layer options differ: file {options}, model {layer.layer_options()}")
         if getattr(layer, "merged", False):
             raise ValueError(f"{where} is merged: unmerge() before loading adapter weights")
         own = layer.adapter_state()

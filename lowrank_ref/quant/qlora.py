@@ -195,6 +195,10 @@ class QLoRALinear(AdapterLinear):
     def scaling(self) -> float:
         return self.config.scaling
 
+    def layer_options(self) -> dict:
+        """``blocksize`` and ``double_quant``: an adapter file needs them to rebuild the same base."""
+        return {"blocksize": int(self.blocksize), "double_quant": bool(self.double_quant)}
+
     @property
     def blocksize(self) -> int:
         return self.base.qweight.blocksize
