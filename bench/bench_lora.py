@@ -1,6 +1,6 @@
 r"""LoRA benchmarks: the layer, a small-GPT training step, and merged inference.
 
-Rows (see :mod:`bench.run` for the contract):
+Rows (see :mod:`bench.run` for the contract); NumPy and torch each run on one thread:
 
 ``lora_layer_fwd_bwd``
     One LoRA layer, forward + backward (input gradient included, as inside a network):
@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.run import time_interleaved
+from bench.run import single_thread, time_interleaved
 from lowrank_ref.inject import adapter_layers, inject
 
 FULL = {"d": 1024, "r": 8, "tokens": 8192, "repeats": 15, "warmup": 2,
         "gpt": {"vocab_size": 512, "block_size": 128, "n_layer": 4, "n_head": 4, "d_model": 256},
-        "gpt_batch": 16, "gpt_repeats": 10}
+        "gpt_batch": 16, "gpt_repeats": 15}
 QUICK = {"d": 32, "r": 4, "tokens": 64, "repeats": 1, "warmup": 1,
          "gpt": {"vocab_size": 32, "block_size": 8, "n_layer": 1, "n_head": 2, "d_model": 16},
          "gpt_batch": 2, "gpt_repeats": 1}
@@ -335,10 +335,17 @@ def bench_gpt_inference(size: dict, rng) -> list[dict]:
 
 
 def run(quick: bool) -> list[dict]:
+    """Every row, NumPy and torch each on one thread (see :func:`bench.run.single_thread`)."""
     size = QUICK if quick else FULL
     rng = np.random.default_rng(0)
-    return (bench_layer(size, rng) + bench_layer_inference(size, rng)
-            + bench_gpt_step(size, rng) + bench_gpt_inference(size, rng))
+    with single_thread():
+        rows = (bench_layer(size, rng) + bench_layer_inference(size, rng)
+                + bench_gpt_step(size, rng) + bench_gpt_inference(size, rng))
+    for r in rows:
+        r["threads"] = 1
+        if "shape" in r:
+            r["shape"] += ", 1 thread"
+    return rows
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ anything else
 
 Use :func:`time_interleaved` to time the implementations of one ``name``: they take turns, call
 by call, so the noise of a shared machine (other processes, clock changes) falls on all of them
-alike rather than on whichever happened to run during a busy second. Never assert on timings in
+alike rather than on whichever happened to run during a busy second; and :func:`single_thread`
+to run them on one core each (say so in the row, e.g. in ``shape``). Never assert on timings in
 tests: the goals live here, in the table.
 
 A module that raises does not stop the others: its error becomes a skipped row, the traceback is
@@ -47,6 +48,7 @@ printed, and the command exits with status 1 at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import gc
 import importlib
@@ -60,7 +62,7 @@ import sys
 import time
 import traceback
 
-__all__ = ["time_interleaved", "check_rows", "add_ratios", "render_markdown", "discover", "main"]
+__all__ = ["time_interleaved", "single_thread", "check_rows", "add_ratios", "render_markdown", "discover", "main"]
 
 BENCH_DIR = pathlib.Path(__file__).resolve().parent
 REQUIRED = ("name", "impl", "seconds", "ratio_to")
@@ -96,6 +98,30 @@ def time_interleaved(fns: dict, repeats: int = 10, warmup: int = 2) -> dict:
             gc.enable()
     return {n: {"seconds": statistics.median(ts), "min_seconds": min(ts), "repeats": repeats}
             for n, ts in times.items()}
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Run NumPy's BLAS and torch on one thread inside the block (both sides alike).
+
+    On a small shared machine, multi-threaded kernels stall whenever another process holds one of
+    the cores (a thread waits at a barrier for its descheduled sibling), which turns timings into
+    noise; one thread each compares the implementations, not the scheduler."""
+    from threadpoolctl import threadpool_limits
+
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    n = torch.get_num_threads() if torch is not None else None
+    with threadpool_limits(limits=1, user_api="blas"):
+        if torch is not None:
+            torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            if torch is not None:
+                torch.set_num_threads(n)
 
 
 # -- rows -----------------------------------------------------------------------------------
