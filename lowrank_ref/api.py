@@ -13,6 +13,9 @@ def adapt(base, config, backend: str = "numpy", method: str | None = None, rng=N
 
     ``method`` picks among methods sharing a config class (``"qlora"`` takes a ``LoRAConfig``).
     A NumPy base given to a torch backend is copied into a ``torch.nn.Linear`` (same dtype).
+    ``"cupy"`` builds the NumPy layer and moves its arrays (the base's included) onto the GPU, where
+    the same array code runs on CuPy arrays (the LoRA layer; GPU training of whole models is
+    ``"cuda"``).
     """
     backend = check_backend(backend)
     spec = get_method(method) if method is not None else method_for_config(config)

@@ -35,7 +35,7 @@ import numpy as np
 
 from lowrank_ref.adapters.base import AdapterLinear
 from lowrank_ref.config import LoRAConfig
-from lowrank_ref.nn.module import Parameter
+from lowrank_ref.nn.module import Parameter, array_module
 
 __all__ = ["LoRALinear", "lora_forward", "lora_backward", "init_lora_A"]
 
@@ -141,7 +141,9 @@ class LoRALinear(AdapterLinear):
         mask = None
         p = self.config.dropout
         if self.training and p > 0:
-            mask = (self.rng.random(x.shape) >= p).astype(x.dtype) / (1.0 - p)
+            xp = array_module(x)  # on CuPy arrays the mask comes from CuPy's own generator
+            u = self.rng.random(x.shape) if xp is np else xp.random.random(x.shape)
+            mask = (u >= p).astype(x.dtype) / (1.0 - p)
         y, cache = lora_forward(x, self._params_dict(), self.config, mask=mask)
         self._cache = cache
         return y

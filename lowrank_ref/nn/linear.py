@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from lowrank_ref.nn.module import Module, Parameter, check_finite
+from lowrank_ref.nn.module import Module, Parameter, array_module, check_finite
 
 __all__ = ["Linear", "Dropout", "linear_forward", "linear_backward", "check_last_dim"]
 
 
 def check_last_dim(x: np.ndarray, expected: int, name: str = "x") -> np.ndarray:
     """Turn ``x`` into a floating array whose last axis has ``expected`` entries, or raise."""
-    x = np.asarray(x)
+    if array_module(x) is np:  # a CuPy array stays on its device
+        x = np.asarray(x)
     if not np.issubdtype(x.dtype, np.floating):
         raise TypeError(f"{name} must be a floating array, got dtype {x.dtype}")
     if x.ndim < 1 or x.shape[-1] != expected:

@@ -19,7 +19,18 @@ from collections.abc import Iterator
 
 import numpy as np
 
-__all__ = ["Parameter", "Module", "ModuleList", "check_finite"]
+__all__ = ["Parameter", "Module", "ModuleList", "check_finite", "array_module"]
+
+
+def array_module(a):
+    """``numpy``, or ``cupy`` for a CuPy array: the reference's array code runs on either.
+
+    CuPy is recognised by the array's type and imported only then, so NumPy users never load it."""
+    if type(a).__module__.partition(".")[0] == "cupy":
+        import cupy
+
+        return cupy
+    return np
 
 
 def check_finite(name: str, array: np.ndarray) -> None:
@@ -52,7 +63,8 @@ class Parameter:
         """Add ``g`` to ``.grad`` (creating it), or do nothing if the parameter is frozen."""
         if not self.trainable:
             return
-        g = np.asarray(g, dtype=self.data.dtype).reshape(self.data.shape)
+        xp = array_module(self.data)
+        g = xp.asarray(g, dtype=self.data.dtype).reshape(self.data.shape)
         if self.grad is None:
             self.grad = g.copy()
         else:
