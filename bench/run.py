@@ -195,11 +195,20 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
         met = {True: "yes", False: "**no**", None: ""}[r.get("met")]
         lines.append(f"| {r['name']} | {r['impl']} | {_ms(r['seconds'])} | {_ms(r.get('min_seconds'))} "
                      f"| {ratio} | {goal} | {met} |")
-    notes = [f"- `{r['name']}`: {r['note']}" for r in rows if r.get("note")]
-    seen_notes = list(dict.fromkeys(notes))
+    notes = []
+    for name in dict.fromkeys(r["name"] for r in rows):
+        group = [r for r in rows if r["name"] == name]
+        shape = next((r["shape"] for r in group if r.get("shape")), None)
+        if isinstance(shape, (list, tuple)):
+            shape = "×".join(map(str, shape))
+        said = list(dict.fromkeys(r["note"] for r in group if r.get("note")))
+        if shape or said:
+            notes.append(f"- `{name}`: " + "; ".join(([shape] if shape else []) + said))
+    seen_notes = notes
     machine = (f"{meta['cpu']}, {meta['cpu_count']} cores; Python {meta['python']}, NumPy {meta['numpy']}"
                f" ({meta['blas']}), torch {meta.get('torch') or 'not installed'}"
-               f" ({meta.get('torch_threads')} threads), PEFT {meta.get('peft') or 'not installed'}")
+               f" ({meta.get('torch_threads')} threads by default; rows run on one thread where their"
+               f" notes say so), PEFT {meta.get('peft') or 'not installed'}")
     head = [f"Measured {meta['date']} on {machine}."]
     if meta.get("loadavg"):
         head.append(f"Load average (1, 5, 15 min) when it finished: {meta['loadavg']}; the machine is shared, "
@@ -314,6 +323,15 @@ def write_results(rows: list[dict], meta: dict, out) -> tuple[pathlib.Path, path
     jpath.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str) + "\n")
     mpath.write_text(render_markdown(rows, meta))
     return jpath, mpath
+
+
+def rerender(out) -> pathlib.Path:
+    """Rewrite ``out/bench.md`` from ``out/bench.json`` (after a change to the table's layout)."""
+    out = pathlib.Path(out)
+    data = json.loads((out / "bench.json").read_text())
+    path = out / "bench.md"
+    path.write_text(render_markdown(data["rows"], data["meta"]))
+    return path
 
 
 def main(argv=None) -> int:
