@@ -78,3 +78,10 @@ def test_at_init_only_B_gets_a_gradient():
     layer.forward(rng.standard_normal((4, 7)))
     layer.backward(rng.standard_normal((4, 5)))
     assert np.all(layer.A.grad == 0) and np.all(layer.B.grad == 0)
+
+
+def test_join_results_concatenates_runs_only():
+    a = {"settings": {"steps": 1}, "bert_lora_counts": [1, 2], "targets": [{"x": 1}]}
+    b = {"settings": {"steps": 1}, "bert_lora_counts": [1, 2], "targets": [{"x": 2}], "init": [{"y": 0}]}
+    j = le.join_results(a, b)
+    assert j["bert_lora_counts"] == [1, 2] and j["targets"] == [{"x": 1}, {"x": 2}] and j["init"] == [{"y": 0}]

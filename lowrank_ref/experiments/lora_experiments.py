@@ -378,8 +378,8 @@ def join_results(*parts: dict) -> dict:
     out: dict = {}
     for part in parts:
         for k, v in part.items():
-            if isinstance(v, list) and isinstance(out.get(k), list):
-                out[k] = out[k] + v
+            if k in EXPERIMENTS and k in out:
+                out[k] = out[k] + v  # the runs; everything else (settings, counts) is the same in each
             else:
                 out.setdefault(k, v)
     return out
