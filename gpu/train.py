@@ -7,10 +7,12 @@ the learning rate from the same :func:`~lowrank_ref.optim.cosine_schedule`, the 
 ``torch.nn.utils.clip_grad_norm_`` (the same ``min(1, max_norm/(norm + 1e-6))`` factor). So from the
 same weights, in float64, both loops walk the same trajectory to rounding (tests/test_train.py).
 
-Peak memory (``measure_memory=True``), measured on the first step:
+Peak memory (``measure_memory=True``):
 
-- **CUDA**: ``torch.cuda.max_memory_allocated()`` after resetting the peak counter just before
-  the step: every tensor live on the device at the step's high-water mark (weights included).
+- **CUDA**: ``torch.cuda.max_memory_allocated()`` over the first two steps (the counter reset just
+  before the first): every tensor live on the device at the high-water mark, weights included.
+  Two steps, because the optimizer state created at the end of the first is live during the
+  second, as in every later step (the NumPy loop measures the same way).
 - **CPU**: PyTorch's CPU allocator keeps no peak counter and :mod:`tracemalloc` does not see it,
   so the number is counted, not measured: the model's parameters and buffers, plus the
   tensors autograd saves for the backward pass (caught with
@@ -92,10 +94,11 @@ def train(model, data, steps: int, lr: float = 1e-3, batch_size: int = 16, optim
     opt.zero_grad(set_to_none=True)
     times = []
     bar = progress_bar(steps, progress, desc)
+    last_measured = min(1, steps - 1) if cuda else 0  # CUDA: the second step holds the optimizer state
     for step in bar:
-        measuring = measure_memory and step == 0
+        measuring = measure_memory and step <= last_measured
         saved: dict = {}
-        if measuring and cuda:
+        if measuring and cuda and step == 0:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
@@ -129,7 +132,8 @@ def train(model, data, steps: int, lr: float = 1e-3, batch_size: int = 16, optim
         elapsed = time.perf_counter() - t0
         if measuring:
             if cuda:
-                result.peak_memory_bytes = int(torch.cuda.max_memory_allocated(device))
+                if step == last_measured:
+                    result.peak_memory_bytes = int(torch.cuda.max_memory_allocated(device))
             else:
                 params_in_saved = {(p.untyped_storage().data_ptr(), p.device.type) for p in model.parameters()}
                 act = sum(v for k, v in saved.items() if k not in params_in_saved)

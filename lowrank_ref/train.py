@@ -17,12 +17,14 @@ the logits is the true next token) on deterministic, non-overlapping windows.
 :func:`lowrank_gpu.train.train` with the same arguments (the model must then be a torch model).
 ``None`` reads the backend off the model.
 
-Peak memory (``measure_memory=True``): the first step runs under :mod:`tracemalloc`, which sees
-every NumPy allocation (NumPy reports its data buffers to it). The number reported is the bytes
-the model holds before training (every parameter, frozen or not, and any other arrays its modules
-keep, such as packed 4-bit weights) plus the peak of what the step allocates on top: activations
-kept for the backward pass, gradients, and the optimizer state that the first step creates.
-Timing skips that step, because tracing slows allocation down.
+Peak memory (``measure_memory=True``): the first two steps run under :mod:`tracemalloc`, which
+sees every NumPy allocation (NumPy reports its data buffers to it). The number reported is the
+bytes the model holds before training (every parameter, frozen or not, and any other arrays its
+modules keep, such as packed 4-bit weights) plus the peak of what those steps allocate on top:
+activations kept for the backward pass, gradients, and the optimizer state. Two steps, because the
+first step creates the optimizer state only after its backward pass has freed the activations;
+from the second step on the state is live while activations and gradients peak, as in every
+later step. Timing skips the traced steps, because tracing slows allocation down.
 """
 
 from __future__ import annotations
@@ -222,9 +224,11 @@ def train(model, data, steps: int, lr: float = 1e-3, batch_size: int = 16, optim
     opt.zero_grad()
     times = []
     bar = progress_bar(steps, progress, desc)
+    last_traced = min(1, steps - 1)  # the second step: the optimizer state already exists
+    traced_times: list[float] = []  # used for the time per step only if no untraced step ran
     for step in bar:
-        tracing = measure_memory and step == 0
-        if tracing:
+        tracing = measure_memory and step <= last_traced
+        if tracing and step == 0:
             started = not tracemalloc.is_tracing()
             if started:
                 tracemalloc.start()
@@ -244,11 +248,13 @@ def train(model, data, steps: int, lr: float = 1e-3, batch_size: int = 16, optim
         opt.zero_grad()
         elapsed = time.perf_counter() - t0
         if tracing:
+            traced_times.append(elapsed)
+        if tracing and step == last_traced:
             peak = tracemalloc.get_traced_memory()[1] - before
             if started:
                 tracemalloc.stop()
             result.peak_memory_bytes = model_bytes(model) + int(peak)
-        elif step > 0 or steps == 1:
+        elif not tracing and (step > 0 or steps == 1):
             times.append(elapsed)
         if not np.isfinite(loss):
             raise FloatingPointError(f"the training loss became {loss} at step {step}; lower lr (now {lr})")
@@ -257,7 +263,7 @@ def train(model, data, steps: int, lr: float = 1e-3, batch_size: int = 16, optim
         if step % 10 == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{loss:.3f}")
     bar.close()
-    result.seconds_per_step = float(np.mean(times)) if times else float("nan")
+    result.seconds_per_step = float(np.mean(times or traced_times)) if (times or traced_times) else float("nan")
     result.optimizer_state_bytes = int(opt.state_bytes())
     return result
 

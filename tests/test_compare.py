@@ -60,7 +60,8 @@ def test_files_sizes_and_memory_order(rows_and_dir):
     assert by["full"]["adapter_bytes"] > by["lora"]["adapter_bytes"] > by["bitfit"]["adapter_bytes"]
     # full fine-tuning keeps gradients and two Adam moments for every weight: 12 bytes a scalar more
     extra = 12 * (by["full"]["trainable_params"] - by["lora"]["trainable_params"])
-    assert by["full"]["peak_memory_bytes"] > by["lora"]["peak_memory_bytes"] + 0.5 * extra
+    # (measured on the second step, when the state from the first is live under the activations)
+    assert by["full"]["peak_memory_bytes"] > by["lora"]["peak_memory_bytes"] + 0.9 * extra
 
 
 def test_json_and_png_are_written(rows_and_dir):
