@@ -52,7 +52,8 @@ class LoRAConfig:
     r"""LoRA (Hu et al. 2021): ``ΔW = s · B A`` with ``A (r, in)``, ``B (out, r)``.
 
     Args:
-        r: the rank, a positive integer.
+        r: the rank, a positive integer. ``ΔW = s B A`` has rank at most ``min(r, in, out)``: an
+            ``r`` above ``min(in, out)`` is allowed (as in PEFT) but only adds parameters.
         alpha: the numerator of the scaling ``s``; ``s = alpha / r`` (the paper, §4.1), or
             ``alpha / sqrt(r)`` with ``rslora=True`` (Kalajdzievski 2023).
         dropout: inverted dropout on the LoRA branch's input only, in [0, 1).

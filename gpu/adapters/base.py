@@ -3,6 +3,8 @@ with an explicit, exact merge/unmerge (``W0``'s bits are kept while merged)."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -19,7 +21,28 @@ def check_base(base) -> nn.Linear:
     return base
 
 
+def _keep_base_on_failure(init):
+    """A subclass constructor that raises leaves ``base``'s ``requires_grad`` flags as they were."""
+
+    @functools.wraps(init)
+    def wrapped(self, base, *args, **kwargs):
+        saved = [(p, p.requires_grad) for p in base.parameters()] if isinstance(base, nn.Module) else []
+        try:
+            init(self, base, *args, **kwargs)
+        except BaseException:
+            for p, flag in saved:
+                p.requires_grad_(flag)
+            raise
+
+    return wrapped
+
+
 class AdapterLinear(nn.Module):
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _keep_base_on_failure(cls.__dict__["__init__"])
+
     def __init__(self, base: nn.Linear, config):
         super().__init__()
         self.base = check_base(base)

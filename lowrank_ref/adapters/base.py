@@ -13,10 +13,12 @@ weight that the next ``unmerge()`` would throw away.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
-from lowrank_ref.nn.linear import Linear, check_last_dim, linear_forward
-from lowrank_ref.nn.module import Module, check_finite
+from lowrank_ref.nn.linear import Linear, check_dy, check_last_dim, linear_forward
+from lowrank_ref.nn.module import Module, StateError, check_finite
 
 __all__ = ["AdapterLinear", "check_base"]
 
@@ -30,8 +32,30 @@ def check_base(base) -> Linear:
     return base
 
 
+def _keep_base_on_failure(init):
+    """Wrap a subclass's ``__init__`` so that a constructor that raises leaves ``base`` as it was:
+    its parameters' ``trainable`` flags and ``data`` arrays (a PiSSA init replaces ``W0``)."""
+
+    @functools.wraps(init)
+    def wrapped(self, base, *args, **kwargs):
+        saved = [(p, p.trainable, p.data) for p in base.parameters().values()] if isinstance(base, Module) else []
+        try:
+            init(self, base, *args, **kwargs)
+        except BaseException:
+            for p, trainable, data in saved:
+                p.trainable, p.data = trainable, data
+            raise
+
+    return wrapped
+
+
 class AdapterLinear(Module):
     """Base class of the adapted linear layers (LoRA, DoRA, ...)."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _keep_base_on_failure(cls.__dict__["__init__"])
 
     def __init__(self, base: Linear, config):
         super().__init__()
@@ -85,6 +109,7 @@ class AdapterLinear(Module):
     # the computation ----------------------------------------------------------------------
     def forward(self, x: np.ndarray) -> np.ndarray:
         x = check_last_dim(x, self.in_features)
+        self._out_shape = x.shape[:-1] + (self.out_features,)  # what backward's dy must match
         if self.merged:
             self._cache = ("merged",)
             b = None if self.base.bias is None else self.base.bias.data
@@ -92,9 +117,11 @@ class AdapterLinear(Module):
         return self._forward(x)
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
+        if self._cache is not None:
+            check_dy(dy, self._out_shape, type(self).__name__)
         if self.merged:
             self._pop_cache()
-            raise RuntimeError(f"{type(self).__name__} is merged (inference only): unmerge() before training")
+            raise StateError(f"{type(self).__name__} is merged (inference only): unmerge() before training")
         return self._backward(dy)
 
     def _forward(self, x):

@@ -17,7 +17,7 @@ import numpy as np
 
 from lowrank_ref.nn.module import Module, Parameter, array_module, check_finite
 
-__all__ = ["Linear", "Dropout", "linear_forward", "linear_backward", "check_last_dim"]
+__all__ = ["Linear", "Dropout", "linear_forward", "linear_backward", "check_last_dim", "check_dy"]
 
 
 def check_last_dim(x: np.ndarray, expected: int, name: str = "x") -> np.ndarray:
@@ -29,6 +29,13 @@ def check_last_dim(x: np.ndarray, expected: int, name: str = "x") -> np.ndarray:
     if x.ndim < 1 or x.shape[-1] != expected:
         raise ValueError(f"{name} must have last dimension {expected} (in_features), got shape {x.shape}")
     return x
+
+
+def check_dy(dy, shape: tuple, owner: str) -> None:
+    """``dy`` must have the shape of the forward output; checked before the cache is used up."""
+    if tuple(getattr(dy, "shape", ())) != tuple(shape):
+        raise ValueError(f"{owner}.backward: dy must have shape {tuple(shape)} (the forward output), "
+                         f"got {tuple(getattr(dy, 'shape', ()))}")
 
 
 def linear_forward(x: np.ndarray, W: np.ndarray, b: np.ndarray | None) -> np.ndarray:
@@ -106,6 +113,8 @@ class Linear(Module):
         return linear_forward(x, self.weight.data, b)  # (..., out)
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
+        if self._cache is not None:
+            check_dy(dy, self._cache.shape[:-1] + (self.out_features,), "Linear")
         x = self._pop_cache()
         need = self.weight.trainable or (self.bias is not None and self.bias.trainable)
         dx, dW, db = linear_backward(dy, x, self.weight.data, need_w=need)

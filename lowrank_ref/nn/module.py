@@ -19,7 +19,12 @@ from collections.abc import Iterator
 
 import numpy as np
 
-__all__ = ["Parameter", "Module", "ModuleList", "check_finite", "array_module"]
+__all__ = ["Parameter", "Module", "ModuleList", "StateError", "check_finite", "array_module"]
+
+
+class StateError(RuntimeError, ValueError):
+    """A call made in the wrong state: ``backward`` before ``forward``, training a merged layer,
+    merging twice. A ``ValueError`` (bad input, as the project promises) and a ``RuntimeError``."""
 
 
 def array_module(a):
@@ -124,7 +129,7 @@ class Module:
         """Return the forward cache and clear it; a clear error if forward has not run."""
         cache = self._cache
         if cache is None:
-            raise RuntimeError(
+            raise StateError(
                 f"{type(self).__name__}.backward called before forward "
                 "(or twice for one forward): run forward(x) first"
             )
