@@ -7,7 +7,10 @@ Every field is validated on construction, so a bad rank fails before any array i
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
+
+import numpy as np
 
 __all__ = ["LoRAConfig", "DoRAConfig", "check_rank", "check_alpha", "check_dropout", "config_to_dict", "config_from_dict"]
 
@@ -24,7 +27,7 @@ def check_rank(r, name: str = "r") -> int:
 
 
 def check_alpha(alpha, name: str = "alpha") -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+    if isinstance(alpha, bool) or isinstance(alpha, np.bool_) or not isinstance(alpha, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {alpha!r}")
     alpha = float(alpha)
     if not math.isfinite(alpha) or alpha < 0:
@@ -33,7 +36,7 @@ def check_alpha(alpha, name: str = "alpha") -> float:
 
 
 def check_dropout(p, name: str = "dropout") -> float:
-    if isinstance(p, bool) or not isinstance(p, (int, float)):
+    if isinstance(p, bool) or isinstance(p, np.bool_) or not isinstance(p, numbers.Real):
         raise TypeError(f"{name} must be a number in [0, 1), got {p!r}")
     p = float(p)
     if not 0.0 <= p < 1.0:
@@ -42,8 +45,11 @@ def check_dropout(p, name: str = "dropout") -> float:
 
 
 def check_bool(v, name: str) -> bool:
+    """``True``/``False`` (a NumPy ``bool_`` is taken as the bool it holds); 0, 1, "yes" are refused."""
+    if isinstance(v, np.bool_):
+        return bool(v)
     if not isinstance(v, bool):
-        raise TypeError(f"{name} must be a bool, got {v!r} ({type(v).__name__})")
+        raise TypeError(f"{name} must be a bool, got {v!r} ({type(v).__module__}.{type(v).__qualname__})")
     return v
 
 
@@ -74,7 +80,7 @@ class LoRAConfig:
         object.__setattr__(self, "r", check_rank(self.r))
         object.__setattr__(self, "alpha", check_alpha(self.alpha))
         object.__setattr__(self, "dropout", check_dropout(self.dropout))
-        check_bool(self.rslora, "rslora")
+        object.__setattr__(self, "rslora", check_bool(self.rslora, "rslora"))
         if self.init not in LORA_INITS:
             raise ValueError(f"init must be one of {LORA_INITS}, got {self.init!r}")
 
@@ -115,8 +121,8 @@ class DoRAConfig:
         object.__setattr__(self, "r", check_rank(self.r))
         object.__setattr__(self, "alpha", check_alpha(self.alpha))
         object.__setattr__(self, "dropout", check_dropout(self.dropout))
-        check_bool(self.rslora, "rslora")
-        check_bool(self.detach_norm, "detach_norm")
+        object.__setattr__(self, "rslora", check_bool(self.rslora, "rslora"))
+        object.__setattr__(self, "detach_norm", check_bool(self.detach_norm, "detach_norm"))
         if self.init not in DORA_INITS:
             raise ValueError(f"init must be one of {DORA_INITS} for DoRA, got {self.init!r}")
 

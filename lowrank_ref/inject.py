@@ -90,9 +90,14 @@ def resolve_overrides(names: list[str], overrides, what: str) -> dict[str, objec
         return {}
     if not isinstance(overrides, dict):
         raise TypeError(f"{what} must be a dict {{pattern: value}}, got {type(overrides).__name__}")
+    from lowrank_ref.config import check_alpha, check_rank
+
+    check = {"ranks": check_rank, "alphas": check_alpha}.get(what)
     out: dict[str, object] = {}
     for pattern, value in overrides.items():
         _as_patterns(pattern, f"{what} key")
+        if check is not None:
+            value = check(value, f"{what}[{pattern!r}]")  # the error names the entry
         hits = [n for n in names if _matches(n, pattern)]
         if not hits:
             raise _no_match(pattern, f"{what} pattern", names)
