@@ -18,7 +18,10 @@ adapters without the code that made them:
 * ``layers``: JSON ``{P: {"method", "config", "scaling", "scaling_rule", "tensors"}}``, the
   *full* config of each layer (so per-layer ranks and alphas survive) and, per tensor, its key,
   shape and dtype;
-* ``user_metadata``: JSON of the ``metadata`` argument.
+* ``user_metadata``: JSON of the ``metadata`` argument;
+* ``method``, ``r``, ``alpha``, ``scaling``, ``scaling_rule`` at the top level too, for a reader
+  with any safetensors tool: the common value when every layer has the same one, else
+  ``"per-layer"`` (then ``layers`` has each). Loading reads ``layers``, never these.
 
 Safetensors only, never pickle: a file is data and cannot run code when it is opened.
 Loading checks everything (the file parses, the format, the methods, every key, shape, dtype,
@@ -146,6 +149,23 @@ def _layer_meta(path: str, layer, backend: str, tensors: dict) -> dict:
     return meta
 
 
+def _summary(layers_meta: dict) -> dict[str, str]:
+    """The top-level ``method``/``r``/``alpha``/``scaling``/``scaling_rule`` strings."""
+    values = {
+        "method": [m["method"] for m in layers_meta.values()],
+        "r": [m["config"].get("r") for m in layers_meta.values()],
+        "alpha": [m["config"].get("alpha") for m in layers_meta.values()],
+        "scaling": [m.get("scaling") for m in layers_meta.values()],
+        "scaling_rule": [m.get("scaling_rule") for m in layers_meta.values()],
+    }
+    out = {}
+    for key, vals in values.items():
+        if all(v is None for v in vals):
+            continue
+        out[key] = str(vals[0]) if len(set(map(str, vals))) == 1 else "per-layer"
+    return out
+
+
 def save_adapter(model_or_layer, path, metadata: dict | None = None) -> str:
     """Write the adapters of ``model_or_layer`` (a model with adapters, or one adapter layer) to
     ``path`` as safetensors; returns ``path``. ``metadata``: a JSON-serialisable dict kept in the
@@ -169,6 +189,7 @@ def save_adapter(model_or_layer, path, metadata: dict | None = None) -> str:
         "adapter_format_version": str(FORMAT_VERSION),
         "layers": json.dumps(layers_meta, sort_keys=True),
         "user_metadata": user,
+        **_summary(layers_meta),
     }
     from safetensors.numpy import save_file
 

@@ -72,3 +72,24 @@ def test_options_that_do_not_fit_the_method_are_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="options"):
         load_adapter(fresh, bad)
     assert set(fresh.parameters()) == names_before  # nothing injected
+
+
+def test_r_alpha_and_scaling_rule_are_top_level_metadata(tmp_path):
+    from safetensors import safe_open
+
+    model = GPT(CFG, rng=np.random.default_rng(0))
+    inject(model, lr.LoRAConfig(r=2, alpha=6, rslora=True), targets=("q", "v"), rng=0)
+    path = tmp_path / "lora.safetensors"
+    save_adapter(model, path)
+    with safe_open(str(path), framework="np") as f:
+        meta = f.metadata()
+    assert meta["method"] == "lora" and meta["r"] == "2" and meta["alpha"] == "6.0"
+    assert meta["scaling_rule"] == "alpha/sqrt(r)"
+    assert float(meta["scaling"]) == pytest.approx(6 / np.sqrt(2))
+
+    mixed = GPT(CFG, rng=np.random.default_rng(0))
+    inject(mixed, lr.LoRAConfig(r=2, alpha=6), targets=("q", "v"), ranks={"v": 3}, rng=0)
+    save_adapter(mixed, path)
+    with safe_open(str(path), framework="np") as f:
+        meta = f.metadata()
+    assert meta["r"] == "per-layer" and meta["alpha"] == "6.0" and meta["scaling_rule"] == "alpha/r"
