@@ -100,6 +100,9 @@ def _resolve_backend(model, backend) -> str:
     if backend is None:
         return actual
     backend = check_backend(backend)
+    if backend == "cupy":
+        raise ValueError("train supports backends numpy, torch and cuda; 'cupy' is a layer-level "
+                         "switch (lr.adapt): train on the GPU with backend='cuda'")
     if backend != actual:
         raise ValueError(
             f"backend={backend!r} but the model is a {actual} model; build it for that backend "

@@ -55,3 +55,12 @@ def test_no_part_of_the_reference_imports_torch_cupy_or_the_mirror():
             "print(sorted(k for k in ('torch', 'cupy', 'lowrank_gpu') if k in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_train_with_backend_cupy_points_to_cuda():
+    from lowrank_ref.data import builtin_task
+    from lowrank_ref.train import train
+
+    model = GPT(GPTConfig(vocab_size=61, block_size=4, n_layer=1, n_head=2, d_model=8), rng=np.random.default_rng(0))
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        train(model, builtin_task().base_train, steps=1, backend="cupy", progress=False)
