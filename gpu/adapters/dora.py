@@ -27,7 +27,8 @@ __all__ = ["DoRALinear", "dora_row_norm"]
 def dora_row_norm(W, A, B, s, w0_sq=None, method="factored"):
     r"""``n_j = ‖W0_j + s (B A)_j‖`` (out,), differentiable in ``A`` and ``B``."""
     if method == "dense":
-        return torch.linalg.vector_norm(W + s * (B @ A), dim=1)
+        V = W + s * (B @ A)  # (out, in)
+        return safe_sqrt((V * V).sum(dim=1))
     if method not in NORM_METHODS:
         raise ValueError(f"method must be one of {NORM_METHODS}, got {method!r}")
     if w0_sq is None:
@@ -40,7 +41,19 @@ def dora_row_norm(W, A, B, s, w0_sq=None, method="factored"):
         idx = bad.nonzero().squeeze(1)
         Vb = W[idx] + s * (B[idx] @ A)
         n2 = n2.index_put((idx,), (Vb * Vb).sum(dim=1))
-    return torch.sqrt(n2.clamp_min(0))
+    return safe_sqrt(n2)
+
+
+def safe_sqrt(n2):
+    r"""``√n2`` where ``n2 > 0``, 0 elsewhere, with gradient 0 where ``n2 ≤ 0``.
+
+    ``torch.sqrt`` has derivative ``1/(2√n2)``, infinite at 0, and autograd multiplies it by the
+    zero that ``torch.where`` sends back to a dead row: ``0 · ∞ = NaN``. Taking the root of 1 on
+    dead rows (the inner ``where``) keeps every intermediate finite; the outer ``where`` then
+    gives the zero-norm rule's value, 0, and its gradient, 0 (the NumPy reference's rule)."""
+    live = n2 > 0
+    one = torch.ones_like(n2)
+    return torch.where(live, torch.sqrt(torch.where(live, n2, one)), torch.zeros_like(n2))
 
 
 class DoRALinear(AdapterLinear):
@@ -88,7 +101,11 @@ class DoRALinear(AdapterLinear):
         return self._w0_backup if self.merged else self.base.weight
 
     def _w0_sq(self) -> torch.Tensor:
-        """``‖W0_j‖²``, cached while the frozen base weight keeps its storage and version."""
+        """``‖W0_j‖²``, cached while the frozen base weight keeps its storage and version.
+
+        The key is ``(data_ptr, _version, dtype)`` and the tensor object: an in-place edit bumps
+        ``_version`` and a new tensor changes the object, so either recomputes; unlike the NumPy
+        layer, no ``clear_norm_cache()`` is needed."""
         W0 = self._w0()
         key = (W0.data_ptr(), W0._version, W0.dtype)
         k, ref, val = self._w0_sq_cache

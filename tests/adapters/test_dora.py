@@ -446,19 +446,79 @@ def test_torch_dropout_is_the_corrected_formula(rng):
     assert_close(t(x), layer.eval().forward(x.numpy()), "torch eval y", 1e-10, 1e-12)
 
 
-def test_torch_zero_row_rule_and_warning(rng):
+@pytest.mark.parametrize("method", ["factored", "dense"])
+@pytest.mark.parametrize("detach", [True, False])
+def test_torch_zero_row_rule_and_warning(rng, detach, method):
+    """Row 1 of W0 is zero and stays zero (B_1 = 0): g_1 = 0, and no NaN anywhere in the
+    gradients, with the norm detached or not (d√n²/dn² is infinite at 0). Same numbers as NumPy."""
     W = rng.standard_normal((3, 4))
     W[1] = 0
     base = lr.nn.Linear.from_arrays(W, np.ones(3))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        layer = lr.adapters.DoRALinear(base, lr.DoRAConfig(r=2), rng=rng)
+        layer = lr.adapters.DoRALinear(base, lr.DoRAConfig(r=2, detach_norm=detach), rng=rng)
+    layer.B.data = rng.standard_normal((3, 2))
+    layer.B.data[1] = 0
+    layer.norm_method = method
     with pytest.warns(RuntimeWarning, match="all zero"):
         t = twin(layer)
-    x = torch.from_numpy(rng.standard_normal((2, 4)))
-    y = t(x)
+    t.norm_method = method
+    x = rng.standard_normal((2, 4))
+    y = t(torch.from_numpy(x))
     y.sum().backward()
-    assert torch.all(y[:, 1] == 1) and t.m.grad[1] == 0 and torch.isfinite(t.A.grad).all()
+    assert torch.all(y[:, 1] == 1) and t.m.grad[1] == 0 and torch.all(t.B.grad[1] == 0)
+    for k in ("A", "B", "m"):
+        assert torch.isfinite(getattr(t, k).grad).all(), k
+    assert_close(y, layer.forward(x), "y")
+    layer.backward(np.ones((2, 3)))
+    for k in ("A", "B", "m"):
+        assert_close(getattr(t, k).grad, getattr(layer, k).grad, f"{k}̄", 1e-10, 1e-12)
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_torch_row_that_cancels_exactly_follows_the_rule(detach):
+    """The torch twin of test_row_that_cancels_exactly_follows_the_rule: V_0 = W0_0 − W0_0 = 0
+    during training (not a zero row of W0), so y_0 is the bias and every gradient is finite; the
+    live row's gradients equal NumPy's."""
+    W = np.array([[1.0, 2.0, -1.0], [0.5, 0.0, 1.0]])
+    b = np.array([0.25, -1.0])
+    cfg = lr.DoRAConfig(r=1, alpha=1.0, detach_norm=detach)  # s = 1
+    layer = lr.adapters.DoRALinear(lr.nn.Linear.from_arrays(W, b), cfg, rng=0)
+    layer.A.data, layer.B.data, layer.m.data = W[:1].copy(), np.array([[-1.0], [1.0]]), np.array([2.0, 3.0])
+    t = twin(layer)
+    x = torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64, requires_grad=True)
+    y = t(x)
+    assert float(y.detach()[0, 0]) == 0.25
+    y.backward(torch.ones_like(y))
+    assert t.m.grad[0] == 0
+    for name, g in (("A", t.A.grad), ("B", t.B.grad), ("m", t.m.grad), ("x", x.grad)):
+        assert torch.isfinite(g).all(), name
+    y_np = layer.forward(x.detach().numpy())
+    dx_np = layer.backward(np.ones_like(y_np))
+    assert_close(y, y_np, "y")
+    assert_close(x.grad, dx_np, "x̄")
+    for k in ("A", "B", "m"):
+        assert_close(getattr(t, k).grad, getattr(layer, k).grad, f"{k}̄")
+
+
+def test_torch_constructor_rejects_wrong_config():
+    base = torch.nn.Linear(3, 2, dtype=torch.float64)
+    with pytest.raises(TypeError, match="config must be a DoRAConfig"):
+        lg.adapters.DoRALinear(base, lr.LoRAConfig(r=1))
+
+
+def test_torch_loading_m_of_the_wrong_shape_changes_nothing(rng):
+    layer, _, _ = make_layer(rng)
+    t = twin(layer)
+    state = {k: v.detach().clone() for k, v in t.state_dict().items()}
+    # the adapter-file path (lowrank_ref.io): checks every shape before copying anything
+    with pytest.raises(ValueError, match=r"'m' has shape \(6,\), expected \(5,\)"):
+        t.load_adapter_state(dict(layer.adapter_state(), A=np.zeros((3, 7)), m=np.ones(6)))
+    # torch's own state_dict path
+    with pytest.raises(RuntimeError, match="size mismatch for m"):
+        t.load_state_dict(dict(state, m=torch.ones(6, dtype=torch.float64)))
+    for k, v in state.items():
+        assert torch.equal(t.state_dict()[k], v), k
 
 
 @requires_cuda
