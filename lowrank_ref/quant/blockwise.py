@@ -54,7 +54,11 @@ _TINY = np.float32(1e-38)  # the reference clamps absmax to this before taking t
 
 # --- checks ---------------------------------------------------------------------------------
 def as_float_input(x, name: str = "x") -> np.ndarray:
-    """A finite, non-empty, real floating array (as float32), or a clear error."""
+    """A finite, non-empty, real floating array (as float32, same shape), or a clear error.
+
+    Finiteness is checked twice: on the input, and after the float32 cast, where a finite
+    float64 beyond float32's range (|x| > 3.4e38) would become inf and poison its block's absmax.
+    """
     x = np.asarray(x)
     if x.dtype == np.bool_ or not np.issubdtype(x.dtype, np.floating):
         kind = "complex" if np.iscomplexobj(x) else str(x.dtype)
@@ -64,7 +68,13 @@ def as_float_input(x, name: str = "x") -> np.ndarray:
     if not np.all(np.isfinite(x)):
         bad = int(x.size - np.count_nonzero(np.isfinite(x)))
         raise ValueError(f"{name} must be finite; it holds {bad} NaN or inf value(s)")
-    return np.ascontiguousarray(x, dtype=np.float32)
+    with np.errstate(over="ignore"):
+        x32 = np.ascontiguousarray(x, dtype=np.float32).reshape(x.shape)  # keeps a 0-d shape ()
+    if not np.all(np.isfinite(x32)):
+        bad = int(x32.size - np.count_nonzero(np.isfinite(x32)))
+        raise ValueError(f"{name} must be finite in float32; {bad} value(s) of {name} exceed float32's "
+                         f"range (largest magnitude {float(np.max(np.abs(x))):.3g} > 3.4e38)")
+    return x32
 
 
 def check_blocksize(blocksize, name: str = "blocksize") -> int:
@@ -282,8 +292,8 @@ class NF4Tensor:
     def from_arrays(cls, arrays: dict, shape, blocksize: int, quant_type: str = "nf4") -> NF4Tensor:
         """Rebuild from :meth:`arrays` output (e.g. read from a file), checking every size first."""
         shape = tuple(int(s) for s in shape)
-        if not shape or any(s <= 0 for s in shape):
-            raise ValueError(f"shape must be non-empty with positive sizes, got {shape}")
+        if any(s <= 0 for s in shape):  # () is a scalar: one value
+            raise ValueError(f"shape must have positive sizes, got {shape}")
         blocksize = check_blocksize(blocksize)
         _codebook(quant_type)
         n = math.prod(shape)

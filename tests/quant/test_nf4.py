@@ -204,6 +204,13 @@ def test_double_quantised_absmax_error_bounded(n, seed):
     assert np.all(np.abs(ah - a) <= half_gap * a2 * (1 + 1e-5) + 1e-6 * a.max())
     assert dq.qabsmax.dtype == np.uint8 and dq.absmax2.dtype == np.float32
     assert dq.offset == pytest.approx(a.mean(), rel=1e-6)
+    # absmax2 from its definition, computed here: the block absmax values by hand (max |x| per
+    # block of 16), centred on their mean, then max |a - offset| per block of 256
+    a_hand = np.abs(np.pad(x, (0, -n % 16))).reshape(-1, 16).max(axis=1)  # float32
+    off = np.float32(a_hand.astype(np.float64).mean())
+    centred = np.abs(a_hand - off)
+    expect = np.pad(centred, (0, -centred.size % 256)).reshape(-1, 256).max(axis=1)
+    np.testing.assert_array_equal(dq.absmax2, expect)
 
 
 def test_rebuild_from_arrays_and_bad_sizes():
@@ -229,6 +236,8 @@ def test_rebuild_from_arrays_and_bad_sizes():
 @pytest.mark.parametrize("bad,exc,msg", [
     (np.array([1.0, np.nan]), ValueError, "finite"),
     (np.array([1.0, np.inf, 2.0]), ValueError, "finite"),
+    (np.array([1e300, 1.0]), ValueError, "x must be finite in float32.*exceed float32's range"),
+    (np.array([-4e38, 1.0]), ValueError, "x must be finite in float32"),
     (np.zeros((0, 4)), ValueError, "empty"),
     (np.arange(6), TypeError, "real floating"),
     (np.ones(4, dtype=np.complex64), TypeError, "complex"),
@@ -247,13 +256,31 @@ def test_bad_blocksize(bs, exc):
 
 
 # --- bitsandbytes byte-compatibility --------------------------------------------------------
+def edge_blocks(quant_type: str, bs: int) -> np.ndarray:
+    """Whole blocks that each start with 1.0 (so absmax = 1 and u = x exactly), holding every
+    float32 midpoint between neighbouring levels and the floats one ulp below and above each:
+    the values where a tie rule or an off-by-one threshold would show."""
+    table = lr.quant.nf4_table() if quant_type == "nf4" else lr.quant.fp4_table()
+    m = ((table[:-1] + table[1:]) / np.float32(2)).astype(np.float32)  # the decision points
+    vals = np.concatenate([m, np.nextafter(m, np.float32(-np.inf)), np.nextafter(m, np.float32(np.inf))])
+    per = bs - 1
+    blocks = []
+    for k in range(0, vals.size, per):
+        chunk = vals[k: k + per]
+        blocks.append(np.concatenate([[1.0], chunk, np.full(per - chunk.size, 0.5)]))
+    return np.concatenate(blocks).astype(np.float32)
+
+
 @pytest.mark.parametrize("n,bs", [(4096, 64), (999, 64), (777, 32), (70000, 128), (64 * 257 + 3, 64)])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_same_bytes_as_bitsandbytes(n, bs, quant_type):
+    """Random data (partial last blocks, odd counts) after blocks of exact midpoints and their
+    ±1-ulp neighbours: the same bytes, scales and floats as bitsandbytes."""
     F = bnb()
     import torch
 
     x = (np.random.default_rng(n).standard_normal(n) * 0.7).astype(np.float32)
+    x = np.concatenate([edge_blocks(quant_type, bs), x])
     q = lr.quant.quantize_4bit(x, bs, quant_type=quant_type)
     p, state = F.quantize_4bit(torch.from_numpy(x), blocksize=bs, quant_type=quant_type)
     np.testing.assert_array_equal(q.packed, p.numpy().reshape(-1))
@@ -318,3 +345,16 @@ def test_non_contiguous_input_and_constant_tensor():
     # every absmax equal: the centred absmax values are all 0, and double quantisation is exact
     c = lr.quant.quantize_nf4(np.full(1000, -0.5, np.float32), 64, double_quant=True)
     np.testing.assert_array_equal(c.dequantize(), np.full(1000, -0.5, np.float32))
+
+
+def test_largest_float32_is_accepted_and_a_scalar_keeps_its_shape():
+    """Just inside float32's range is fine (no false alarm from the cast check); a 0-d input
+    dequantises to shape (), not (1,)."""
+    big = np.array([np.finfo(np.float32).max, 1.0], dtype=np.float64)
+    q = lr.quant.quantize_nf4(big, blocksize=2)
+    assert np.all(np.isfinite(q.dequantize())) and q.dequantize()[0] == np.finfo(np.float32).max
+    for x in (np.float32(3), np.array(-2.5), 0.75):
+        q = lr.quant.quantize_nf4(x)
+        assert q.shape == () and q.dequantize().shape == ()
+        assert q.dequantize() == np.float32(x)  # a single value is its own absmax: ±1 · a, exact
+        assert lr.quant.NF4Tensor.from_arrays(q.arrays(), (), 64).dequantize().shape == ()
