@@ -19,8 +19,8 @@ import torch
 from lowrank_ref.quant import blockwise as ref
 from lowrank_ref.quant.tables import dynamic_map, fp4_codebook, int4_table, midpoints, nf4_table
 
-__all__ = ["TorchNF4Tensor", "quantize_nf4", "quantize_4bit", "dequantize_codes", "table_tensor",
-           "quantize_blockwise", "dequantize_blockwise"]
+__all__ = ["TorchNF4Tensor", "NF4Tensor", "quantize_nf4", "quantize_fp4", "quantize_4bit", "nf4_table",
+           "dequantize_codes", "table_tensor", "quantize_blockwise", "dequantize_blockwise"]
 
 _TABLES = {"nf4": nf4_table, "fp4": fp4_codebook, "int4": int4_table}
 _TINY = 1e-38
@@ -32,6 +32,11 @@ def table_tensor(quant_type: str = "nf4", device=None) -> torch.Tensor:
     return torch.from_numpy(_TABLES[quant_type]()).to(device)
 
 
+def nf4_table(device=None) -> torch.Tensor:
+    """The 16 NF4 levels as a float32 tensor (the NumPy reference's :func:`~lowrank_ref.quant.nf4_table`)."""
+    return table_tensor("nf4", device)
+
+
 def _check_input(x) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -41,7 +46,12 @@ def _check_input(x) -> torch.Tensor:
         raise ValueError(f"x is empty (shape {tuple(x.shape)}); there is nothing to quantise")
     if not torch.isfinite(x).all():
         raise ValueError("x must be finite; it holds NaN or inf")
-    return x.detach().reshape(-1).to(torch.float32)
+    flat = x.detach().reshape(-1).to(torch.float32)
+    if not torch.isfinite(flat).all():  # a finite float64 beyond float32's range becomes inf
+        bad = int(flat.numel() - torch.isfinite(flat).sum())
+        raise ValueError(f"x must be finite in float32; {bad} value(s) of x exceed float32's range "
+                         f"(largest magnitude {float(x.detach().abs().max()):.3g} > 3.4e38)")
+    return flat
 
 
 def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int = 256):
@@ -153,18 +163,37 @@ class TorchNF4Tensor:
 
 
 def _bnb_dequantize(q: TorchNF4Tensor, table: torch.Tensor):
-    """bitsandbytes' CUDA kernel on our (identical) layout, or None if it is not installed."""
+    """bitsandbytes' CUDA kernel on our (identical) layout, or None if it is not installed.
+
+    Not installed (an ImportError) falls back silently: bitsandbytes is optional. Any other
+    failure (a native library that does not load, a kernel error, an API change) also falls back
+    to the pure dequantisation, but with a ``RuntimeWarning`` naming the exception, so a broken
+    install is not hidden behind a slower path. ``int4`` is not a bitsandbytes type: pure path.
+    """
+    if q.quant_type not in ("nf4", "fp4"):
+        return None
     try:
         import bitsandbytes.functional as bnbf
-    except Exception:  # not installed, or no usable native library
+    except ImportError:  # not installed: the pure path, nothing to report
+        return None
+    except Exception as e:  # installed but unusable (e.g. no native library for this GPU)
+        _warn_fallback(e)
         return None
     try:
         state = bnbf.QuantState(absmax=q.absmax.float().contiguous(), shape=torch.Size([q.numel]),
                                 code=table, blocksize=q.blocksize, quant_type=q.quant_type,
                                 dtype=torch.float32)
         return bnbf.dequantize_4bit(q.packed.view(-1, 1), state).reshape(-1)
-    except Exception:
+    except Exception as e:
+        _warn_fallback(e)
         return None
+
+
+def _warn_fallback(e: Exception) -> None:
+    import warnings
+
+    warnings.warn(f"bitsandbytes' dequantize_4bit failed ({type(e).__name__}: {e}); using the pure "
+                  "PyTorch dequantisation instead (same floats, slower)", RuntimeWarning, stacklevel=3)
 
 
 def quantize_4bit(x: torch.Tensor, blocksize: int = 64, double_quant: bool = False,
@@ -206,3 +235,11 @@ def quantize_4bit(x: torch.Tensor, blocksize: int = 64, double_quant: bool = Fal
 
 def quantize_nf4(x: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> TorchNF4Tensor:
     return quantize_4bit(x, blocksize, double_quant, "nf4")
+
+
+def quantize_fp4(x: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> TorchNF4Tensor:
+    """FP4 block-wise quantisation (bitsandbytes' ``fp4``), the same bytes as the NumPy reference."""
+    return quantize_4bit(x, blocksize, double_quant, "fp4")
+
+
+NF4Tensor = TorchNF4Tensor  # the reference's name (lowrank_ref.quant.NF4Tensor), for the mirror

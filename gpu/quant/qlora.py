@@ -113,7 +113,9 @@ class QLoRALinear(AdapterLinear):
         self.base = nf4_base  # the only copy of W0; the given nn.Linear is not kept
         self.config = config
         self._w0_backup = None
-        self._merged_W: torch.Tensor | None = None
+        # the merged float weight: a non-persistent buffer, so .to(device/dtype) moves it with the
+        # layer (a plain attribute would stay behind) and state_dict() does not save it
+        self.register_buffer("_merged_W", None, persistent=False)
         device = base.weight.device
         g = generator_from(rng, device="cpu")
         r = config.r
@@ -183,7 +185,7 @@ class QLoRALinear(AdapterLinear):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must have last dimension {self.in_features} (in_features), got shape {tuple(x.shape)}")
         if self.merged:
-            y = x @ self._merged_W.to(x.dtype).T
+            y = x @ self._merged_W.to(device=x.device, dtype=x.dtype).T
             return y if self.base.bias is None else y + self.base.bias
         return self.base(x) + self.scaling * (self.dropout(x) @ self.A.T @ self.B.T)  # x W̃0ᵀ + b + s x̃ Aᵀ Bᵀ
 

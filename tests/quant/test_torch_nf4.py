@@ -36,11 +36,66 @@ def test_numpy_round_trip_of_the_storage():
     assert torch.equal(c.dequantize(), b.dequantize())
 
 
-@pytest.mark.parametrize("bad,exc", [(torch.tensor([1.0, float("nan")]), ValueError),
-                                     (torch.zeros(0), ValueError), (torch.arange(4), TypeError)])
-def test_bad_input(bad, exc):
-    with pytest.raises(exc):
+@pytest.mark.parametrize("bad,exc,msg", [
+    (torch.tensor([1.0, float("nan")]), ValueError, "finite"),
+    (torch.tensor([1.0, float("inf")]), ValueError, "finite"),
+    (torch.tensor([-float("inf"), 2.0], dtype=torch.float64), ValueError, "finite"),
+    (torch.tensor([1e300, 1.0], dtype=torch.float64), ValueError, "finite in float32.*exceed float32's range"),
+    (torch.zeros(0), ValueError, "empty"),
+    (torch.arange(4), TypeError, "real floating"),
+    (torch.ones(4, dtype=torch.complex64), TypeError, "real floating"),
+    (torch.ones(4, dtype=torch.bool), TypeError, "real floating"),
+    (np.ones(4, np.float32), TypeError, "torch.Tensor"),
+])
+def test_bad_input(bad, exc, msg):
+    with pytest.raises(exc, match=msg):
         tquantize(bad)
+
+
+@pytest.mark.parametrize("bs,exc", [(0, ValueError), (-64, ValueError), (63, ValueError),
+                                    (64.0, TypeError), (True, TypeError), ("64", TypeError)])
+def test_bad_blocksize(bs, exc):
+    with pytest.raises(exc, match="blocksize must be a positive even integer"):
+        tquantize(torch.ones(8), blocksize=bs)
+
+
+@pytest.mark.parametrize("dq", [1, 0, "yes", None, np.bool_(True)])
+def test_double_quant_must_be_a_bool(dq):
+    with pytest.raises(TypeError, match="double_quant must be a bool"):
+        tquantize(torch.ones(8), double_quant=dq)
+
+
+def test_scalar_keeps_its_shape_in_both_backends():
+    t = tquantize(torch.tensor(3.0))
+    a = lr.quant.quantize_nf4(np.float32(3))
+    assert t.shape == a.shape == () and t.dequantize().shape == () and a.dequantize().shape == ()
+    assert float(t.dequantize()) == float(a.dequantize()) == 3.0
+
+
+def test_mirror_names_match_the_reference():
+    from lowrank_gpu import quant as gq
+
+    np.testing.assert_array_equal(gq.nf4_table().numpy(), lr.quant.nf4_table())
+    assert gq.NF4Tensor is TorchNF4Tensor
+    x = np.random.default_rng(4).standard_normal(300).astype(np.float32)
+    for fn, ref in ((gq.quantize_fp4, lr.quant.quantize_fp4), (gq.quantize_nf4, lr.quant.quantize_nf4)):
+        b, a = fn(torch.from_numpy(x), 32), ref(x, 32)
+        assert b.quant_type == a.quant_type
+        np.testing.assert_array_equal(b.packed.numpy(), a.packed)
+
+
+def test_bitsandbytes_failure_warns_and_falls_back(monkeypatch):
+    """A broken bitsandbytes must not be hidden: the fallback says which exception it caught."""
+    F = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is not installed")
+    from lowrank_gpu.quant import nf4 as tnf4
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image is available")
+
+    monkeypatch.setattr(F, "dequantize_4bit", broken)
+    q = tquantize(torch.randn(256), 64)
+    with pytest.warns(RuntimeWarning, match="RuntimeError: no kernel image is available"):
+        assert tnf4._bnb_dequantize(q, tnf4.table_tensor("nf4")) is None
 
 
 @requires_cuda
@@ -51,3 +106,23 @@ def test_cuda_same_bytes():
     for k, v in a.arrays().items():
         np.testing.assert_array_equal(v, b.arrays()[k].cpu().numpy(), err_msg=k)
     np.testing.assert_array_equal(a.dequantize(), b.dequantize().cpu().numpy())
+
+
+@requires_cuda
+@pytest.mark.parametrize("qt", ["nf4", "fp4"])
+def test_cuda_bitsandbytes_path_is_used_and_equals_the_pure_one(qt):
+    pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is not installed")
+    import warnings
+
+    from lowrank_gpu.quant import nf4 as tnf4
+
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal(64 * 300 + 6).astype(np.float32)).cuda()
+    for dq in (False, True):
+        q = tquantize(x, 64, dq, qt)
+        table = tnf4.table_tensor(qt, x.device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a fallback warning would fail here
+            fast = tnf4._bnb_dequantize(q, table)
+        assert fast is not None, "bitsandbytes' kernel was not used"
+        pure = tnf4.dequantize_codes(q.packed, q.absmax, table, q.numel, q.blocksize)
+        assert torch.equal(fast.float(), pure), f"{qt} dq={dq}: max diff {(fast.float() - pure).abs().max()}"
