@@ -7,6 +7,8 @@ import torch
 from helpers import assert_close
 from hypothesis import strategies as st
 
+from lowrank_ref.gradcheck import perturb  # noqa: F401  (shared with the notebooks; lives in the package)
+
 LAYOUTS = ("contiguous", "strided", "transposed")
 
 
@@ -29,12 +31,6 @@ def arrays(draw, shape, layout=None, scale=1.0):
     return a
 
 
-def perturb(module, rng, scale=0.3):
-    """Move every parameter away from its init (LayerNorm γ=1, β=0; zero biases) so no gradient is
-    tested at a special point."""
-    for p in module.parameters().values():
-        p.data = (p.data + scale * rng.standard_normal(p.shape)).astype(p.data.dtype)
-    return module
 
 
 def copy_to_torch(np_module, t_module):
