@@ -145,6 +145,83 @@ def test_training_steps_change_only_A_and_B():
     assert layer.base.bias.grad is None
 
 
+# --- dropout on the LoRA branch -------------------------------------------------------------
+def test_gradcheck_with_a_fixed_dropout_mask():
+    """qlora_forward/qlora_backward with a mask M: x̄ = ȳ W̃0 + (h̄ A) ⊙ M, Ā = h̄ᵀ (x ⊙ M)."""
+    from lowrank_ref.gradcheck import check_gradients
+    from lowrank_ref.quant.qlora import qlora_backward, qlora_forward
+
+    rng = np.random.default_rng(11)
+    W = rng.standard_normal((5, 24)).astype(np.float32)
+    q = lr.quant.quantize_nf4(W, 8, double_quant=True)
+    b = rng.standard_normal(5)
+    A, B = rng.standard_normal((3, 24)), rng.standard_normal((5, 3))
+    x = rng.standard_normal((2, 4, 24))
+    p = 0.4
+    mask = (rng.random(x.shape) >= p) / (1 - p)  # inverted dropout, fixed
+    assert 0 < np.count_nonzero(mask == 0) < mask.size
+    s = 1.7
+    w = rng.standard_normal((2, 4, 5))
+
+    def loss():
+        return float(np.sum(qlora_forward(x, q, b, A, B, s, mask)[0] * w))
+
+    _, cache = qlora_forward(x, q, b, A, B, s, mask)
+    dx, grads = qlora_backward(w, cache)
+    report = check_gradients(loss, {"x": x, "A": A, "B": B}, {"x": dx, **grads})
+    assert report.ok, str(report)
+    # the mask matters: without it in the backward, x̄ would differ where M = 0
+    _, cache0 = qlora_forward(x, q, b, A, B, s, None)
+    assert not np.allclose(qlora_backward(w, cache0)[0], dx)
+
+
+def test_dropout_is_off_in_eval_mode():
+    """Dropout while evaluating is a known pitfall: in eval mode a p > 0 layer equals the p = 0 one."""
+    rng = np.random.default_rng(0)
+    base = lr.nn.Linear.from_arrays(rng.standard_normal((6, 32)).astype(np.float32), np.zeros(6, np.float32))
+    drop = lr.quant.QLoRALinear(base, lr.LoRAConfig(r=2, alpha=4, dropout=0.5), blocksize=16, rng=0)
+    plain = lr.quant.QLoRALinear(base, lr.LoRAConfig(r=2, alpha=4, dropout=0.0), blocksize=16, rng=0)
+    B = rng.standard_normal(drop.B.shape).astype(np.float32)
+    drop.B.data, plain.B.data = B.copy(), B.copy()
+    np.testing.assert_array_equal(drop.A.data, plain.A.data)
+    x = rng.standard_normal((8, 32)).astype(np.float32)
+    y_train = drop.forward(x)  # training mode: a mask is drawn
+    assert not np.allclose(y_train, plain.forward(x))
+    drop.eval()
+    np.testing.assert_array_equal(drop.forward(x), plain.forward(x))
+    np.testing.assert_array_equal(drop.forward(x), drop.forward(x))  # deterministic
+
+
+def test_torch_dropout_is_off_in_eval_mode():
+    base = torch.nn.Linear(32, 6)
+    drop = lg.adapters.QLoRALinear(base, lr.LoRAConfig(r=2, alpha=4, dropout=0.5), blocksize=16, rng=0)
+    plain = lg.adapters.QLoRALinear(base, lr.LoRAConfig(r=2, alpha=4, dropout=0.0), blocksize=16, rng=0)
+    with torch.no_grad():
+        B = torch.randn(drop.B.shape, generator=torch.Generator().manual_seed(1))
+        drop.B.copy_(B)
+        plain.B.copy_(B)
+        assert torch.equal(drop.A, plain.A)
+    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    assert not torch.allclose(drop(x), plain(x))  # training mode: dropout acts
+    drop.eval()
+    assert torch.equal(drop(x), plain(x))
+
+
+def test_torch_merged_weight_moves_with_the_layer():
+    """The merged float weight is a (non-persistent) buffer: .to() converts it with the layer."""
+    _, tl = pair(0, 8, 64, 2, 64, True, True)
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((3, 64)))
+    y = tl(x.float()).detach()
+    tl.merge()
+    tl.to(torch.float64)
+    assert tl._merged_W.dtype == torch.float64 and tl.A.dtype == torch.float64
+    assert "_merged_W" not in tl.state_dict()
+    assert_close(tl(x).detach(), y, "merged y after .to(float64)", *TOL["float32"])
+    tl.unmerge()
+    assert tl._merged_W is None and not tl.merged
+
+
 # --- NumPy vs torch -------------------------------------------------------------------------
 def pair(seed, out, inp, r, bs, dq, bias):
     rng = np.random.default_rng(seed)
