@@ -1,6 +1,8 @@
 """The two backends expose the same surface: the same public adapter classes, constructor
 parameters, and public methods/properties (with the same parameter names). Generic: every class
-either ``__all__`` lists is checked, so a new method is covered the day it is exported."""
+either ``__all__`` lists is checked, so a new method is covered the day it is exported. Classes
+defined under ``quant`` (QLoRALinear lives in ``lowrank_ref.quant.qlora``) count as the
+package's own, and ``lowrank_ref.quant`` / ``lowrank_gpu.quant`` are compared the same way."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ import inspect
 import pytest
 
 import lowrank_gpu.adapters as gpu_adapters
+import lowrank_gpu.quant as gpu_quant
 import lowrank_ref.adapters as ref_adapters
+import lowrank_ref.quant as ref_quant
 
 NUMPY_ONLY = {"backward"}  # the hand-written backward; torch has autograd
 TORCH_ONLY: set[str] = set()
@@ -17,6 +21,10 @@ TORCH_ONLY: set[str] = set()
 KNOWN_DIFFERENCES = {
     ("DoRALinear", "clear_norm_cache"): "NumPy caches the rows' ‖W0‖²; torch recomputes, so has no cache",
 }
+# Where each backend's own classes live: the adapters, and the quant modules (QLoRALinear,
+# NF4Linear are defined in lowrank_ref.quant.qlora / lowrank_gpu.quant.qlora).
+REF_PACKAGES = ("lowrank_ref.adapters", "lowrank_ref.quant")
+GPU_PACKAGES = ("lowrank_gpu.adapters", "lowrank_gpu.quant")
 
 
 def _classes(mod):
@@ -27,9 +35,9 @@ REF, GPU = _classes(ref_adapters), _classes(gpu_adapters)
 PAIRS = sorted(set(REF) & set(GPU))
 
 
-def _own_public_names(cls, package: str) -> set[str]:
-    """Public names defined by the adapter classes of ``package`` in ``cls``'s MRO (not by the
-    framework base, ``lowrank_ref.nn.Module`` or ``torch.nn.Module``)."""
+def _own_public_names(cls, package) -> set[str]:
+    """Public names defined by the classes of ``package`` (a module prefix, or a tuple of them) in
+    ``cls``'s MRO (not by the framework base, ``lowrank_ref.nn.Module`` or ``torch.nn.Module``)."""
     names = set()
     for klass in cls.__mro__:
         if klass.__module__.startswith(package):
@@ -67,8 +75,8 @@ def test_same_constructor_parameters(name):
 def test_same_public_methods_and_properties(name):
     ref_cls, gpu_cls = REF[name], GPU[name]
     allowed = {n for (c, n) in KNOWN_DIFFERENCES if c == name}
-    names = (_own_public_names(ref_cls, "lowrank_ref.adapters") - NUMPY_ONLY) | \
-            (_own_public_names(gpu_cls, "lowrank_gpu.adapters") - TORCH_ONLY)
+    names = (_own_public_names(ref_cls, REF_PACKAGES) - NUMPY_ONLY) | \
+            (_own_public_names(gpu_cls, GPU_PACKAGES) - TORCH_ONLY)
     names -= allowed
     missing_ref = sorted(n for n in names if not hasattr(ref_cls, n))
     missing_gpu = sorted(n for n in names if not hasattr(gpu_cls, n))
@@ -108,3 +116,38 @@ def test_the_collector_sees_names_a_subclass_adds():
     assert "merge" in _own_public_names(REF["LoRALinear"], "lowrank_ref.adapters")
     assert "backward" in _own_public_names(REF["LoRALinear"], "lowrank_ref.adapters")
     assert not hasattr(GPU["LoRALinear"], "only_here")
+
+
+def test_quant_classes_are_collected_as_own():
+    """QLoRALinear is defined in the quant modules; its own names must be compared, not skipped."""
+    for cls, pkgs in ((REF["QLoRALinear"], REF_PACKAGES), (GPU["QLoRALinear"], GPU_PACKAGES)):
+        assert cls.__module__.split(".")[1] == "quant", cls.__module__
+        own = _own_public_names(cls, pkgs)
+        assert {"memory_bytes", "layer_options", "dequantized_weight", "blocksize", "double_quant"} <= own, cls
+    # the adapters-only prefix would have missed them: the widening is what covers QLoRA
+    assert "memory_bytes" not in _own_public_names(REF["QLoRALinear"], "lowrank_ref.adapters")
+
+
+# DESIGN.md's quant surface: "the mirror: same names"
+QUANT_NAMES = ("NF4Tensor", "quantize_nf4", "quantize_fp4", "quantize_4bit", "nf4_table", "QLoRALinear",
+               "NF4Linear")
+
+
+@pytest.mark.parametrize("name", QUANT_NAMES)
+def test_quant_names_in_both_backends(name):
+    assert name in ref_quant.__all__ and hasattr(ref_quant, name), f"lowrank_ref.quant lacks {name}"
+    assert name in gpu_quant.__all__ and hasattr(gpu_quant, name), f"lowrank_gpu.quant lacks {name}"
+
+
+@pytest.mark.parametrize("name", ["quantize_nf4", "quantize_fp4", "quantize_4bit"])
+def test_quant_functions_take_the_same_parameters(name):
+    ref, gpu = _params(getattr(ref_quant, name)), _params(getattr(gpu_quant, name))
+    assert ref == gpu, f"{name}: numpy {ref} vs torch {gpu}"
+
+
+@pytest.mark.parametrize("name", ["QLoRALinear", "NF4Linear"])
+def test_quant_layers_take_the_same_constructor_parameters(name):
+    ref, gpu = getattr(ref_quant, name), getattr(gpu_quant, name)
+    assert _params(ref.__init__) == _params(gpu.__init__)
+    if name == "NF4Linear":
+        assert _params(ref.from_linear) == _params(gpu.from_linear)

@@ -41,7 +41,7 @@ def __getattr__(name):  # the layer imports the adapters package; load it on fir
         from lowrank_ref.quant import qlora
 
         return getattr(qlora, name)
-    if name in ("memory", "qlora"):
+    if name in ("memory", "qlora", "nf4"):
         import importlib
 
         return importlib.import_module(f"lowrank_ref.quant.{name}")
