@@ -16,8 +16,11 @@ are the quantiles of the normal distribution, every level is used equally often:
 
 taken literally, cannot give the ends: :math:`Q_X(0) = -\infty` so :math:`q_0 = -\infty`, and
 dividing by :math:`\max|q_i|` to land in ``[-1, 1]`` is then impossible
-(:func:`nf4_paper_eq4` computes it and shows the ``-inf``). Eq. 4 also gives no exact zero with
-an even number of levels symmetric about zero, and padding and zero weights need one.
+(:func:`nf4_paper_eq4` computes it and shows the ``-inf``). It does have an exact zero:
+:math:`q_{2^{k-1}} = \tfrac12(Q(\tfrac{2^{k-1}}{2^k+1}) + Q(\tfrac{2^{k-1}+1}{2^k+1})) = 0`, the
+two probabilities being symmetric about 1/2. But its 16 values split the other way from NF4's:
+8 below zero (one of them the ``-inf``) and 7 above, where NF4 has 7 negative and 8 positive
+levels. So Eq. 4 is neither finite nor the table QLoRA ran with.
 
 What the reference implementation does instead (bitsandbytes ``create_normal_map``, the levels
 QLoRA was run with) is *asymmetric*: quantiles of the normal at evenly spaced probabilities from
@@ -121,7 +124,9 @@ def nf4_paper_eq4(bits: int = 4) -> np.ndarray:
     r"""QLoRA Eq. 4 taken literally (float64): :math:`q_i = \frac12(Q(\frac{i}{2^k+1}) + Q(\frac{i+1}{2^k+1}))`.
 
     Returns ``2^k`` values; the first is ``-inf`` because :math:`Q(0) = -\infty`, which is why the
-    reference implementation does not use this formula as written.
+    reference implementation does not use this formula as written. Entry ``2^{k-1}`` is exactly 0;
+    ``2^{k-1}`` values are negative (including the ``-inf``) and ``2^{k-1}-1`` positive: the
+    opposite split from NF4's 7 negative and 8 positive levels.
     """
     n = 2**bits
     p = np.arange(n + 1) / (n + 1)  # 0, 1/(n+1), ..., n/(n+1)

@@ -9,9 +9,17 @@ levels :math:`0 .. 2^k-1`:
     q = \operatorname{clip}\big(\operatorname{round}(x / S) + Z,\; 0,\; 2^k - 1\big), \qquad
     \hat x = S\,(q - Z).
 
-:math:`Z` is the integer that represents 0, so zero (padding, ReLU outputs) is exact. Within the
-range the error is at most :math:`S/2` per value (round to nearest; the zero point's rounding can
-push an end value one step out, which the clip then costs up to :math:`S`).
+:math:`Z` is the integer that represents 0, so zero (padding, ReLU outputs) is exact.
+
+The error is at most :math:`S/2` for every value of the range, ends included. Write
+:math:`v = x/S + Z` (so :math:`q = \operatorname{clip}(\operatorname{round}(v))`, :math:`Z` being an
+integer) and :math:`z^* = -x_{\min}/S`, with :math:`|Z - z^*| \le \tfrac12`. At :math:`x = x_{\min}`,
+:math:`v = Z - z^*`; at :math:`x = x_{\max}`, :math:`v = (2^k-1) + (Z - z^*)`. So for :math:`x` in
+the range, :math:`v \in [-\tfrac12,\ 2^k - 1 + \tfrac12]`: the zero point's rounding pushes the
+ends at most half a step outside the codes. Inside :math:`[0, 2^k-1]` rounding moves :math:`v` by
+at most :math:`\tfrac12`; outside it, :math:`v` is within :math:`\tfrac12` of the end code that the
+clip returns. Either way :math:`|q - v| \le \tfrac12`, and :math:`|\hat x - x| = S\,|q - v| \le S/2`
+(plus float rounding; ``tests/quant/test_uniform.py`` checks it).
 
 Symmetric absmax int8 (as in LLM.int8's vector-wise quantisation, Dettmers et al. 2022,
 arXiv:2208.07339): :math:`S = \max|x| / 127`, :math:`q = \operatorname{round}(x/S) \in [-127, 127]`,
