@@ -15,6 +15,8 @@ r"""Chapter 01's measurements: counting LoRA's parameters, rank and alpha, which
   at the same rank and at a matched parameter budget.
 * :func:`init_comparison`: Kaiming-uniform ``A`` (the reference code's) vs Gaussian ``A``.
 * :func:`baselines`: full fine-tuning, BitFit and LoRA through :func:`run_compare`.
+* :func:`naive_unmerge_drift`: what unmerging by subtracting ``s B A`` (instead of restoring the
+  kept ``W0``) does to ``W0`` over repeated merge/unmerge cycles in a low-precision dtype.
 
 ``python -m lowrank_ref.experiments.lora_experiments [--quick] [--out FILE]`` runs them all and
 writes JSON. ``LOWRANK_REF_QUICK=1`` (the notebook tests set it) shrinks every run.
@@ -35,7 +37,8 @@ from lowrank_ref.config import LoRAConfig
 
 __all__ = ["BERT_BASE", "bert_base_parameters", "lora_parameters", "bert_lora_counts", "quick_mode",
            "settings", "finetune", "summarize", "rank_alpha_sweep", "scaling_lr_grid", "target_sets",
-           "init_comparison", "reference", "compare_lr", "baselines", "run_all", "main", "RS_ALPHA", "EXPERIMENTS", "tables", "join_results"]
+           "init_comparison", "reference", "compare_lr", "baselines", "run_all", "main", "RS_ALPHA", "EXPERIMENTS", "tables", "join_results",
+           "naive_unmerge_drift"]
 
 # -- counting --------------------------------------------------------------------------------------
 BERT_BASE = {"n_layer": 12, "d_model": 768, "d_ff": 3072, "vocab": 30522, "positions": 512, "token_types": 2}
@@ -294,6 +297,60 @@ def baselines(cfg: dict | None = None) -> list[dict]:
                                seed=s, eval_windows=cfg["eval_windows"], progress=False):
             row["seed"] = s
             rows.append(row)
+    return rows
+
+
+# -- merging in low precision ----------------------------------------------------------------------
+def naive_unmerge_drift(cycles: int = 1000, dtype: str = "bfloat16", adapter_dtype: str | None = None,
+                        shape=(256, 256), r: int = 8, alpha: float = 16.0, b_std: float = 0.1, seed: int = 0,
+                        checkpoints=(1, 10, 100, 1000)) -> list[dict]:
+    r"""Merge and unmerge by arithmetic, ``cycles`` times, and report how far ``W`` ends from ``W0``.
+
+    The naive cycle (PEFT's ``merge()``/``unmerge()`` for plain LoRA, written out in torch):
+
+    .. code-block:: text
+
+        ΔW = s B A                    computed in the adapter dtype
+        W <- W + ΔW                   in place on the weight (dtype): one rounding
+        W <- W - ΔW.to(dtype)         in place: ΔW rounded to the weight's dtype first
+
+    ``W0 (out, in)`` ~ N(0, 1/in) in ``dtype``; ``A (r, in)`` Kaiming-uniform, ``B (out, r)`` ~
+    N(0, b_std²) (non-zero, as after training), both in ``adapter_dtype`` (default: ``dtype``).
+    With ``adapter_dtype == dtype`` the same rounded ``ΔW`` is added and subtracted; with
+    float32 adapters on a bf16 base (what ``get_peft_model`` gives by default: it keeps the
+    adapters in float32) merging adds the float32 ``ΔW`` and unmerging subtracts its bf16
+    rounding, so each cycle leaves a bias behind. This project's ``unmerge()`` does neither: it
+    puts back the bits kept at ``merge()``.
+
+    Returns one row per checkpoint ``c <= cycles``: ``cycle``, ``max_abs`` (``max |W - W0|``),
+    ``rel`` (that over ``max |W0|``) and ``changed`` (the share of entries not equal to ``W0``).
+    Needs torch (bfloat16 does not exist in NumPy)."""
+    import torch
+
+    dt = getattr(torch, dtype)
+    adt = getattr(torch, adapter_dtype or dtype)
+    g = torch.Generator().manual_seed(seed)
+    out_f, in_f = shape
+    W0 = (torch.randn(shape, generator=g, dtype=torch.float64) / math.sqrt(in_f)).to(dt)  # (out, in)
+    A = ((torch.rand((r, in_f), generator=g, dtype=torch.float64) * 2 - 1) / math.sqrt(in_f)).to(adt)  # (r, in)
+    B = (torch.randn((out_f, r), generator=g, dtype=torch.float64) * b_std).to(adt)  # (out, r)
+    s = alpha / r
+    W = W0.clone()
+    w0 = W0.double()
+    w0_max = float(w0.abs().max())
+    marks = set(c for c in checkpoints if c <= cycles)
+    rows = []
+    # ΔW = s B A (out, in) in the adapter dtype. The adapter does not change between cycles, so
+    # it is the same tensor every cycle: computed once, in float32 and rounded to a 16-bit adapter
+    # dtype, as PEFT's get_delta_weight does on the CPU.
+    dW = (s * (B.float() @ A.float())).to(adt) if adt in (torch.bfloat16, torch.float16) else s * (B @ A)
+    for c in range(1, cycles + 1):
+        W += dW  # merge
+        W -= dW.to(dt)  # the naive unmerge
+        if c in marks:
+            err = (W.double() - w0).abs()
+            rows.append({"cycle": c, "max_abs": float(err.max()), "rel": float(err.max()) / w0_max,
+                         "changed": float((W != W0).double().mean())})
     return rows
 
 
