@@ -12,7 +12,7 @@ import numpy as np
 from lowrank_ref import quant
 from lowrank_ref.quant.memory import bits_per_param
 
-__all__ = ["model_linear_weights", "error_by_blocksize", "bits_breakdown", "paged_traffic",
+__all__ = ["model_linear_weights", "uniform_errors", "error_by_blocksize", "bits_breakdown", "paged_traffic",
            "lora_vs_qlora_memory", "merge_requant_table", "dequant_timing"]
 
 
@@ -25,6 +25,43 @@ def model_linear_weights(model=None) -> dict[str, np.ndarray]:
 
         model = load_pretrained(progress=False)
     return {n: m.weight.data for n, m in model.named_modules() if isinstance(m, Linear)}
+
+
+def uniform_errors(weights: dict[str, np.ndarray] | None = None, gaussian_n: int = 1 << 16,
+                   seed: int = 0) -> list[dict]:
+    r"""Uniform quantisation measured (chapter 03 §1): int8 absmax, affine int8 and affine int4,
+    one scale (and zero point) per tensor, on the built-in model's linear weights and on
+    Gaussian data.
+
+    Each row: ``data``, ``scheme``, ``rel_error`` (:math:`\|\hat W - W\|_F / \|W\|_F` over all
+    tensors together), ``rmse`` over all values, and ``worst_over_half_step``: the largest
+    :math:`|\hat x - x| / (S/2)` of any value of any tensor (at most 1: the bound that
+    :mod:`lowrank_ref.quant.uniform` derives; near 1 means the bound is reached).
+    """
+    from lowrank_ref.quant.uniform import quantize_absmax_int8, quantize_affine
+
+    weights = model_linear_weights() if weights is None else weights
+    gauss = {"x": np.random.default_rng(seed).standard_normal(gaussian_n).astype(np.float32)}
+    schemes = {
+        "int8 absmax": (lambda w: quant.absmax_int8_roundtrip(w), lambda w: quantize_absmax_int8(w)[1][0]),
+        "int8 affine": (lambda w: quant.affine_roundtrip(w, 8), lambda w: quantize_affine(w, 8)[1][0]),
+        "int4 affine": (lambda w: quant.affine_roundtrip(w, 4), lambda w: quantize_affine(w, 4)[1][0]),
+    }
+    rows = []
+    for data, tensors in (("built-in GPT linear weights", weights), ("Gaussian N(0, 1)", gauss)):
+        n_values = sum(w.size for w in tensors.values())
+        for scheme, (roundtrip, step) in schemes.items():
+            num = den = 0.0
+            worst = 0.0
+            for w in tensors.values():
+                w64 = w.astype(np.float32).astype(np.float64)  # what the quantiser sees
+                e = np.asarray(roundtrip(w), dtype=np.float64) - w64
+                num += float(np.sum(e * e))
+                den += float(np.sum(w64 * w64))
+                worst = max(worst, float(np.max(np.abs(e))) / (float(step(w)) / 2))
+            rows.append({"data": data, "scheme": scheme, "rel_error": float(np.sqrt(num / den)),
+                         "rmse": float(np.sqrt(num / n_values)), "worst_over_half_step": worst})
+    return rows
 
 
 def _roundtrips(blocksize: int):
@@ -68,10 +105,18 @@ def bits_breakdown(blocksizes=(32, 64, 128, 256)) -> list[dict]:
 
 def paged_traffic(device_fractions=(1.0, 0.75, 0.5, 0.25, 0.125), steps: int = 5, seed: int = 0,
                   shapes=((64, 64),) * 8) -> list[dict]:
-    """Bytes moved by :class:`~lowrank_ref.optim.PagedAdamW` as the device shrinks."""
+    """Bytes moved by :class:`~lowrank_ref.optim.PagedAdamW` as the device shrinks.
+
+    Each row: ``bytes_in`` / ``bytes_out`` over all ``steps``; ``first_step_bytes`` (in + out
+    during step 1, which includes the first touch of every page); ``per_step_after_first``
+    (in + out per step over steps 2..``steps``, the steady state: 0 when everything fits).
+    The default is equal-sized parameters swept in a fixed order (the chapter's setting).
+    """
     from lowrank_ref.nn import Parameter
     from lowrank_ref.optim import PagedAdamW
 
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+        raise ValueError(f"steps must be an integer >= 2 (the steady state needs a second step), got {steps!r}")
     rows = []
     page = 4096
     total = sum(2 * -(-int(np.prod(s)) * 4 // page) for s in shapes) * page
@@ -79,15 +124,19 @@ def paged_traffic(device_fractions=(1.0, 0.75, 0.5, 0.25, 0.125), steps: int = 5
         rng = np.random.default_rng(seed)
         ps = {f"p{i}": Parameter(rng.standard_normal(s).astype(np.float32)) for i, s in enumerate(shapes)}
         opt = PagedAdamW(ps, lr=1e-3, page_bytes=page, device_bytes=int(frac * total))
-        for _ in range(steps):
+        first = 0
+        for step in range(steps):
             for p in ps.values():
                 p.grad = rng.standard_normal(p.shape).astype(np.float32)
             opt.step()
             opt.zero_grad()
+            if step == 0:
+                first = opt.bytes_in + opt.bytes_out
         t = opt.traffic()
-        rows.append({"device_fraction": frac, "state_bytes": total, "bytes_in": t["bytes_in"],
-                     "bytes_out": t["bytes_out"], "per_step_after_first": (t["bytes_in"] + t["bytes_out"]
-                                                                           - (total if frac >= 1 else 0)) / steps})
+        moved = t["bytes_in"] + t["bytes_out"]
+        rows.append({"device_fraction": frac, "state_bytes": total, "device_bytes": t["device_bytes"],
+                     "bytes_in": t["bytes_in"], "bytes_out": t["bytes_out"], "first_step_bytes": first,
+                     "per_step_after_first": (moved - first) / (steps - 1)})
     return rows
 
 
