@@ -11,13 +11,16 @@ Rows (see :mod:`bench.run` for the contract):
     Each row records the largest difference of its output from NumPy's (0: same floats).
 ``nf4_quantize_4096x4096``
     ``numpy`` vs ``bitsandbytes`` vs ``torch``; no goal (informative).
+
+Every row runs on one thread (NumPy's BLAS, torch, and so bitsandbytes' CPU path through torch:
+:func:`bench.run.single_thread`), as ``bench_lora`` does, and its note says so.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from bench.run import time_interleaved
+from bench.run import single_thread, time_interleaved
 from lowrank_ref import quant
 
 FULL = {"shape": (4096, 4096), "repeats": 11, "warmup": 2, "q_repeats": 3}
@@ -34,6 +37,16 @@ def _bnb():
 
 
 def run(quick: bool) -> list[dict]:
+    """Every row on one thread (see :func:`bench.run.single_thread`); the note says so."""
+    with single_thread():
+        rows = _rows(quick)
+    for r in rows:
+        r["threads"] = 1
+        r["note"] = "1 thread (bench.run.single_thread)"
+    return rows
+
+
+def _rows(quick: bool) -> list[dict]:
     cfg = QUICK if quick else FULL
     shape = cfg["shape"]
     W = (np.random.default_rng(0).standard_normal(shape, dtype=np.float32) * 0.02)
