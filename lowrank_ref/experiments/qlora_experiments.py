@@ -103,7 +103,7 @@ def bits_breakdown(blocksizes=(32, 64, 128, 256)) -> list[dict]:
     return rows
 
 
-def paged_traffic(device_fractions=(1.0, 0.75, 0.5, 0.25, 0.125), steps: int = 5, seed: int = 0,
+def paged_traffic(device_fractions=(1.0, 0.95, 0.875, 0.75, 0.5, 0.25, 0.125), steps: int = 5, seed: int = 0,
                   shapes=((64, 64),) * 8) -> list[dict]:
     """Bytes moved by :class:`~lowrank_ref.optim.PagedAdamW` as the device shrinks.
 

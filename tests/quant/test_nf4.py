@@ -66,7 +66,9 @@ def test_offset_explanation():
 def test_paper_eq4_literally_has_an_infinite_end():
     q = lr.quant.nf4_paper_eq4()
     assert q.shape == (16,) and q[0] == -np.inf and np.all(np.isfinite(q[1:]))
-    assert q[8] == pytest.approx(0.0, abs=1e-12)
+    assert q[8] == 0.0  # exact: Q(8/17) = -Q(9/17)
+    # the split is the opposite of NF4's (7 negative, 8 positive): 8 below zero, 7 above
+    assert np.sum(q < 0) == 8 and np.sum(q > 0) == 7
 
 
 def test_fp4_table():
