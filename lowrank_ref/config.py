@@ -54,7 +54,41 @@ def check_bool(v, name: str) -> bool:
 
 
 @dataclass(frozen=True)
-class LoRAConfig:
+class ScaledLowRankConfig:
+    """What LoRA-style configs share: a rank ``r`` and a scaling ``s`` from ``alpha``.
+
+    ``s = alpha / r`` (Hu et al. 2021, §4.1) or ``alpha / sqrt(r)`` with ``rslora``
+    (Kalajdzievski 2023). Subclasses add their own fields and name their allowed ``INITS``."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False
+
+    INITS = ()  # a class attribute, not a field: the allowed values of ``init``
+
+    def __post_init__(self):
+        object.__setattr__(self, "r", check_rank(self.r))
+        object.__setattr__(self, "alpha", check_alpha(self.alpha))
+        object.__setattr__(self, "dropout", check_dropout(self.dropout))
+        object.__setattr__(self, "rslora", check_bool(self.rslora, "rslora"))
+        init = getattr(self, "init", None)
+        if init is not None and init not in self.INITS:
+            raise ValueError(f"init must be one of {self.INITS} for {type(self).__name__}, got {init!r}")
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+    def replace(self, **changes):
+        d = asdict(self)
+        d.update(changes)
+        return type(self)(**d)
+
+
+@dataclass(frozen=True)
+class LoRAConfig(ScaledLowRankConfig):
     r"""LoRA (Hu et al. 2021): ``ΔW = s · B A`` with ``A (r, in)``, ``B (out, r)``.
 
     Args:
@@ -70,36 +104,16 @@ class LoRAConfig:
             A and B, the residual in the base; Meng et al. 2024).
     """
 
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    rslora: bool = False
     init: str = "kaiming"
 
-    def __post_init__(self):
-        object.__setattr__(self, "r", check_rank(self.r))
-        object.__setattr__(self, "alpha", check_alpha(self.alpha))
-        object.__setattr__(self, "dropout", check_dropout(self.dropout))
-        object.__setattr__(self, "rslora", check_bool(self.rslora, "rslora"))
-        if self.init not in LORA_INITS:
-            raise ValueError(f"init must be one of {LORA_INITS}, got {self.init!r}")
-
-    @property
-    def scaling(self) -> float:
-        """``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
-        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
-
-    def replace(self, **changes):
-        d = asdict(self)
-        d.update(changes)
-        return type(self)(**d)
+    INITS = LORA_INITS
 
 
 DORA_INITS = ("kaiming", "gaussian")
 
 
 @dataclass(frozen=True)
-class DoRAConfig:
+class DoRAConfig(ScaledLowRankConfig):
     r"""DoRA (Liu et al. 2024, arXiv:2402.09353): ``W' = m ⊙ (W0 + s B A) / ‖W0 + s B A‖`` row-wise.
 
     Args:
@@ -110,31 +124,14 @@ class DoRAConfig:
         init: ``"kaiming"`` or ``"gaussian"`` for ``A`` (``B = 0`` either way).
     """
 
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    rslora: bool = False
     detach_norm: bool = True
     init: str = "kaiming"
 
+    INITS = DORA_INITS
+
     def __post_init__(self):
-        object.__setattr__(self, "r", check_rank(self.r))
-        object.__setattr__(self, "alpha", check_alpha(self.alpha))
-        object.__setattr__(self, "dropout", check_dropout(self.dropout))
-        object.__setattr__(self, "rslora", check_bool(self.rslora, "rslora"))
+        super().__post_init__()
         object.__setattr__(self, "detach_norm", check_bool(self.detach_norm, "detach_norm"))
-        if self.init not in DORA_INITS:
-            raise ValueError(f"init must be one of {DORA_INITS} for DoRA, got {self.init!r}")
-
-    @property
-    def scaling(self) -> float:
-        """``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
-        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
-
-    def replace(self, **changes):
-        d = asdict(self)
-        d.update(changes)
-        return type(self)(**d)
 
 
 def config_to_dict(cfg) -> dict:
