@@ -51,6 +51,16 @@ class AdapterLinear(nn.Module):
         self._w0_backup: torch.Tensor | None = None
 
     @property
+    def r(self) -> int:
+        """The rank of the update (the config's ``r``)."""
+        return self.config.r
+
+    @property
+    def scaling(self) -> float:
+        """``s``: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (the config's)."""
+        return self.config.scaling
+
+    @property
     def in_features(self) -> int:
         return self.base.in_features
 

@@ -15,7 +15,16 @@ from lowrank_gpu.adapters.base import AdapterLinear
 from lowrank_gpu.nn.convert import generator_from
 from lowrank_ref.config import LoRAConfig
 
-__all__ = ["LoRALinear"]
+__all__ = ["LoRALinear", "init_lora_A"]
+
+
+def init_lora_A(r: int, in_features: int, init: str, generator: torch.Generator) -> torch.Tensor:
+    """A's initial value (r, in), float64, for ``"kaiming"`` (U(±1/√in), i.e. kaiming_uniform with
+    a = √5) or ``"gaussian"`` (N(0, 1/r²)): the same schemes as the NumPy ``init_lora_A``."""
+    if init == "gaussian":
+        return torch.randn((r, in_features), generator=generator, dtype=torch.float64) / r
+    bound = 1.0 / math.sqrt(in_features)
+    return (torch.rand((r, in_features), generator=generator, dtype=torch.float64) * 2 - 1) * bound
 
 
 class LoRALinear(AdapterLinear):
@@ -34,23 +43,11 @@ class LoRALinear(AdapterLinear):
 
             A, B = pissa_init(base, config)
         else:
-            if config.init == "gaussian":
-                A = torch.randn((r, self.in_features), generator=g, dtype=torch.float64) / r
-            else:
-                bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform(a=√5)
-                A = (torch.rand((r, self.in_features), generator=g, dtype=torch.float64) * 2 - 1) * bound
+            A = init_lora_A(r, self.in_features, config.init, g)
             B = torch.zeros((self.out_features, r), dtype=torch.float64)  # B = 0
         self.A = nn.Parameter(A.to(device=device, dtype=dtype))  # (r, in)
         self.B = nn.Parameter(B.to(device=device, dtype=dtype))  # (out, r)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-
-    @property
-    def r(self) -> int:
-        return self.config.r
-
-    @property
-    def scaling(self) -> float:
-        return self.config.scaling
 
     def delta_weight(self) -> torch.Tensor:
         return self.scaling * (self.B @ self.A)  # ΔW = s B A   (out, in)

@@ -64,6 +64,16 @@ class AdapterLinear(Module):
         self.config = config
         self._w0_backup: np.ndarray | None = None
 
+    @property
+    def r(self) -> int:
+        """The rank of the update (the config's ``r``)."""
+        return self.config.r
+
+    @property
+    def scaling(self) -> float:
+        """``s``: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (the config's)."""
+        return self.config.scaling
+
     # shapes -------------------------------------------------------------------------------
     @property
     def in_features(self) -> int:

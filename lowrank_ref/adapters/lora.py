@@ -121,14 +121,6 @@ class LoRALinear(AdapterLinear):
         self.A = Parameter(A)  # (r, in)
         self.B = Parameter(B)  # (out, r)
 
-    @property
-    def r(self) -> int:
-        return self.config.r
-
-    @property
-    def scaling(self) -> float:
-        return self.config.scaling
-
     def delta_weight(self) -> np.ndarray:
         r"""ΔW = s · B A, shape (out, in)."""
         return self.scaling * (self.B.data @ self.A.data)
