@@ -10,12 +10,11 @@ kept as their raw bits in integer buffers, which ``.to(dtype)`` does not convert
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from lowrank_gpu.adapters.base import AdapterLinear
+from lowrank_gpu.adapters.lora import init_lora_A
 from lowrank_gpu.nn.convert import generator_from
 from lowrank_gpu.quant.nf4 import TorchNF4Tensor, quantize_4bit
 from lowrank_ref.config import LoRAConfig
@@ -119,22 +118,10 @@ class QLoRALinear(AdapterLinear):
         device = base.weight.device
         g = generator_from(rng, device="cpu")
         r = config.r
-        if config.init == "gaussian":
-            A = torch.randn((r, self.in_features), generator=g, dtype=torch.float64) / r
-        else:
-            bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform(a=√5)
-            A = (torch.rand((r, self.in_features), generator=g, dtype=torch.float64) * 2 - 1) * bound
+        A = init_lora_A(r, self.in_features, config.init, g)  # as LoRALinear: kaiming or gaussian
         self.A = nn.Parameter(A.to(device=device, dtype=torch.float32))  # (r, in)
         self.B = nn.Parameter(torch.zeros((self.out_features, r), device=device))  # (out, r), B = 0
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-
-    @property
-    def r(self) -> int:
-        return self.config.r
-
-    @property
-    def scaling(self) -> float:
-        return self.config.scaling
 
     def layer_options(self) -> dict:
         """``blocksize`` and ``double_quant``: an adapter file needs them to rebuild the same base."""

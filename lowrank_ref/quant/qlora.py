@@ -187,14 +187,6 @@ class QLoRALinear(AdapterLinear):
         self.B = Parameter(np.zeros((self.out_features, config.r), dtype=dtype))  # (out, r), B = 0
 
     # properties ---------------------------------------------------------------------------
-    @property
-    def r(self) -> int:
-        return self.config.r
-
-    @property
-    def scaling(self) -> float:
-        return self.config.scaling
-
     def layer_options(self) -> dict:
         """``blocksize`` and ``double_quant``: an adapter file needs them to rebuild the same base."""
         return {"blocksize": int(self.blocksize), "double_quant": bool(self.double_quant)}
