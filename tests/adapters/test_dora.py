@@ -8,7 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
-from helpers import TOL, assert_close, requires_cuda
+from helpers import TOL, assert_close, requires_cuda, to_np
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -412,22 +412,80 @@ def test_a_few_adamw_steps_agree(rng, detach):
         assert_close(getattr(layer, k).data, getattr(t, k), k, 1e-9, 1e-11)
 
 
+# Low precision against float64, normwise: max |mine − ref| / max |ref| per tensor. The weights and
+# inputs are first rounded to the low-precision dtype, so both sides compute with the same numbers
+# and only the arithmetic differs. Measured worst over 200 seeds of this setup (out 8, in 16, r 4,
+# s B A about as large as W0, both detach settings): float32 4.5e-7 (y, x̄, Ā, B̄, m̄ all
+# 2.5e-7–4.5e-7); bf16 1.7e-2 (B̄ with the exact gradient; the others 0.9e-2–1.4e-2). The
+# tolerances leave a margin of 4× and 1.7×. A norm taken from W0 instead of W0 + sBA moves y by at
+# least 0.117 and m̄ by at least 0.086 (normwise, same 200 seeds): over twice the bf16 tolerance.
+LOW_TOL = {"float32": 2e-6, "bfloat16": 3e-2}
+
+
+def _rel_err(mine, ref):
+    mine = to_np(mine).astype(np.float64)
+    return float(np.max(np.abs(mine - ref)) / np.max(np.abs(ref)))
+
+
+def _rounded_layer(seed, dtype, detach):
+    """A float64 NumPy layer whose weights are exactly representable in ``dtype``, with x and ȳ."""
+    rng = np.random.default_rng(seed)
+    layer, _, _ = make_layer(rng, out=8, inn=16, r=4, detach_norm=detach)
+    layer.B.data *= 4  # s B A about as large as W0: a norm taken from W0 alone is clearly wrong
+
+    def rd(a):
+        return torch.from_numpy(a).to(getattr(torch, dtype)).double().numpy()
+
+    layer.base.weight.data, layer.base.bias.data = rd(layer.base.weight.data), rd(layer.base.bias.data)
+    for k in ("A", "B", "m"):
+        getattr(layer, k).data = rd(getattr(layer, k).data)
+    return layer, rd(rng.standard_normal((4, 16))), rd(rng.standard_normal((4, 8)))
+
+
+def _wrong_norm_reference(layer, x, dy):
+    """y and m̄ with the bug users of other libraries have hit: n = ‖W0‖ instead of ‖W0 + sBA‖."""
+    W, b, A, B, m, s = (layer.base.weight.data, layer.base.bias.data, layer.A.data, layer.B.data,
+                        layer.m.data, layer.scaling)
+    n_wrong = np.linalg.norm(W, axis=1)
+    z = x @ (W + s * B @ A).T
+    return (m / n_wrong) * z + b, np.sum(dy * z, axis=0) / n_wrong
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("detach", [True, False])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_low_precision_agrees_with_float64(rng, dtype):
-    """float32 and bf16 (torch) against the float64 NumPy reference, with the stated tolerances."""
-    layer, _, _ = make_layer(rng, out=8, inn=16, r=4)
-    t = twin(layer, dtype=getattr(torch, dtype))
-    x = rng.standard_normal((4, 16))
-    rtol, atol = TOL[dtype]
+def test_low_precision_agrees_with_float64(dtype, detach, seed):
+    """torch in float32 and bf16 against the float64 NumPy reference on the same weights: y, x̄,
+    Ā, B̄, m̄ within LOW_TOL; a reference with the norm taken from W0 alone is far outside it."""
+    layer, x, dy = _rounded_layer(seed, dtype, detach)
+    tdt = getattr(torch, dtype)
+    t = twin(layer, dtype=tdt)
+    xt = torch.from_numpy(x).to(tdt).requires_grad_(True)
+    yt = t(xt)
+    yt.backward(torch.from_numpy(dy).to(tdt))
     y64 = layer.forward(x)
-    assert_close(t(torch.from_numpy(x).to(getattr(torch, dtype))), y64, f"y {dtype}", rtol, atol * 10)
-    if dtype == "float32":
+    dx64 = layer.backward(dy)
+    tol = LOW_TOL[dtype]
+    pairs = {"y": (yt, y64), "x̄": (xt.grad, dx64)} | {
+        f"{k}̄": (getattr(t, k).grad, getattr(layer, k).grad) for k in ("A", "B", "m")}
+    for name, (mine, ref) in pairs.items():
+        assert mine.dtype == tdt, name
+        err = _rel_err(mine, ref)
+        assert err <= tol, f"{name} {dtype}: normwise error {err:.2e} > {tol:.0e}"
+    # the same comparison catches a norm computed from W0 instead of W0 + sBA
+    y_bad, dm_bad = _wrong_norm_reference(layer, x, dy)
+    assert _rel_err(yt, y_bad) > 2 * tol and _rel_err(t.m.grad, dm_bad) > 2 * tol
+    if dtype == "float32":  # and the NumPy reference itself in float32
         l32 = lr.adapters.DoRALinear(lr.nn.Linear.from_arrays(layer.base.weight.data.astype(np.float32),
                                                               layer.base.bias.data.astype(np.float32)),
-                                     layer.config, rng=rng)
+                                     layer.config, rng=0)
         for k in ("A", "B", "m"):
             getattr(l32, k).data = getattr(layer, k).data.astype(np.float32)
-        assert_close(l32.forward(x.astype(np.float32)), y64, "numpy float32 y", rtol, atol * 10)
+        y32 = l32.forward(x.astype(np.float32))
+        dx32 = l32.backward(dy.astype(np.float32))
+        assert _rel_err(y32, y64) <= tol and _rel_err(dx32, dx64) <= tol
+        for k in ("A", "B", "m"):
+            assert _rel_err(getattr(l32, k).grad, getattr(layer, k).grad) <= tol, f"numpy float32 {k}̄"
 
 
 def test_torch_dropout_is_the_corrected_formula(rng):
@@ -525,9 +583,9 @@ def test_torch_loading_m_of_the_wrong_shape_changes_nothing(rng):
 def test_cuda_matches_numpy(rng):
     layer, _, _ = make_layer(rng, out=8, inn=16, r=4)
     t = twin(layer, dtype=torch.float32, device="cuda")
-    x = rng.standard_normal((4, 16))
-    rtol, atol = TOL["float32"]
-    assert_close(t(torch.from_numpy(x).float().cuda()), layer.forward(x), "cuda y", rtol, atol * 10)
+    x = torch.from_numpy(rng.standard_normal((4, 16))).float().double().numpy()  # exact in float32
+    err = _rel_err(t(torch.from_numpy(x).float().cuda()), layer.forward(x))
+    assert err <= LOW_TOL["float32"], f"cuda y: normwise error {err:.2e}"
 
 
 # -- adapter files ---------------------------------------------------------------------------
