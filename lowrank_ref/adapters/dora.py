@@ -77,7 +77,7 @@ import numpy as np
 from lowrank_ref.adapters.base import AdapterLinear
 from lowrank_ref.adapters.lora import init_lora_A
 from lowrank_ref.config import DoRAConfig
-from lowrank_ref.nn.module import Parameter
+from lowrank_ref.nn.module import Parameter, array_module
 
 __all__ = ["DoRALinear", "dora_forward", "dora_backward", "dora_row_norm", "CANCEL_FRACTION"]
 
@@ -302,7 +302,9 @@ class DoRALinear(AdapterLinear):
         mask = None
         p = self.config.dropout
         if self.training and p > 0:
-            mask = (self.rng.random(x.shape) >= p).astype(x.dtype) / (1.0 - p)
+            xp = array_module(x)  # on CuPy arrays the mask comes from CuPy's own generator
+            u = self.rng.random(x.shape) if xp is np else xp.random.random(x.shape)
+            mask = (u >= p).astype(x.dtype) / (1.0 - p)
         y, cache = dora_forward(x, self._params_dict(), self.config, mask=mask, method=self.norm_method)
         self._cache = cache
         return y
