@@ -30,6 +30,7 @@ from lowrank_ref.nn.module import Parameter
 
 __all__ = ["DoubleLoRALinear", "magnitude_direction", "quick_mode", "base_model", "finetune",
            "rank_sweep", "double_lora_vs_lora_vs_dora", "layerwise_targets", "magnitude_direction_run",
+           "magnitude_direction_summary", "pretrained_losses",
            "dora_vs_lora_lr", "double_equals_lora_float64",
            "run_all", "main"]
 
@@ -228,6 +229,23 @@ def finetune(base, config=None, targets=("q", "v"), steps: int = 300, lr: float 
     return out
 
 
+def pretrained_losses(base, eval_windows: int | None = None) -> dict:
+    """The un-adapted model's held-out losses and accuracies, evaluated as :func:`finetune` does:
+    where every run of the chapter starts."""
+    from lowrank_ref import data
+    from lowrank_ref.models import blas_threads
+    from lowrank_ref.train import evaluate
+
+    task = data.builtin_task()
+    if eval_windows is None:
+        eval_windows = 16 if quick_mode() else 128
+    with blas_threads(1):
+        d = evaluate(base, task.dialect_heldout, max_windows=eval_windows)
+        b = evaluate(base, task.base_heldout, max_windows=eval_windows)
+    return {"dialect_loss": d["loss"], "dialect_accuracy": d["accuracy"], "base_loss": b["loss"],
+            "base_accuracy": b["accuracy"]}
+
+
 def _strip(row: dict) -> dict:
     return {k: v for k, v in row.items() if k != "model"}
 
@@ -353,23 +371,44 @@ def magnitude_direction_run(base, r: int = 8, alpha: float = 16.0, steps: int = 
     return result
 
 
+def magnitude_direction_summary(by_seed: dict) -> dict:
+    """``{method: {"corr": [per seed], "row_corr": [...], "corr_mean", "corr_std", "row_corr_mean",
+    "row_corr_std"}}`` from ``{seed: magnitude_direction_run(...)}`` (std: population, ``ddof=0``)."""
+    seeds = sorted(by_seed)
+    out = {"seeds": seeds}
+    for method in by_seed[seeds[0]]:
+        row = {}
+        for key in ("corr", "row_corr", "dialect_loss", "base_loss"):
+            vals = [float(by_seed[s][method][key]) for s in seeds]
+            row[key] = vals
+            row[key + "_mean"] = float(np.mean(vals))
+            row[key + "_std"] = float(np.std(vals))
+        out[method] = row
+    return out
+
+
 def run_all(quick: bool | None = None, steps: int | None = None) -> dict:
     """Every measurement of chapter 02, as plain data (what ``main`` writes to JSON)."""
     quick = quick_mode() if quick is None else quick
     steps = (20 if quick else 300) if steps is None else steps
     base = base_model(quick)
     ranks = (2, 8) if quick else (1, 2, 4, 8, 16, 32, 64)
-    md = magnitude_direction_run(base, steps=steps, every=max(steps // 6, 1))
-    for v in md.values():
-        v.pop("last")
+    md_seeds = {}
+    for seed in (0,) if quick else (0, 1, 2):
+        md = magnitude_direction_run(base, steps=steps, every=max(steps // 6, 1), seed=seed)
+        for v in md.values():
+            v.pop("last")
+        md_seeds[seed] = md
     return {
         "steps": steps,
+        "pretrained": pretrained_losses(base),
         "rank_sweep": rank_sweep(base, ranks=ranks, steps=steps),
         "double_lora": double_lora_vs_lora_vs_dora(base, steps=steps, seeds=(0,) if quick else (0, 1, 2)),
         "layerwise": layerwise_targets(base, steps=steps),
         "dora_vs_lora_lr": dora_vs_lora_lr(base, steps=steps, lrs=(1e-2,) if quick else (3e-3, 1e-2, 3e-2, 1e-1)),
         "double_equals_lora_float64": double_equals_lora_float64(base, steps=min(steps, 30)),
-        "magnitude_direction": md,
+        "magnitude_direction": md_seeds[0],
+        "magnitude_direction_seeds": magnitude_direction_summary(md_seeds),
     }
 
 
