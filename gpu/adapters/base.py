@@ -74,7 +74,12 @@ class AdapterLinear(nn.Module):
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         W0 = self.base.weight
-        return (W0.double() + self.delta_weight().double()).to(W0.dtype)
+        return (W0.double() + self._delta_weight_f64()).to(W0.dtype)
+
+    def _delta_weight_f64(self) -> torch.Tensor:
+        """``ΔW`` in float64 for merging; LoRA-style methods form ``s B A`` in float64 (from bf16
+        factors too), so the merged weight is rounded once, into the base dtype."""
+        return self.delta_weight().double()
 
     @property
     def merged(self) -> bool:

@@ -52,6 +52,9 @@ class LoRALinear(AdapterLinear):
     def delta_weight(self) -> torch.Tensor:
         return self.scaling * (self.B @ self.A)  # ΔW = s B A   (out, in)
 
+    def _delta_weight_f64(self) -> torch.Tensor:
+        return self.scaling * (self.B.detach().double() @ self.A.detach().double())
+
     def _forward(self, x):
         y = self.base(x)  # x W0ᵀ + b   (..., out)
         h = self.dropout(x) @ self.A.T  # h = x̃ Aᵀ   (..., r)

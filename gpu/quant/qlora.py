@@ -142,12 +142,15 @@ class QLoRALinear(AdapterLinear):
     def delta_weight(self) -> torch.Tensor:
         return self.scaling * (self.B @ self.A)  # ΔW = s B A   (out, in)
 
+    def _delta_weight_f64(self) -> torch.Tensor:
+        return self.scaling * (self.B.detach().double() @ self.A.detach().double())
+
     def dequantized_weight(self) -> torch.Tensor:
         return self.base.dequantized_weight(torch.float32)
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        return (self.dequantized_weight().double() + self.delta_weight().double()).float()
+        return (self.dequantized_weight().double() + self._delta_weight_f64()).float()
 
     @property
     def merged(self) -> bool:

@@ -93,7 +93,12 @@ class AdapterLinear(Module):
 
         Summed in float64, rounded once to the base dtype."""
         W0 = self.base.weight.data
-        return (W0.astype(np.float64) + self.delta_weight().astype(np.float64)).astype(W0.dtype)
+        return (W0.astype(np.float64) + self._delta_weight_f64()).astype(W0.dtype)
+
+    def _delta_weight_f64(self) -> np.ndarray:
+        """``ΔW`` in float64 for merging. Methods whose factors are in a low precision override it
+        to form the product in float64, so the merged weight is rounded once, not twice."""
+        return self.delta_weight().astype(np.float64)
 
     # merging ------------------------------------------------------------------------------
     @property

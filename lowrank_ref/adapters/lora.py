@@ -125,6 +125,9 @@ class LoRALinear(AdapterLinear):
         r"""ΔW = s · B A, shape (out, in)."""
         return self.scaling * (self.B.data @ self.A.data)
 
+    def _delta_weight_f64(self) -> np.ndarray:
+        return self.scaling * (self.B.data.astype(np.float64) @ self.A.data.astype(np.float64))
+
     def _params_dict(self):
         b = None if self.base.bias is None else self.base.bias.data
         return {"W": self.base.weight.data, "b": b, "A": self.A.data, "B": self.B.data}

@@ -207,13 +207,16 @@ class QLoRALinear(AdapterLinear):
         r"""ΔW = s · B A, shape (out, in)."""
         return self.scaling * (self.B.data @ self.A.data)
 
+    def _delta_weight_f64(self) -> np.ndarray:
+        return self.scaling * (self.B.data.astype(np.float64) @ self.A.data.astype(np.float64))
+
     def dequantized_weight(self) -> np.ndarray:
         """``W̃0`` (out, in) float32, rebuilt from NF4."""
         return self.base.dequantized_weight(np.float32)
 
     def merged_weight(self) -> np.ndarray:
         """``W̃0 + ΔW`` summed in float64, rounded once to float32."""
-        return (self.dequantized_weight().astype(np.float64) + self.delta_weight().astype(np.float64)).astype(np.float32)
+        return (self.dequantized_weight().astype(np.float64) + self._delta_weight_f64()).astype(np.float32)
 
     # merging ------------------------------------------------------------------------------
     @property
