@@ -189,8 +189,7 @@ def test_exact_and_detached_match_the_papers_formulas(rng):
         x = np.random.default_rng(4).standard_normal((6, 7))
         dy = np.random.default_rng(5).standard_normal((6, 5))
         layer.forward(x)
-        layer.backward(dy)
-        grads[detach] = {k: getattr(layer, k).grad for k in ("A", "B", "m")}
+        grads[detach] = {"x": layer.backward(dy)} | {k: getattr(layer, k).grad for k in ("A", "B", "m")}
     s, A, B, m = layer.scaling, layer.A.data, layer.B.data, layer.m.data
     V = W + s * B @ A
     n = np.linalg.norm(V, axis=1)
@@ -203,6 +202,11 @@ def test_exact_and_detached_match_the_papers_formulas(rng):
         assert_close(grads[detach]["B"], s * dV[detach] @ A.T, f"B̄ (detach={detach})", rtol=1e-9)
         assert_close(grads[detach]["A"], s * B.T @ dV[detach], f"Ā (detach={detach})", rtol=1e-9)
     assert not np.allclose(grads[True]["A"], grads[False]["A"])  # the projection term is not zero here
+    # x̄ does not go through n: x̄ = ȳ W', the same for both (W' = diag(m/n) V, written out here)
+    Wp = (m / n)[:, None] * V
+    for detach in (True, False):
+        assert_close(grads[detach]["x"], dy @ Wp, f"x̄ (detach={detach})", rtol=1e-12)
+    assert_close(grads[True]["x"], grads[False]["x"], "x̄ detached vs exact", rtol=0, atol=0)
 
 
 # -- dropout ---------------------------------------------------------------------------------
