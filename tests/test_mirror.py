@@ -19,7 +19,9 @@ NUMPY_ONLY = {"backward"}  # the hand-written backward; torch has autograd
 TORCH_ONLY: set[str] = set()
 # Reviewed, deliberate one-sided names: (class, name) -> why. Keep this list short.
 KNOWN_DIFFERENCES = {
-    ("DoRALinear", "clear_norm_cache"): "NumPy caches the rows' ‖W0‖²; torch recomputes, so has no cache",
+    ("DoRALinear", "clear_norm_cache"): "both cache the rows' ‖W0‖²; torch keys its cache on the weight's "
+                                         "data_ptr and _version, so in-place edits invalidate it by "
+                                         "themselves and there is nothing to clear by hand",
 }
 # Where each backend's own classes live: the adapters, and the quant modules (QLoRALinear,
 # NF4Linear are defined in lowrank_ref.quant.qlora / lowrank_gpu.quant.qlora).

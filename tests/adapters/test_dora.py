@@ -612,3 +612,20 @@ def test_int_seed_rng_gives_the_same_layer():
     a = lr.adapters.DoRALinear(lr.nn.Linear.from_arrays(W), lr.DoRAConfig(r=2), rng=5)
     b = lr.adapters.DoRALinear(lr.nn.Linear.from_arrays(W), lr.DoRAConfig(r=2), rng=np.random.default_rng(5))
     assert np.array_equal(a.A.data, b.A.data)
+
+
+def test_torch_norm_cache_follows_in_place_edits(rng):
+    """The torch layer caches ‖W0_j‖² keyed on the weight's storage and version: an in-place edit
+    of the frozen base weight is noticed without a clear_norm_cache() (which torch does not have)."""
+    layer, W, _ = make_layer(rng)
+    t = twin(layer)
+    n1 = t.weight_norm().detach().clone()
+    assert t._w0_sq() is t._w0_sq()  # cached: the same tensor while nothing changed
+    with torch.no_grad():
+        t.base.weight.mul_(2.0)  # in place: same storage, new _version
+    V = 2 * W + layer.scaling * layer.B.data @ layer.A.data
+    assert_close(t.weight_norm(), np.linalg.norm(V, axis=1), "n after an in-place edit")
+    with torch.no_grad():
+        t.base.weight.mul_(0.5)
+    assert_close(t.weight_norm(), n1, "n after undoing it")
+    assert not hasattr(t, "clear_norm_cache")
