@@ -10,13 +10,13 @@ cancelling rows, same zero-row rule ``g_j = 0``).
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
 from torch import nn
 
 from lowrank_gpu.adapters.base import AdapterLinear
+from lowrank_gpu.adapters.lora import init_lora_A
 from lowrank_gpu.nn.convert import generator_from
 from lowrank_ref.adapters.dora import CANCEL_FRACTION, NORM_METHODS
 from lowrank_ref.config import DoRAConfig
@@ -72,11 +72,7 @@ class DoRALinear(AdapterLinear):
         W = base.weight
         r, dtype, device = config.r, W.dtype, W.device
         g = generator_from(rng, device="cpu")
-        if config.init == "gaussian":
-            A = torch.randn((r, self.in_features), generator=g, dtype=torch.float64) / r
-        else:
-            bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform(a=√5)
-            A = (torch.rand((r, self.in_features), generator=g, dtype=torch.float64) * 2 - 1) * bound
+        A = init_lora_A(r, self.in_features, config.init, g)  # as LoRALinear: kaiming or gaussian
         self.A = nn.Parameter(A.to(device=device, dtype=dtype))  # (r, in)
         self.B = nn.Parameter(torch.zeros((self.out_features, r), device=device, dtype=dtype))  # B = 0
         w0_sq = (W.detach().double() ** 2).sum(dim=1)
@@ -88,14 +84,6 @@ class DoRALinear(AdapterLinear):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.norm_method = "factored"
         self._w0_sq_cache = (None, None, None)
-
-    @property
-    def r(self) -> int:
-        return self.config.r
-
-    @property
-    def scaling(self) -> float:
-        return self.config.scaling
 
     def _w0(self) -> torch.Tensor:
         return self._w0_backup if self.merged else self.base.weight

@@ -234,14 +234,6 @@ class DoRALinear(AdapterLinear):
         self.m = Parameter(np.sqrt(w0_sq).astype(dtype))  # (out,) m = ‖W0_j‖: starts as the identity
         object.__setattr__(self, "_w0_sq_cache", (None, None))
 
-    @property
-    def r(self) -> int:
-        return self.config.r
-
-    @property
-    def scaling(self) -> float:
-        return self.config.scaling
-
     # W0 and its cached row norms ----------------------------------------------------------
     def _w0(self) -> np.ndarray:
         """``W0``: the base weight, or the bits kept aside while merged."""
