@@ -43,11 +43,23 @@ class AdapterLinear(nn.Module):
         if "__init__" in cls.__dict__:
             cls.__init__ = _keep_base_on_failure(cls.__dict__["__init__"])
 
+    #: the config class the method takes (LoRAConfig, DoRAConfig, ...); set by each method
+    CONFIG: type | None = None
+
+    @classmethod
+    def check_config(cls, config):
+        """``config``, or the method's default config for ``None``; a ``TypeError`` for another kind."""
+        if config is None:
+            return cls.CONFIG()
+        if not isinstance(config, cls.CONFIG):
+            raise TypeError(f"config must be a {cls.CONFIG.__name__}, got {type(config).__name__}")
+        return config
+
     def __init__(self, base: nn.Linear, config):
         super().__init__()
         self.base = check_base(base)
         self.base.requires_grad_(False)
-        self.config = config
+        self.config = self.check_config(config)
         self._w0_backup: torch.Tensor | None = None
 
     @property

@@ -62,12 +62,11 @@ class DoRALinear(AdapterLinear):
     Same config and constructor parameters as ``lowrank_ref.adapters.DoRALinear``;
     ``A (r, in)``, ``B (out, r)``, ``m (out,)`` are ``nn.Parameter``s."""
 
+    CONFIG = DoRAConfig
     PEFT_NAMES = {"A": "lora_A.weight", "B": "lora_B.weight", "m": "lora_magnitude_vector"}
 
     def __init__(self, base: nn.Linear, config: DoRAConfig | None = None, rng=None):
-        config = DoRAConfig() if config is None else config
-        if not isinstance(config, DoRAConfig):
-            raise TypeError(f"config must be a DoRAConfig, got {type(config).__name__}")
+        config = self.check_config(config)
         super().__init__(base, config)
         W = base.weight
         r, dtype, device = config.r, W.dtype, W.device

@@ -28,12 +28,11 @@ def init_lora_A(r: int, in_features: int, init: str, generator: torch.Generator)
 
 
 class LoRALinear(AdapterLinear):
+    CONFIG = LoRAConfig
     PEFT_NAMES = {"A": "lora_A.weight", "B": "lora_B.weight"}  # PEFT's key suffixes
 
     def __init__(self, base: nn.Linear, config: LoRAConfig | None = None, rng=None):
-        config = LoRAConfig() if config is None else config
-        if not isinstance(config, LoRAConfig):
-            raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
+        config = self.check_config(config)
         super().__init__(base, config)
         W = base.weight
         r, dtype, device = config.r, W.dtype, W.device

@@ -90,14 +90,13 @@ class NF4Linear(nn.Module):
 
 
 class QLoRALinear(AdapterLinear):
+    CONFIG = LoRAConfig
     PEFT_NAMES = {"A": "lora_A.weight", "B": "lora_B.weight"}  # PEFT's key suffixes
     QUANT_TYPE = "nf4"
 
     def __init__(self, base: nn.Linear, config: LoRAConfig | None = None, blocksize: int = 64,
                  double_quant: bool = True, rng=None):
-        config = LoRAConfig() if config is None else config
-        if not isinstance(config, LoRAConfig):
-            raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
+        config = self.check_config(config)
         if config.init == "pissa":
             raise ValueError("QLoRALinear supports init 'kaiming' or 'gaussian'; PiSSA on a quantised "
                              "base needs its residual quantised after the split (not provided)")

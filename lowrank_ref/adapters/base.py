@@ -57,11 +57,23 @@ class AdapterLinear(Module):
         if "__init__" in cls.__dict__:
             cls.__init__ = _keep_base_on_failure(cls.__dict__["__init__"])
 
+    #: the config class the method takes (LoRAConfig, DoRAConfig, ...); set by each method
+    CONFIG: type | None = None
+
+    @classmethod
+    def check_config(cls, config):
+        """``config``, or the method's default config for ``None``; a ``TypeError`` for another kind."""
+        if config is None:
+            return cls.CONFIG()
+        if not isinstance(config, cls.CONFIG):
+            raise TypeError(f"config must be a {cls.CONFIG.__name__}, got {type(config).__name__}")
+        return config
+
     def __init__(self, base: Linear, config):
         super().__init__()
         self.base = check_base(base)
         base.requires_grad_(False)  # the pretrained weights are frozen
-        self.config = config
+        self.config = self.check_config(config)
         self._w0_backup: np.ndarray | None = None
 
     @property

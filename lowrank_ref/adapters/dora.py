@@ -210,12 +210,11 @@ class DoRALinear(AdapterLinear):
     """
 
     # the names PEFT gives these tensors in its adapter files (used by lowrank_ref.io)
+    CONFIG = DoRAConfig
     PEFT_NAMES = {"A": "lora_A.weight", "B": "lora_B.weight", "m": "lora_magnitude_vector"}
 
     def __init__(self, base, config: DoRAConfig | None = None, rng=None):
-        config = DoRAConfig() if config is None else config
-        if not isinstance(config, DoRAConfig):
-            raise TypeError(f"config must be a DoRAConfig, got {type(config).__name__}")
+        config = self.check_config(config)
         super().__init__(base, config)
         rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)  # None / int seed
         self.rng = rng

@@ -101,12 +101,11 @@ class LoRALinear(AdapterLinear):
         rng: a ``numpy.random.Generator`` for the init and the dropout masks.
     """
 
+    CONFIG = LoRAConfig
     PEFT_NAMES = {"A": "lora_A.weight", "B": "lora_B.weight"}  # PEFT's key suffixes
 
     def __init__(self, base, config: LoRAConfig | None = None, rng=None):
-        config = LoRAConfig() if config is None else config
-        if not isinstance(config, LoRAConfig):
-            raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
+        config = self.check_config(config)
         super().__init__(base, config)
         rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)  # None / int seed
         self.rng = rng

@@ -43,6 +43,8 @@ class DoubleLoRALinear(AdapterLinear):
     ``B̄_i = s_i ȳᵀ h_i``, ``Ā_i = s_i (ȳ B_i)ᵀ x``, and ``x̄ = ȳ W0 + Σ_i s_i (ȳ B_i) A_i``.
     No dropout (this is a teaching construction)."""
 
+    CONFIG = LoRAConfig
+
     def __init__(self, base, config1: LoRAConfig, config2: LoRAConfig, rng=None):
         for name, c in (("config1", config1), ("config2", config2)):
             if not isinstance(c, LoRAConfig) or c.dropout != 0 or c.init == "pissa":

@@ -158,14 +158,13 @@ class QLoRALinear(AdapterLinear):
     compute to float64 (for gradcheck) and leaves the NF4 storage as it is.
     """
 
+    CONFIG = LoRAConfig
     PEFT_NAMES = {"A": "lora_A.weight", "B": "lora_B.weight"}  # PEFT's key suffixes
     QUANT_TYPE = "nf4"  # the 4-bit data type of the base weight
 
     def __init__(self, base, config: LoRAConfig | None = None, blocksize: int = 64,
                  double_quant: bool = True, rng=None):
-        config = LoRAConfig() if config is None else config
-        if not isinstance(config, LoRAConfig):
-            raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
+        config = self.check_config(config)
         if config.init == "pissa":
             raise ValueError("QLoRALinear supports init 'kaiming' or 'gaussian'; PiSSA on a quantised "
                              "base needs its residual quantised after the split (not provided)")
