@@ -32,6 +32,16 @@ QUICK = {"d": 32, "r": 4, "tokens": 64, "repeats": 1, "warmup": 1,
          "gpt_batch": 2, "gpt_repeats": 1}
 
 
+
+def _torch_infer(mod, tx):
+    """A zero-argument call of ``mod(tx)`` without autograd, for ``time_interleaved``."""
+    import torch
+
+    def f():
+        with torch.inference_mode():
+            return mod(tx)
+    return f
+
 def _torch():
     try:
         import torch
@@ -188,13 +198,7 @@ def bench_layer_inference(size: dict, rng) -> list[dict]:
         tmerged.merge()
         tx = torch.from_numpy(x)
 
-        def infer(mod):
-            def f():
-                with torch.inference_mode():
-                    return mod(tx)
-            return f
-
-        res = time_interleaved({"base": infer(tbase), "merged": infer(tmerged), "unmerged": infer(tlayer)},
+        res = time_interleaved({"base": _torch_infer(tbase, tx), "merged": _torch_infer(tmerged, tx), "unmerged": _torch_infer(tlayer, tx)},
                                repeats=size["repeats"], warmup=size["warmup"])
         rows += _infer_rows("lora_layer_infer_torch", res, shape)
     return rows
@@ -322,13 +326,7 @@ def bench_gpt_inference(size: dict, rng) -> list[dict]:
         for m in (tbase, tmerged, tunmerged):
             m.eval()
 
-        def infer(mod):
-            def f():
-                with torch.inference_mode():
-                    return mod(tx)
-            return f
-
-        res = time_interleaved({"base": infer(tbase), "merged": infer(tmerged), "unmerged": infer(tunmerged)},
+        res = time_interleaved({"base": _torch_infer(tbase, tx), "merged": _torch_infer(tmerged, tx), "unmerged": _torch_infer(tunmerged, tx)},
                                repeats=size["gpt_repeats"], warmup=size["warmup"])
         rows += _infer_rows("gpt_infer_torch", res, shape)
     return rows
