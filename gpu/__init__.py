@@ -5,9 +5,9 @@
 """
 
 from lowrank_gpu import adapters, nn
-from lowrank_ref.config import DoRAConfig, LoRAConfig
+from lowrank_ref import DoRAConfig, LoRAConfig, QLoRAConfig, QLoRAInt4Config
 
-__all__ = ["adapters", "nn", "LoRAConfig", "DoRAConfig"]
+__all__ = ["adapters", "nn", "LoRAConfig", "DoRAConfig", "QLoRAConfig", "QLoRAInt4Config"]
 
 
 def __getattr__(name):

@@ -96,12 +96,10 @@ def inject(model: nn.Module, config=None, targets=("q", "v"), ranks=None, alphas
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     spec = resolve_spec(config, method)
-    if (spec.numpy is None and spec.torch is None) and (ranks or alphas):
+    if not spec.is_layer and (ranks or alphas):
         raise ValueError(f"method {spec.name!r} is a whole-model mode: ranks/alphas do not apply")
-    if spec.torch is None:
-        if spec.torch_model_fn is None:
-            raise ValueError(f"method {spec.name!r} has no PyTorch implementation")
-        load_object(spec.torch_model_fn)(model)
+    if not spec.is_layer:
+        load_object(spec.model_fn.torch)(model)
         return InjectResult(spec.name, [], *_count(model))
     linears = _plain_linears(model)
     try:
@@ -111,9 +109,11 @@ def inject(model: nn.Module, config=None, targets=("q", "v"), ranks=None, alphas
         if done:  # say why a layer the user can see is not a target
             raise ValueError(f"{e} (already adapted, so not targets: {', '.join(done)})") from None
         raise
-    cfgs = layer_configs(config, names, ranks, alphas)
+    kwargs = dict(kwargs)
+    config = spec.coerce_config(config, kwargs)
+    cfgs = layer_configs(config, names, ranks, alphas, overridable=spec.overridable)
     cls = load_object(spec.torch)
-    build_adapters(model, {n: (cls, cfgs[n]) for n in names}, rng=rng, **{**spec.kwargs, **kwargs})
+    build_adapters(model, {n: (cls, cfgs[n]) for n in names}, rng=rng, **kwargs)
     return InjectResult(spec.name, names, *_count(model), cfgs)
 
 

@@ -8,13 +8,15 @@
 """
 
 from lowrank_ref import adapters, nn, registry
+from lowrank_ref.adapters.dora import DoRAConfig
+from lowrank_ref.adapters.lora import LoRAConfig
+from lowrank_ref.adapters.qlora import QLoRAConfig, QLoRAInt4Config
 from lowrank_ref.api import adapt
-from lowrank_ref.config import DoRAConfig, LoRAConfig
 from lowrank_ref.gradcheck import gradcheck
 
 __version__ = "0.1.0"
 
-__all__ = ["nn", "adapters", "registry", "adapt", "gradcheck", "LoRAConfig", "DoRAConfig"]
+__all__ = ["nn", "adapters", "registry", "adapt", "gradcheck", "LoRAConfig", "DoRAConfig", "QLoRAConfig", "QLoRAInt4Config"]
 
 
 def __getattr__(name):  # lazy sub-packages that later issues fill in

@@ -19,10 +19,11 @@ def adapt(base, config, backend: str = "numpy", method: str | None = None, rng=N
     """
     backend = check_backend(backend)
     spec = get_method(method) if method is not None else method_for_config(config)
-    if spec.numpy is None and spec.torch is None:  # "full", "bitfit": not layers
+    if not spec.is_layer:  # "full", "bitfit": not layers
         raise ValueError(f"method {spec.name!r} is a whole-model mode, not a layer: "
                          f"use lowrank_ref.inject.inject(model, method={spec.name!r})")
-    kwargs = {**spec.kwargs, **kwargs}
+    kwargs = dict(kwargs)
+    config = spec.coerce_config(config, kwargs)
     if backend == "numpy":
         return load_object(spec.numpy)(base, config, rng=rng, **kwargs)
     if backend == "cupy":

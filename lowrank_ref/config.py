@@ -1,7 +1,11 @@
-r"""Backend-neutral configurations, one dataclass per method, defined once.
+r"""What the methods' configs share: the argument checks, the rank-and-scaling base class, and the
+conversion to and from adapter-file metadata.
 
-The same config object builds the NumPy layer and the PyTorch layer (see ``registry.py``).
-Every field is validated on construction, so a bad rank fails before any array is touched.
+Each method's config is defined in the method's own file (``LoRAConfig`` in ``adapters/lora.py``,
+``DoRAConfig`` in ``adapters/dora.py``, ...); ``lowrank_ref.config.LoRAConfig`` and the other
+names that lived here before still resolve (module ``__getattr__`` below). One config object builds
+the NumPy layer and the PyTorch layer (see ``registry.py``). Every field is validated on
+construction, so a bad rank fails before any array is touched.
 """
 
 from __future__ import annotations
@@ -12,9 +16,8 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-__all__ = ["LoRAConfig", "DoRAConfig", "check_rank", "check_alpha", "check_dropout", "config_to_dict", "config_from_dict"]
-
-LORA_INITS = ("kaiming", "gaussian", "pissa")
+__all__ = ["ScaledLowRankConfig", "check_rank", "check_alpha",
+           "check_dropout", "check_bool", "config_to_dict", "config_from_dict", "scaling_metadata"]
 
 
 def check_rank(r, name: str = "r") -> int:
@@ -87,51 +90,10 @@ class ScaledLowRankConfig:
         return type(self)(**d)
 
 
-@dataclass(frozen=True)
-class LoRAConfig(ScaledLowRankConfig):
-    r"""LoRA (Hu et al. 2021): ``ΔW = s · B A`` with ``A (r, in)``, ``B (out, r)``.
-
-    Args:
-        r: the rank, a positive integer. ``ΔW = s B A`` has rank at most ``min(r, in, out)``: an
-            ``r`` above ``min(in, out)`` is allowed (as in PEFT) but only adds parameters.
-        alpha: the numerator of the scaling ``s``; ``s = alpha / r`` (the paper, §4.1), or
-            ``alpha / sqrt(r)`` with ``rslora=True`` (Kalajdzievski 2023).
-        dropout: inverted dropout on the LoRA branch's input only, in [0, 1).
-        rslora: use the rank-stabilised scaling.
-        init: ``"kaiming"`` (A Kaiming-uniform, B = 0: the reference code's default, loralib and
-            PEFT), ``"gaussian"`` (A ~ N(0, 1/r²), B = 0: PEFT's reading of the paper's "random
-            Gaussian initialization", §4.1), or ``"pissa"`` (principal singular vectors of W0 in
-            A and B, the residual in the base; Meng et al. 2024).
-    """
-
-    init: str = "kaiming"
-
-    INITS = LORA_INITS
-
-
-DORA_INITS = ("kaiming", "gaussian")
-
-
-@dataclass(frozen=True)
-class DoRAConfig(ScaledLowRankConfig):
-    r"""DoRA (Liu et al. 2024, arXiv:2402.09353): ``W' = m ⊙ (W0 + s B A) / ‖W0 + s B A‖`` row-wise.
-
-    Args:
-        r, alpha, dropout, rslora: as in :class:`LoRAConfig` (``s = alpha/r`` or ``alpha/sqrt(r)``).
-        detach_norm: treat the row norm ``n = ‖W0 + s B A‖`` as a constant in the backward pass
-            (the paper's §4.3, and what PEFT does); ``False`` gives the exact gradient, with the
-            projection term.
-        init: ``"kaiming"`` or ``"gaussian"`` for ``A`` (``B = 0`` either way).
-    """
-
-    detach_norm: bool = True
-    init: str = "kaiming"
-
-    INITS = DORA_INITS
-
-    def __post_init__(self):
-        super().__post_init__()
-        object.__setattr__(self, "detach_norm", check_bool(self.detach_norm, "detach_norm"))
+def scaling_metadata(cfg) -> dict:
+    """What adapter files record for a scaled low-rank config besides the config itself: the
+    scale ``s`` and the rule that gave it (a reader need not know the method to apply it)."""
+    return {"scaling": float(cfg.scaling), "scaling_rule": "alpha/sqrt(r)" if cfg.rslora else "alpha/r"}
 
 
 def config_to_dict(cfg) -> dict:
@@ -151,3 +113,17 @@ def config_from_dict(d: dict):
     if unknown:
         raise ValueError(f"unknown fields for {name}: {sorted(unknown)}")
     return cls(**d)
+
+
+# the configs that lived here before the method contract; each is now in its method's file
+_MOVED = {"LoRAConfig": "lowrank_ref.adapters.lora", "LORA_INITS": "lowrank_ref.adapters.lora",
+          "DoRAConfig": "lowrank_ref.adapters.dora", "DORA_INITS": "lowrank_ref.adapters.dora",
+          "QLoRAConfig": "lowrank_ref.adapters.qlora"}
+
+
+def __getattr__(name):
+    if name in _MOVED:
+        import importlib
+
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module 'lowrank_ref.config' has no attribute {name!r}")

@@ -118,8 +118,14 @@ def _replace(config, **changes):
         raise e
 
 
-def layer_configs(config, names: list[str], ranks=None, alphas=None) -> dict[str, object]:
-    """One config per layer: ``config`` with the ``ranks`` / ``alphas`` overrides applied."""
+def layer_configs(config, names: list[str], ranks=None, alphas=None,
+                  overridable=("r", "alpha")) -> dict[str, object]:
+    """One config per layer: ``config`` with the ``ranks`` / ``alphas`` overrides applied
+    (only where the method's ``SPEC.overridable`` lets them change ``r`` / ``alpha``)."""
+    for what, given, fld in (("ranks", ranks, "r"), ("alphas", alphas, "alpha")):
+        if given and fld not in overridable:
+            raise ValueError(f"{what}: {type(config).__name__} has no per-layer {fld!r}; this method's "
+                             f"per-layer overrides may change: {', '.join(overridable) or 'nothing'}")
     r_over = resolve_overrides(names, ranks, "ranks")
     a_over = resolve_overrides(names, alphas, "alphas")
     out = {}
@@ -140,8 +146,8 @@ def resolve_spec(config, method: str | None) -> MethodSpec:
             raise TypeError("config is None: pass a config (e.g. LoRAConfig(r=8)) or method='full'/'bitfit'")
         return method_for_config(config)
     spec = get_method(method)
-    if config is not None and type(config) is not load_object(spec.config):
-        raise TypeError(f"method {spec.name!r} takes a {load_object(spec.config).__name__}, "
+    if config is not None and not isinstance(config, type) and not issubclass(spec.config, type(config)):
+        raise TypeError(f"config must be a {spec.config.__name__} for method {spec.name!r}, "
                         f"got {type(config).__name__}")
     return spec
 
@@ -276,12 +282,10 @@ def inject(model, config=None, targets=("q", "v"), ranks=None, alphas=None, meth
     if not isinstance(model, Module):
         raise TypeError(f"model must be a lowrank_ref.nn.Module or a torch.nn.Module, got {type(model).__name__}")
     spec = resolve_spec(config, method)
-    if (spec.numpy is None and spec.torch is None) and (ranks or alphas):
+    if not spec.is_layer and (ranks or alphas):
         raise ValueError(f"method {spec.name!r} is a whole-model mode: ranks/alphas do not apply")
-    if spec.numpy is None:
-        if spec.model_fn is None:
-            raise ValueError(f"method {spec.name!r} has no NumPy implementation")
-        load_object(spec.model_fn)(model)
+    if not spec.is_layer:
+        load_object(spec.model_fn.numpy)(model)
         return InjectResult(spec.name, [], model.num_trainable_parameters(), model.num_parameters())
     linears = _plain_linears(model)
     try:
@@ -291,9 +295,11 @@ def inject(model, config=None, targets=("q", "v"), ranks=None, alphas=None, meth
         if done:  # say why a layer the user can see is not a target
             raise ValueError(f"{e} (already adapted, so not targets: {', '.join(done)})") from None
         raise
-    cfgs = layer_configs(config, names, ranks, alphas)
+    kwargs = dict(kwargs)
+    config = spec.coerce_config(config, kwargs)
+    cfgs = layer_configs(config, names, ranks, alphas, overridable=spec.overridable)
     cls = load_object(spec.numpy)
-    build_adapters(model, {n: (cls, cfgs[n]) for n in names}, rng=rng, **{**spec.kwargs, **kwargs})
+    build_adapters(model, {n: (cls, cfgs[n]) for n in names}, rng=rng, **kwargs)
     return InjectResult(spec.name, names, model.num_trainable_parameters(), model.num_parameters(), cfgs)
 
 

@@ -6,9 +6,9 @@ A file holds, for every adapted layer at dotted path ``P``, its tensors under PE
     base_model.model.P.lora_B.weight     B  (out, r)
 
 (the layout of PEFT's ``adapter_model.safetensors``; the ``base_model.model.`` prefix is PEFT's
-wrapper path). This module owns the mapping from the math names to those keys: each adapter
-class lists it in ``PEFT_NAMES`` (``{"A": "lora_A.weight", "B": "lora_B.weight"}``), and a
-tensor PEFT has no name for is stored under its math name (``base_model.model.P.<name>``).
+wrapper path). The mapping from the math names to those keys is the method's
+``SPEC.peft.tensors`` (``{"A": "lora_A.weight", "B": "lora_B.weight"}``); a tensor PEFT has no
+name for is stored under its math name (``base_model.model.P.<name>``).
 
 The safetensors header metadata (strings only) carries everything needed to rebuild the
 adapters without the code that made them:
@@ -51,9 +51,11 @@ FORMAT_VERSION = 1
 KEY_PREFIX = "base_model.model."
 
 
-def peft_key(path: str, layer_cls, name: str) -> str:
-    """The file key of tensor ``name`` (math name) of the adapter at dotted ``path``."""
-    suffix = getattr(layer_cls, "PEFT_NAMES", {}).get(name, name)
+def peft_key(path: str, method, name: str) -> str:
+    """The file key of tensor ``name`` (math name) of the ``method`` adapter (a registry name or
+    spec) at dotted ``path``: PEFT's key suffix where the method's ``SPEC.peft`` names one."""
+    spec = registry.get_method(method) if isinstance(method, str) else method
+    suffix = spec.peft.tensors.get(name, name) if spec.peft is not None else name
     return f"{KEY_PREFIX}{path}.{suffix}" if path else f"{KEY_PREFIX}{suffix}"
 
 
@@ -131,16 +133,11 @@ def _method_of(layer, backend: str) -> str:
 # --- saving ----------------------------------------------------------------------------------
 def _layer_meta(path: str, layer, backend: str, tensors: dict) -> dict:
     cfg = layer.config
-    meta = {"method": _method_of(layer, backend), "config": config_to_dict(cfg), "tensors": {}}
-    if hasattr(layer, "scaling"):
-        meta["scaling"] = float(layer.scaling)
-    if hasattr(cfg, "rslora"):
-        meta["scaling_rule"] = "alpha/sqrt(r)" if cfg.rslora else "alpha/r"
-    options = layer.layer_options()
-    if options:
-        meta["options"] = dict(options)  # e.g. QLoRA's blocksize and double_quant
+    spec = registry.get_method(_method_of(layer, backend))
+    meta = {"method": spec.name, "config": config_to_dict(cfg), "tensors": {}}
+    meta.update(spec.metadata_for(cfg))  # what the SPEC says files carry (LoRA: scaling, its rule)
     for name, value in layer.adapter_state().items():
-        key = peft_key(path, type(layer), name)
+        key = peft_key(path, spec, name)
         if key in tensors:
             raise ValueError(f"two tensors map to the file key {key!r}")
         arr = np.ascontiguousarray(_to_numpy(value))
@@ -265,10 +262,13 @@ def _plan(layers: dict) -> dict:
         spec = registry.get_method(m["method"])  # ValueError listing the known methods
         try:
             cfg = config_from_dict(m["config"])
+            # files written before QLoRA had its own config kept blocksize/double_quant as "options"
+            options = dict(_options(p, m))
+            cfg = spec.coerce_config(cfg, options)
+            if options:
+                raise ValueError(f"unknown layer 'options' {sorted(options)}")
         except (TypeError, ValueError) as e:
-            raise ValueError(f"layer {p!r}: bad config in file: {e}") from None
-        if type(cfg) is not registry.load_object(spec.config):
-            raise ValueError(f"layer {p!r}: method {spec.name!r} does not take a {type(cfg).__name__}")
+            raise ValueError(f"layer {p!r}: bad config in file for method {spec.name!r}: {e}") from None
         plan[p] = (spec, cfg)
     return plan
 
@@ -334,11 +334,9 @@ def _inject_from_plan(model, plan: dict, layers: dict, backend: str):
     if "" in plan:
         raise ValueError("the file holds a single adapter layer (path ''): load it into an adapter "
                          "layer built with the same config (lowrank_ref.adapt), not into a plain layer")
-    groups: dict = {}  # layers built alike: same method, same constructor options
+    groups: dict = {}  # layers built alike: same method
     for p, (spec, cfg) in plan.items():
-        options = _options(p, layers[p])
-        key = (spec.name, json.dumps(options, sort_keys=True))
-        groups.setdefault(key, {})[p] = (spec, cfg, options)
+        groups.setdefault(spec.name, {})[p] = (spec, cfg)
     if backend == "numpy":
         from lowrank_ref.inject import build_adapters
     else:
@@ -346,18 +344,14 @@ def _inject_from_plan(model, plan: dict, layers: dict, backend: str):
     snaps = []
     try:
         for group in groups.values():
-            spec, _, options = next(iter(group.values()))
+            spec, _ = next(iter(group.values()))
             path = _class_path(spec, backend)
             if path is None:
                 raise ValueError(f"method {spec.name!r} has no {backend} implementation")
             cls = registry.load_object(path)
             # a fresh random init on purpose: everything the layer needs must come from the file,
             # so a tensor that the file lacks but a seed would regenerate shows up as a mismatch
-            try:
-                snaps.append(build_adapters(model, {p: (cls, cfg) for p, (_, cfg, _) in group.items()},
-                                            rng=None, **{**spec.kwargs, **options}))
-            except TypeError as e:
-                raise ValueError(f"method {spec.name!r}: the file's layer options {options} do not fit: {e}") from None
+            snaps.append(build_adapters(model, {p: (cls, cfg) for p, (_, cfg) in group.items()}, rng=None))
     except BaseException:
         for s in reversed(snaps):
             s.restore()
@@ -390,9 +384,6 @@ def _match(adapters: dict, layers: dict, plan: dict, tensors: dict, backend: str
             raise ValueError(f"{where}: the file holds method {spec.name!r}, the model has {method!r}")
         if layer.config != cfg:
             raise ValueError(f"{where}: config differs: file {cfg}, model {layer.config}")
-        options = _options(p, layers[p])
-        if layer.layer_options() != options:
-            raise ValueError(f"{where}: layer options differ: file {options}, model {layer.layer_options()}")
         if getattr(layer, "merged", False):
             raise ValueError(f"{where} is merged: unmerge() before loading adapter weights")
         own = layer.adapter_state()

@@ -165,7 +165,7 @@ def test_bad_arguments():
         inject(model, {"r": 2}, targets="q")
     with pytest.raises(ValueError, match="known methods: .*lora"):
         inject(model, lr.LoRAConfig(), targets="q", method="lorax")
-    with pytest.raises(TypeError, match="method 'bitfit' takes a BitFitConfig"):
+    with pytest.raises(TypeError, match="config must be a BitFitConfig for method 'bitfit'"):
         inject(model, lr.LoRAConfig(), method="bitfit")
     with pytest.raises(ValueError, match="empty"):
         inject(model, lr.LoRAConfig(), targets=())

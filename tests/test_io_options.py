@@ -1,5 +1,6 @@
-"""Adapter files keep the constructor options outside the config (QLoRA's blocksize and
-double_quant), so a layer saved with non-default settings reloads as the same layer."""
+"""QLoRA's blocksize and double_quant are fields of its config (QLoRAConfig), so adapter files
+carry them and a layer saved with non-default settings reloads as the same layer; files written
+before QLoRA had its own config (a LoRAConfig plus per-layer "options") still load."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def test_qlora_options_are_stored_and_rebuild_the_same_layer(tmp_path):
     save_adapter(model, path)
     meta = read_adapter_metadata(path)
     for layer in meta["layers"].values():
-        assert layer["options"] == {"blocksize": 32, "double_quant": False}
+        assert layer["config"]["config_class"] == "QLoRAConfig" and "options" not in layer
+        assert (layer["config"]["blocksize"], layer["config"]["double_quant"]) == (32, False)
 
     fresh = GPT(CFG, rng=np.random.default_rng(0)).eval()
     load_adapter(fresh, path)  # injects from the file: must use blocksize 32 without double quant
@@ -47,7 +49,7 @@ def test_a_model_built_with_other_options_is_refused_unchanged(tmp_path):
     save_adapter(_qlora_model(seed=1, blocksize=32), path)
     other = _qlora_model(seed=2, blocksize=64)
     before = {k: v.copy() for k, v in other.state_dict().items()}
-    with pytest.raises(ValueError, match="layer options differ"):
+    with pytest.raises(ValueError, match="config differs"):
         load_adapter(other, path)
     for k, v in other.state_dict().items():
         np.testing.assert_array_equal(v, before[k], err_msg=k)
@@ -72,6 +74,33 @@ def test_options_that_do_not_fit_the_method_are_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="options"):
         load_adapter(fresh, bad)
     assert set(fresh.parameters()) == names_before  # nothing injected
+
+
+def test_a_file_from_before_qloraconfig_still_loads(tmp_path):
+    """The earlier layout: config_class LoRAConfig, blocksize/double_quant under "options"."""
+    from safetensors import safe_open
+
+    model = _qlora_model(seed=1)
+    path = tmp_path / "qlora.safetensors"
+    save_adapter(model, path)
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="np") as f:
+        header = dict(f.metadata())
+    layers = json.loads(header["layers"])
+    for layer in layers.values():
+        cfg = layer["config"]
+        layer["options"] = {"blocksize": cfg.pop("blocksize"), "double_quant": cfg.pop("double_quant")}
+        cfg.pop("quant_type")
+        cfg["config_class"] = "LoRAConfig"
+    header["layers"] = json.dumps(layers)
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata=header)
+    fresh = GPT(CFG, rng=np.random.default_rng(0)).eval()
+    load_adapter(fresh, old)
+    q = fresh.get_submodule("blocks.0.attn.q")
+    assert type(q.config) is lr.QLoRAConfig and (q.blocksize, q.double_quant) == (32, False)
+    idx = np.random.default_rng(5).integers(0, CFG.vocab_size, (2, 8))
+    np.testing.assert_array_equal(fresh.forward(idx), model.forward(idx))
 
 
 def test_r_alpha_and_scaling_rule_are_top_level_metadata(tmp_path):

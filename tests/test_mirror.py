@@ -95,7 +95,7 @@ def test_the_core_surface_is_there():
     """The names DESIGN.md promises on every adapter, in both backends."""
     core = {"forward", "delta_weight", "merge", "unmerge", "merged", "scaling", "merged_weight",
             "num_trainable_parameters", "adapter_parameters", "adapter_state", "load_adapter_state",
-            "in_features", "out_features", "PEFT_NAMES"}
+            "in_features", "out_features"}
     for name in PAIRS:
         for cls in (REF[name], GPU[name]):
             assert not core - set(dir(cls)), f"{cls.__module__}.{name} lacks {sorted(core - set(dir(cls)))}"
@@ -125,7 +125,7 @@ def test_quant_classes_are_collected_as_own():
     for cls, pkgs in ((REF["QLoRALinear"], REF_PACKAGES), (GPU["QLoRALinear"], GPU_PACKAGES)):
         assert cls.__module__.split(".")[1] == "quant", cls.__module__
         own = _own_public_names(cls, pkgs)
-        assert {"memory_bytes", "layer_options", "dequantized_weight", "blocksize", "double_quant"} <= own, cls
+        assert {"memory_bytes", "dequantized_weight", "blocksize", "double_quant"} <= own, cls
     # the adapters-only prefix would have missed them: the widening is what covers QLoRA
     assert "memory_bytes" not in _own_public_names(REF["QLoRALinear"], "lowrank_ref.adapters")
 

@@ -131,14 +131,6 @@ class AdapterLinear(nn.Module):
         return dict(self.named_parameters(recurse=False))
 
     # adapter files (lowrank_ref.io) -----------------------------------------------------
-    #: math name -> key suffix in PEFT's file layout; io uses the math name for any other tensor.
-    PEFT_NAMES: dict = {}
-
-    def layer_options(self) -> dict:
-        """Constructor settings outside the config that rebuild this layer (QLoRA's ``blocksize``,
-        ``double_quant``), as JSON scalars; io stores them per layer. Default: none."""
-        return {}
-
     def adapter_state(self) -> dict:
         """Every tensor an adapter file must hold, by math name (default: the adapter's parameters)."""
         return {n: p.detach() for n, p in self.adapter_parameters().items()}

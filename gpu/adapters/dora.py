@@ -63,7 +63,6 @@ class DoRALinear(AdapterLinear):
     ``A (r, in)``, ``B (out, r)``, ``m (out,)`` are ``nn.Parameter``s."""
 
     CONFIG = DoRAConfig
-    PEFT_NAMES = {"A": "lora_A.weight", "B": "lora_B.weight", "m": "lora_magnitude_vector"}
 
     def __init__(self, base: nn.Linear, config: DoRAConfig | None = None, rng=None):
         config = self.check_config(config)

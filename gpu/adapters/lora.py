@@ -29,7 +29,6 @@ def init_lora_A(r: int, in_features: int, init: str, generator: torch.Generator)
 
 class LoRALinear(AdapterLinear):
     CONFIG = LoRAConfig
-    PEFT_NAMES = {"A": "lora_A.weight", "B": "lora_B.weight"}  # PEFT's key suffixes
 
     def __init__(self, base: nn.Linear, config: LoRAConfig | None = None, rng=None):
         config = self.check_config(config)

@@ -91,12 +91,14 @@ class NF4Linear(nn.Module):
 
 class QLoRALinear(AdapterLinear):
     CONFIG = LoRAConfig
-    PEFT_NAMES = {"A": "lora_A.weight", "B": "lora_B.weight"}  # PEFT's key suffixes
     QUANT_TYPE = "nf4"
 
-    def __init__(self, base: nn.Linear, config: LoRAConfig | None = None, blocksize: int = 64,
-                 double_quant: bool = True, rng=None):
-        config = self.check_config(config)
+    def __init__(self, base: nn.Linear, config: LoRAConfig | None = None, blocksize: int | None = None,
+                 double_quant: bool | None = None, rng=None):
+        from lowrank_ref.adapters.qlora import as_qlora_config
+
+        config = as_qlora_config(config, self.qlora_config(), blocksize, double_quant)
+        blocksize, double_quant = config.blocksize, config.double_quant
         if config.init == "pissa":
             raise ValueError("QLoRALinear supports init 'kaiming' or 'gaussian'; PiSSA on a quantised "
                              "base needs its residual quantised after the split (not provided)")
@@ -106,7 +108,7 @@ class QLoRALinear(AdapterLinear):
         blocksize = check_blocksize(blocksize)
         if not isinstance(double_quant, bool):
             raise TypeError(f"double_quant must be a bool, got {double_quant!r}")
-        nf4_base = NF4Linear.from_linear(base, blocksize, double_quant, self.QUANT_TYPE)
+        nf4_base = NF4Linear.from_linear(base, blocksize, double_quant, config.quant_type)
         nn.Module.__init__(self)
         self.base = nf4_base  # the only copy of W0; the given nn.Linear is not kept
         self.config = config
@@ -122,9 +124,12 @@ class QLoRALinear(AdapterLinear):
         self.B = nn.Parameter(torch.zeros((self.out_features, r), device=device))  # (out, r), B = 0
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
-    def layer_options(self) -> dict:
-        """``blocksize`` and ``double_quant``: an adapter file needs them to rebuild the same base."""
-        return {"blocksize": int(self.blocksize), "double_quant": bool(self.double_quant)}
+    @classmethod
+    def qlora_config(cls):
+        """The config class of this layer (QLoRAConfig; QLoRAInt4Config for the int4 base)."""
+        from lowrank_ref.adapters.qlora import QLoRAConfig, QLoRAInt4Config
+
+        return QLoRAInt4Config if cls.QUANT_TYPE == "int4" else QLoRAConfig
 
     @property
     def blocksize(self) -> int:

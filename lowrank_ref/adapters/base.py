@@ -162,14 +162,6 @@ class AdapterLinear(Module):
         return {n: p for n, p in self._params.items()}
 
     # adapter files (lowrank_ref.io) -----------------------------------------------------
-    #: math name -> key suffix in PEFT's file layout; io uses the math name for any other tensor.
-    PEFT_NAMES: dict = {}
-
-    def layer_options(self) -> dict:
-        """Constructor settings outside the config that rebuild this layer (QLoRA's ``blocksize``,
-        ``double_quant``), as JSON scalars; io stores them per layer. Default: none."""
-        return {}
-
     def adapter_state(self) -> dict:
         """Every tensor an adapter file must hold to rebuild this layer, by math name.
 

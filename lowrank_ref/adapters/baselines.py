@@ -16,7 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["full_finetune", "bitfit", "FullFinetuneConfig", "BitFitConfig"]
+from lowrank_ref.registry import CompareRow, MethodSpec, PerBackend
+
+__all__ = ["full_finetune", "bitfit", "FullFinetuneConfig", "BitFitConfig", "SPEC"]
 
 
 @dataclass(frozen=True)
@@ -57,3 +59,20 @@ def bitfit(model) -> int:
     if not any(n.rsplit(".", 1)[-1] == "bias" for n in model.parameters()):
         raise ValueError("bitfit: the model has no bias parameters, so nothing would train")
     return set_trainable(model, "bias")
+
+
+SPEC = (
+    MethodSpec(
+        name="full", config=FullFinetuneConfig,
+        model_fn=PerBackend("lowrank_ref.adapters.baselines:full_finetune",
+                            "lowrank_gpu.adapters.baselines:full_finetune"),
+        description="full fine-tuning: every parameter trains",
+        compare={"full": CompareRow(None, targets=(), lr=1e-3, order=0)},
+    ),
+    MethodSpec(
+        name="bitfit", config=BitFitConfig,
+        model_fn=PerBackend("lowrank_ref.adapters.baselines:bitfit", "lowrank_gpu.adapters.baselines:bitfit"),
+        description="BitFit, Ben Zaken et al. 2021: only the bias terms train",
+        compare={"bitfit": CompareRow(None, targets=(), lr=3e-2, order=10)},
+    ),
+)

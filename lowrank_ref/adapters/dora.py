@@ -71,15 +71,42 @@ layer's, so DoRA still starts as the identity) with a warning, because that row 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 
 from lowrank_ref.adapters.base import AdapterLinear
 from lowrank_ref.adapters.lora import init_lora_A
-from lowrank_ref.config import DoRAConfig
+from lowrank_ref.config import ScaledLowRankConfig, check_bool, scaling_metadata
 from lowrank_ref.nn.module import Parameter, array_module
+from lowrank_ref.registry import CompareRow, Example, MethodSpec, PeftMapping
 
-__all__ = ["DoRALinear", "dora_forward", "dora_backward", "dora_row_norm", "CANCEL_FRACTION"]
+DORA_INITS = ("kaiming", "gaussian")
+
+
+@dataclass(frozen=True)
+class DoRAConfig(ScaledLowRankConfig):
+    r"""DoRA (Liu et al. 2024, arXiv:2402.09353): ``W' = m ⊙ (W0 + s B A) / ‖W0 + s B A‖`` row-wise.
+
+    Args:
+        r, alpha, dropout, rslora: as in :class:`LoRAConfig` (``s = alpha/r`` or ``alpha/sqrt(r)``).
+        detach_norm: treat the row norm ``n = ‖W0 + s B A‖`` as a constant in the backward pass
+            (the paper's §4.3, and what PEFT does); ``False`` gives the exact gradient, with the
+            projection term.
+        init: ``"kaiming"`` or ``"gaussian"`` for ``A`` (``B = 0`` either way).
+    """
+
+    detach_norm: bool = True
+    init: str = "kaiming"
+
+    INITS = DORA_INITS
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "detach_norm", check_bool(self.detach_norm, "detach_norm"))
+
+
+__all__ = ["DoRAConfig", "DoRALinear", "dora_forward", "dora_backward", "dora_row_norm", "CANCEL_FRACTION", "SPEC"]
 
 # rows with n² below this fraction of ‖W0_j‖² + s²‖ΔW_j‖² are recomputed densely
 CANCEL_FRACTION = 0.1
@@ -211,7 +238,6 @@ class DoRALinear(AdapterLinear):
 
     # the names PEFT gives these tensors in its adapter files (used by lowrank_ref.io)
     CONFIG = DoRAConfig
-    PEFT_NAMES = {"A": "lora_A.weight", "B": "lora_B.weight", "m": "lora_magnitude_vector"}
 
     def __init__(self, base, config: DoRAConfig | None = None, rng=None):
         config = self.check_config(config)
@@ -306,3 +332,21 @@ class DoRALinear(AdapterLinear):
         self.B.accumulate(grads["B"])
         self.m.accumulate(grads["m"])
         return dx
+
+
+SPEC = MethodSpec(
+    name="dora",
+    config=DoRAConfig,
+    numpy="lowrank_ref.adapters.dora:DoRALinear",
+    torch="lowrank_gpu.adapters.dora:DoRALinear",
+    description="DoRA, Liu et al. 2024: W' = m ⊙ (W0 + s B A) / ‖W0 + s B A‖ row-wise",
+    overridable=("r", "alpha"),
+    file_metadata=scaling_metadata,
+    peft=PeftMapping("LORA", {"A": "lora_A.weight", "B": "lora_B.weight", "m": "lora_magnitude_vector"},
+                     claims=lambda c: bool(c.get("use_dora", False))),
+    example=lambda: Example(6, 5, DoRAConfig(r=3, alpha=6.0)),
+    compare={
+        # LoRA's row plus a magnitude per output row (detached norm, as in the paper's §4.3)
+        "dora": CompareRow(DoRAConfig(r=8, alpha=16), targets=("q", "v"), lr=1e-2, order=30),
+    },
+)

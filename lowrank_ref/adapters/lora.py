@@ -31,13 +31,40 @@ says "random Gaussian"). PiSSA (Meng et al. 2024, arXiv:2404.02948) is handled i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from lowrank_ref.adapters.base import AdapterLinear
-from lowrank_ref.config import LoRAConfig
+from lowrank_ref.config import ScaledLowRankConfig, scaling_metadata
 from lowrank_ref.nn.module import Parameter, array_module
+from lowrank_ref.registry import CompareRow, Example, MethodSpec, PeftMapping
 
-__all__ = ["LoRALinear", "lora_forward", "lora_backward", "init_lora_A"]
+__all__ = ["LoRAConfig", "LoRALinear", "lora_forward", "lora_backward", "init_lora_A", "SPEC"]
+
+LORA_INITS = ("kaiming", "gaussian", "pissa")
+
+
+@dataclass(frozen=True)
+class LoRAConfig(ScaledLowRankConfig):
+    r"""LoRA (Hu et al. 2021): ``ΔW = s · B A`` with ``A (r, in)``, ``B (out, r)``.
+
+    Args:
+        r: the rank, a positive integer. ``ΔW = s B A`` has rank at most ``min(r, in, out)``: an
+            ``r`` above ``min(in, out)`` is allowed (as in PEFT) but only adds parameters.
+        alpha: the numerator of the scaling ``s``; ``s = alpha / r`` (the paper, §4.1), or
+            ``alpha / sqrt(r)`` with ``rslora=True`` (Kalajdzievski 2023).
+        dropout: inverted dropout on the LoRA branch's input only, in [0, 1).
+        rslora: use the rank-stabilised scaling.
+        init: ``"kaiming"`` (A Kaiming-uniform, B = 0: the reference code's default, loralib and
+            PEFT), ``"gaussian"`` (A ~ N(0, 1/r²), B = 0: PEFT's reading of the paper's "random
+            Gaussian initialization", §4.1), or ``"pissa"`` (principal singular vectors of W0 in
+            A and B, the residual in the base; Meng et al. 2024).
+    """
+
+    init: str = "kaiming"
+
+    INITS = LORA_INITS
 
 
 def lora_forward(x, params, cfg: LoRAConfig, mask=None):
@@ -102,7 +129,6 @@ class LoRALinear(AdapterLinear):
     """
 
     CONFIG = LoRAConfig
-    PEFT_NAMES = {"A": "lora_A.weight", "B": "lora_B.weight"}  # PEFT's key suffixes
 
     def __init__(self, base, config: LoRAConfig | None = None, rng=None):
         config = self.check_config(config)
@@ -147,3 +173,22 @@ class LoRALinear(AdapterLinear):
         self.A.accumulate(grads["A"])
         self.B.accumulate(grads["B"])
         return dx
+
+
+SPEC = MethodSpec(
+    name="lora",
+    config=LoRAConfig,
+    numpy="lowrank_ref.adapters.lora:LoRALinear",
+    torch="lowrank_gpu.adapters.lora:LoRALinear",
+    description="LoRA, Hu et al. 2021: ΔW = (α/r) B A",
+    overridable=("r", "alpha"),
+    file_metadata=scaling_metadata,
+    peft=PeftMapping("LORA", {"A": "lora_A.weight", "B": "lora_B.weight"},
+                     claims=lambda c: not c.get("use_dora", False)),
+    example=lambda: Example(6, 5, LoRAConfig(r=3, alpha=6.0)),
+    compare={
+        "lora": CompareRow(LoRAConfig(r=8, alpha=16), targets=("q", "v"), lr=1e-2, order=20),
+        # LoRA on every linear layer but the head (chapter 02 §10: more layers, same rank)
+        "lora_all": CompareRow(LoRAConfig(r=8, alpha=16), targets="all", lr=1e-2, order=21),
+    },
+)

@@ -22,7 +22,8 @@ One row per method, with exactly the keys in :data:`COLUMNS`:
 - ``seconds_per_step``: mean wall time of a training step.
 - ``target_before``, ``target_after``, ``retained_after``: next-token accuracies in [0, 1].
 
-Adding a method is one line in :data:`VARIANTS`.
+The rows are the registry's: each method's ``SPEC.compare`` names its rows (config, targets,
+lr) as data, and :data:`VARIANTS` is built from them. A new method's ``SPEC`` adds its rows.
 """
 
 from __future__ import annotations
@@ -38,8 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lowrank_ref.config import DoRAConfig, LoRAConfig
-from lowrank_ref.registry import check_backend
+from lowrank_ref.registry import check_backend, compare_rows
 
 __all__ = ["Variant", "VARIANTS", "COLUMNS", "DEFAULTS", "run_compare", "format_table", "plot_compare",
            "save_trained", "check_methods"]
@@ -69,22 +69,13 @@ class Variant:
     kwargs: dict = field(default_factory=dict)
 
 
-# name -> Variant. Add a method with one line; the order here is the order of the rows.
-VARIANTS: dict[str, Variant] = {
-    "full": Variant("full", None, lr=1e-3),
-    "bitfit": Variant("bitfit", None, lr=3e-2),
-    "lora": Variant("lora", LoRAConfig(r=8, alpha=16), targets=("q", "v"), lr=1e-2),
-    # LoRA on every linear layer but the head (chapter 02 §10: more layers, same rank)
-    "lora_all": Variant("lora", LoRAConfig(r=8, alpha=16), targets="all", lr=1e-2),
-    # DoRA: LoRA's row plus a magnitude per output row (detached norm, as in the paper's §4.3)
-    "dora": Variant("dora", DoRAConfig(r=8, alpha=16), targets=("q", "v"), lr=1e-2),
-    # QLoRA: LoRA's row with the adapted layers' base weights stored in NF4 (double-quantised);
-    # the other layers stay float, so its memory column shows only those layers' saving.
-    "qlora": Variant("qlora", LoRAConfig(r=8, alpha=16), targets=("q", "v"), lr=1e-2,
-                     kwargs={"blocksize": 64, "double_quant": True}),
-    "lora_int4": Variant("lora_int4", LoRAConfig(r=8, alpha=16), targets=("q", "v"), lr=1e-2,
-                         kwargs={"blocksize": 64, "double_quant": True}),
-}
+def _variants() -> dict[str, Variant]:
+    """name -> Variant, from every method's ``SPEC.compare`` rows, in their ``order``."""
+    return {name: Variant(spec.name, row.config, targets=row.targets, lr=row.lr, kwargs=dict(row.kwargs))
+            for name, (spec, row) in compare_rows().items()}
+
+
+VARIANTS: dict[str, Variant] = _variants()
 
 # the default run (`lowrank-ref compare` with no flags): at most 3 minutes on 2 cores, NumPy.
 DEFAULTS = {"steps": 300, "batch_size": 16, "warmup": 20, "eval_windows": 256, "seed": 0}

@@ -159,12 +159,14 @@ class QLoRALinear(AdapterLinear):
     """
 
     CONFIG = LoRAConfig
-    PEFT_NAMES = {"A": "lora_A.weight", "B": "lora_B.weight"}  # PEFT's key suffixes
     QUANT_TYPE = "nf4"  # the 4-bit data type of the base weight
 
-    def __init__(self, base, config: LoRAConfig | None = None, blocksize: int = 64,
-                 double_quant: bool = True, rng=None):
-        config = self.check_config(config)
+    def __init__(self, base, config: LoRAConfig | None = None, blocksize: int | None = None,
+                 double_quant: bool | None = None, rng=None):
+        from lowrank_ref.adapters.qlora import as_qlora_config
+
+        config = as_qlora_config(config, self.qlora_config(), blocksize, double_quant)
+        blocksize, double_quant = config.blocksize, config.double_quant
         if config.init == "pissa":
             raise ValueError("QLoRALinear supports init 'kaiming' or 'gaussian'; PiSSA on a quantised "
                              "base needs its residual quantised after the split (not provided)")
@@ -174,7 +176,7 @@ class QLoRALinear(AdapterLinear):
             raise TypeError(f"double_quant must be a bool, got {double_quant!r}")
         # everything is checked; now build (quantising W0 is the only expensive step)
         nf4_base = NF4Linear.from_linear(base, blocksize=blocksize, double_quant=double_quant,
-                                         quant_type=self.QUANT_TYPE)
+                                         quant_type=config.quant_type)
         Module.__init__(self)
         self.base = nf4_base  # the only copy of W0: 4-bit codes + scales
         self.config = config
@@ -186,9 +188,12 @@ class QLoRALinear(AdapterLinear):
         self.B = Parameter(np.zeros((self.out_features, config.r), dtype=dtype))  # (out, r), B = 0
 
     # properties ---------------------------------------------------------------------------
-    def layer_options(self) -> dict:
-        """``blocksize`` and ``double_quant``: an adapter file needs them to rebuild the same base."""
-        return {"blocksize": int(self.blocksize), "double_quant": bool(self.double_quant)}
+    @classmethod
+    def qlora_config(cls):
+        """The config class of this layer (QLoRAConfig; QLoRAInt4Config for the int4 base)."""
+        from lowrank_ref.adapters.qlora import QLoRAConfig, QLoRAInt4Config
+
+        return QLoRAInt4Config if cls.QUANT_TYPE == "int4" else QLoRAConfig
 
     @property
     def blocksize(self) -> int:

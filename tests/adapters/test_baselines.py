@@ -57,9 +57,9 @@ def test_full_finetune_trains_everything():
 def test_registered_as_whole_model_methods():
     for name, cfg_cls, fn in (("full", FullFinetuneConfig, full_finetune), ("bitfit", BitFitConfig, bitfit)):
         spec = registry.get_method(name)
-        assert spec.numpy is None and spec.torch is None
-        assert registry.load_object(spec.model_fn) is fn
-        assert registry.load_object(spec.config) is cfg_cls
+        assert spec.numpy is None and spec.torch is None and not spec.is_layer
+        assert registry.load_object(spec.model_fn.numpy) is fn
+        assert spec.config is cfg_cls
         res = inject(_gpt(), cfg_cls())  # found by config type, like a layer method
         assert res.method == name and res.replaced == []
     res = inject(_gpt(), method="bitfit")
