@@ -31,11 +31,13 @@ import torch.nn.functional as F
 from lowrank_ref.data.batching import check_tokens, eval_windows, get_batch
 from lowrank_ref.train import (
     TrainResult,
-    _resolve_backend,
     as_rng,
+    call_hooks,
     check_train_args,
     lr_at,
     progress_bar,
+    resolve_backend,
+    training_hooks,
 )
 
 __all__ = ["train", "evaluate", "TrainResult", "torch_model_bytes"]
@@ -73,11 +75,11 @@ def train(model, data, steps: int, lr: float = 1e-3, batch_size: int = 16, optim
           schedule: str = "cosine", warmup: int = 0, clip: float | None = 1.0, rng=None,
           progress: bool = True, backend: str | None = None, weight_decay: float = 0.0,
           betas=(0.9, 0.999), eps: float = 1e-8, min_lr: float = 0.0, momentum: float = 0.9,
-          measure_memory: bool = False, desc: str = "train") -> TrainResult:
+          measure_memory: bool = False, desc: str = "train", hooks=None) -> TrainResult:
     """Train a torch model's ``requires_grad`` parameters; arguments as :func:`lowrank_ref.train.train`."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    backend = _resolve_backend(model, backend)
+    backend = resolve_backend(model, backend)
     check_train_args(steps, lr, batch_size, optimizer, schedule, warmup, clip, weight_decay)
     block_size = model.config.block_size
     data = check_tokens(data, block_size, "data")
@@ -87,6 +89,7 @@ def train(model, data, steps: int, lr: float = 1e-3, batch_size: int = 16, optim
     if not params:
         raise ValueError("the model has no trainable parameters: nothing to train")
     opt = _make_optimizer(params, optimizer, lr, tuple(betas), eps, weight_decay, momentum)
+    step_hooks = training_hooks(model, hooks, backend=backend)
     cuda = device.type == "cuda"
 
     result = TrainResult(backend=backend)
@@ -102,6 +105,7 @@ def train(model, data, steps: int, lr: float = 1e-3, batch_size: int = 16, optim
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
+        call_hooks(step_hooks, "before_step", step)
         xb, yb = get_batch(data, batch_size, block_size, rng)
         x = torch.from_numpy(xb).to(device)
         y = torch.from_numpy(yb).to(device)
@@ -117,6 +121,8 @@ def train(model, data, steps: int, lr: float = 1e-3, batch_size: int = 16, optim
         else:
             logits = model(x)
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        for extra in call_hooks(step_hooks, "loss_terms", step):  # autograd takes their gradients
+            loss = loss + extra
         loss.backward()
         del logits
         if measuring and not cuda:
@@ -128,6 +134,7 @@ def train(model, data, steps: int, lr: float = 1e-3, batch_size: int = 16, optim
             g["lr"] = lr_now
         opt.step()
         opt.zero_grad(set_to_none=True)
+        call_hooks(step_hooks, "after_step", step)
         loss_value = float(loss.detach())  # synchronises on CUDA
         elapsed = time.perf_counter() - t0
         if measuring:
@@ -158,7 +165,7 @@ def evaluate(model, tokens, block_size: int | None = None, max_windows: int | No
     """Next-token ``{"loss", "accuracy", "tokens"}``, as :func:`lowrank_ref.train.evaluate`."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    _resolve_backend(model, backend)
+    resolve_backend(model, backend)
     block_size = model.config.block_size if block_size is None else block_size
     xs, ys = eval_windows(tokens, block_size, max_windows)
     device = next(model.parameters()).device

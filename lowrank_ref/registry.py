@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 __all__ = ["MethodSpec", "PerBackend", "PeftMapping", "Example", "CompareRow", "SpecError",
            "get_method", "method_names", "config_class", "method_for_config", "methods", "compare_rows",
+           "spec_of_layer",
            "BACKENDS", "check_backend", "load_object", "discover", "check_spec"]
 
 BACKENDS = ("numpy", "torch", "cuda", "cupy")
@@ -368,6 +369,25 @@ def method_for_config(cfg) -> MethodSpec:
         known = ", ".join(sorted(c.__name__ for c in _BY_CONFIG))
         raise TypeError(f"no method takes a config of type {type(cfg).__name__}; known configs: {known}")
     return spec
+
+
+def spec_of_layer(layer) -> MethodSpec:
+    """The method whose NumPy or torch class is exactly ``type(layer)`` (a ``ValueError`` if none)."""
+    import sys
+
+    torch_loaded = "torch" in sys.modules
+    for spec in discover().values():
+        if not spec.is_layer:
+            continue
+        for path, needs_torch in ((spec.numpy, False), (spec.torch, True)):
+            if needs_torch and not torch_loaded:
+                continue
+            module, _, attr = path.partition(":")
+            mod = sys.modules.get(module)  # a layer's class is already imported
+            if mod is not None and getattr(mod, attr, None) is type(layer):
+                return spec
+    raise ValueError(f"{type(layer).__name__} is not a registered method's layer; known methods: "
+                     f"{', '.join(discover())}")
 
 
 def compare_rows() -> dict[str, tuple[MethodSpec, CompareRow]]:

@@ -13,6 +13,22 @@ One step of :func:`train` is the whole of backpropagation by hand:
 :func:`evaluate` gives next-token loss and accuracy (the share of positions where the arg-max of
 the logits is the true next token) on deterministic, non-overlapping windows.
 
+Training hooks: a method whose ``SPEC.hooks`` names a :class:`TrainingHooks` class (one per
+backend) gets one instance per model, built from the model and that method's layers, and the loop
+calls it on every step, so an allocator or a proximal step cannot be forgotten:
+
+.. code-block:: text
+
+    hooks.before_step(step)            before the forward pass (DyLoRA's rank sampling)
+    L += hooks.loss_terms(step)        NumPy: after model.backward, the value of the extra loss
+                                       terms, whose hand-derived gradients it adds into .grad;
+                                       torch: a scalar tensor added to the loss before backward
+    optimizer.step()
+    hooks.after_step(step)             after the update (AdaLoRA's allocator, SoRA's proximal step)
+
+``train(..., hooks=[...])`` adds hooks of the caller's own (an experiment that records values
+every few steps), called after the methods' hooks.
+
 ``backend=`` picks the loop: ``"numpy"`` runs here; ``"torch"`` and ``"cuda"`` hand over to
 :func:`lowrank_gpu.train.train` with the same arguments (the model must then be a torch model).
 ``None`` reads the backend off the model.
@@ -40,7 +56,8 @@ from lowrank_ref.data.batching import check_tokens, eval_windows, get_batch
 from lowrank_ref.registry import check_backend
 
 __all__ = ["TrainResult", "train", "evaluate", "model_backend", "model_bytes", "as_rng",
-           "OPTIMIZERS", "SCHEDULES", "check_train_args"]
+           "OPTIMIZERS", "SCHEDULES", "check_train_args", "TrainingHooks", "training_hooks", "call_hooks",
+           "resolve_backend", "lr_at", "progress_bar"]
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "constant")
@@ -95,7 +112,7 @@ def model_backend(model) -> str:
     raise TypeError(f"model must be a lowrank_ref.nn.Module or a torch.nn.Module, got {type(model).__name__}")
 
 
-def _resolve_backend(model, backend) -> str:
+def resolve_backend(model, backend) -> str:
     actual = model_backend(model)
     if backend is None:
         return actual
@@ -172,12 +189,74 @@ def progress_bar(steps: int, progress: bool, desc: str):
     return tqdm(range(steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
 
 
+# -- training hooks -------------------------------------------------------------------------
+class TrainingHooks:
+    """What a method (or an experiment) may do at each training step; every call is optional.
+
+    A method's hooks class is built once per model as ``cls(model, layers)``, with ``layers``
+    ``{dotted name: layer}`` of that method's layers in the model (``SPEC.hooks`` names the class
+    per backend). Subclasses override what they need; the defaults do nothing."""
+
+    def __init__(self, model=None, layers: dict | None = None):
+        self.model = model
+        self.layers = {} if layers is None else dict(layers)
+
+    def before_step(self, step: int) -> None:
+        """Before the forward pass of ``step``."""
+
+    def loss_terms(self, step: int):
+        """Extra loss terms. NumPy: return their value (a float) and add their gradients into the
+        parameters' ``.grad`` (called after ``model.backward``). Torch: return a scalar tensor
+        (added to the loss before ``backward``). ``0.0``: none."""
+        return 0.0
+
+    def after_step(self, step: int) -> None:
+        """After the optimizer's update of ``step``."""
+
+
+def training_hooks(model, extra=None, backend: str | None = None) -> list:
+    """One hooks object per method in ``model`` whose ``SPEC.hooks`` names one for ``backend``
+    (the model's own by default), in registry order, then the ``extra`` objects (each anything
+    with some of ``before_step`` / ``loss_terms`` / ``after_step``)."""
+    from lowrank_ref import registry
+
+    backend = model_backend(model) if backend is None else backend
+    if backend == "numpy":
+        from lowrank_ref.inject import adapter_layers
+    else:
+        from lowrank_gpu.inject import adapter_layers
+    by_method: dict[str, dict] = {}
+    for name, layer in adapter_layers(model).items():
+        spec = registry.spec_of_layer(layer)
+        if spec.hooks is not None and spec.hooks.for_backend(backend) is not None:
+            by_method.setdefault(spec.name, {})[name] = layer
+    hooks = []
+    for method, layers in by_method.items():
+        cls = registry.load_object(registry.get_method(method).hooks.for_backend(backend))
+        hooks.append(cls(model, layers))
+    extra = [] if extra is None else list(extra)
+    for h in extra:
+        if not any(callable(getattr(h, n, None)) for n in ("before_step", "loss_terms", "after_step")):
+            raise TypeError(f"hooks must have before_step, loss_terms or after_step; got {type(h).__name__}")
+    return hooks + extra
+
+
+def call_hooks(hooks, what: str, step: int):
+    """Call ``what`` on every hook that has it; for ``loss_terms`` return the list of values."""
+    out = []
+    for h in hooks:
+        fn = getattr(h, what, None)
+        if fn is not None:
+            out.append(fn(step))
+    return out
+
+
 # -- the loop -------------------------------------------------------------------------------
 def train(model, data, steps: int, lr: float = 1e-3, batch_size: int = 16, optimizer: str = "adamw",
           schedule: str = "cosine", warmup: int = 0, clip: float | None = 1.0, rng=None,
           progress: bool = True, backend: str | None = None, weight_decay: float = 0.0,
           betas=(0.9, 0.999), eps: float = 1e-8, min_lr: float = 0.0, momentum: float = 0.9,
-          measure_memory: bool = False, desc: str = "train") -> TrainResult:
+          measure_memory: bool = False, desc: str = "train", hooks=None) -> TrainResult:
     """Train the model's trainable parameters on next-token prediction over ``data``.
 
     Args:
@@ -192,17 +271,19 @@ def train(model, data, steps: int, lr: float = 1e-3, batch_size: int = 16, optim
         progress: show a tqdm progress bar (stderr); False is quiet.
         backend: ``None`` (the model's), ``"numpy"``, ``"torch"`` or ``"cuda"``.
         measure_memory: measure the peak memory of the first step (module docstring).
+        hooks: extra :class:`TrainingHooks`-like objects, called after the methods' own hooks.
     Returns:
         A :class:`TrainResult`.
     """
-    backend = _resolve_backend(model, backend)
+    backend = resolve_backend(model, backend)
     if backend in ("torch", "cuda"):
         from lowrank_gpu.train import train as torch_train
 
         return torch_train(model, data, steps, lr=lr, batch_size=batch_size, optimizer=optimizer,
                            schedule=schedule, warmup=warmup, clip=clip, rng=rng, progress=progress,
                            backend=backend, weight_decay=weight_decay, betas=betas, eps=eps,
-                           min_lr=min_lr, momentum=momentum, measure_memory=measure_memory, desc=desc)
+                           min_lr=min_lr, momentum=momentum, measure_memory=measure_memory, desc=desc,
+                           hooks=hooks)
     if backend != "numpy":
         raise ValueError(f"train supports backends numpy, torch and cuda, got {backend!r}")
     check_train_args(steps, lr, batch_size, optimizer, schedule, warmup, clip, weight_decay)
@@ -215,6 +296,7 @@ def train(model, data, steps: int, lr: float = 1e-3, batch_size: int = 16, optim
     params = model.trainable_parameters()
     if not params:
         raise ValueError("the model has no trainable parameters: nothing to train")
+    step_hooks = training_hooks(model, hooks, backend="numpy")
     if optimizer == "adamw":
         opt = optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     elif optimizer == "adam":
@@ -238,17 +320,21 @@ def train(model, data, steps: int, lr: float = 1e-3, batch_size: int = 16, optim
             before = tracemalloc.get_traced_memory()[0]
             tracemalloc.reset_peak()
         t0 = time.perf_counter()
+        call_hooks(step_hooks, "before_step", step)
         x, y = get_batch(data, batch_size, block_size, rng)  # (B, T) each
         logits = model.forward(x)  # (B, T, V)
         loss, dlogits = cross_entropy(logits, y)
         del logits
         model.backward(dlogits)  # fills .grad of the trainable parameters
         del dlogits
+        for extra in call_hooks(step_hooks, "loss_terms", step):  # their gradients are in .grad now
+            loss = loss + float(extra)
         if clip is not None:
             optim.clip_grad_norm(params, clip)
         opt.lr = lr_at(step, steps, lr, schedule, warmup, min_lr)
         opt.step()
         opt.zero_grad()
+        call_hooks(step_hooks, "after_step", step)
         elapsed = time.perf_counter() - t0
         if tracing:
             traced_times.append(elapsed)
@@ -278,7 +364,7 @@ def evaluate(model, tokens, block_size: int | None = None, max_windows: int | No
     ``accuracy`` is the share of positions whose arg-max prediction is the true next token, in
     [0, 1]. The model is evaluated in eval mode (dropout off) and put back in the mode it was in.
     """
-    backend = _resolve_backend(model, backend)
+    backend = resolve_backend(model, backend)
     if backend in ("torch", "cuda"):
         from lowrank_gpu.train import evaluate as torch_evaluate
 

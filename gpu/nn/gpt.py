@@ -20,6 +20,7 @@ from torch import nn
 
 from lowrank_gpu.nn.convert import to_numpy as _tensor_to_numpy
 from lowrank_ref.nn.gpt import GPTConfig
+from lowrank_ref.nn.module import check_condition, set_condition
 
 __all__ = ["CausalSelfAttention", "MLP", "Block", "GPT", "GPTConfig", "from_numpy", "to_numpy",
            "copy_state"]
@@ -118,12 +119,19 @@ class GPT(nn.Module):
                 std = std_out if name.endswith(("attn.o.weight", "mlp.proj.weight")) else 0.02
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * std)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cond=None) -> torch.Tensor:
+        """``idx (B, T)`` -> logits ``(B, T, V)``; ``cond``: ``None`` or one integer per row
+        (``(B,)``, a task id), handed to the layers that take a condition."""
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape (B, T), got {tuple(idx.shape)}")
         B, T = idx.shape
         if not 1 <= T <= self.config.block_size:
             raise ValueError(f"sequence length T={T} must be in [1, block_size={self.config.block_size}]")
+        if cond is not None and not isinstance(cond, torch.Tensor):
+            cond = torch.as_tensor(cond)
+        if cond is not None:
+            cond = cond.to(idx.device)
+        set_condition(self.modules(), check_condition(cond, B))
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
         for block in self.blocks:

@@ -30,7 +30,7 @@ from lowrank_ref.nn.activations import softmax
 from lowrank_ref.nn.embedding import Embedding, check_indices
 from lowrank_ref.nn.layernorm import LayerNorm
 from lowrank_ref.nn.linear import Dropout, Linear
-from lowrank_ref.nn.module import Module, ModuleList
+from lowrank_ref.nn.module import Module, ModuleList, check_condition, set_condition
 from lowrank_ref.nn.transformer import Block
 
 __all__ = ["GPTConfig", "GPT"]
@@ -115,13 +115,16 @@ class GPT(Module):
     def dtype(self):
         return self.tok_emb.weight.data.dtype
 
-    def forward(self, idx) -> np.ndarray:
+    def forward(self, idx, cond=None) -> np.ndarray:
+        """``idx (B, T)`` -> logits ``(B, T, V)``; ``cond``: ``None`` or one integer per row
+        (``(B,)``, a task id), handed to the layers that take a condition."""
         idx = check_indices(idx, self.config.vocab_size)
         if idx.ndim != 2:
             raise ValueError(f"idx must have shape (B, T), got {idx.shape}")
         B, T = idx.shape
         if not 1 <= T <= self.config.block_size:
             raise ValueError(f"sequence length T={T} must be in [1, block_size={self.config.block_size}]")
+        set_condition((m for _, m in self.named_modules()), check_condition(cond, B))
         x = self.tok_emb.forward(idx) + self.pos_emb.forward(np.arange(T))  # x0 = E_tok[idx] + E_pos[t]  (B, T, C)
         x = self.drop.forward(x)
         for block in self.blocks:
@@ -143,11 +146,11 @@ class GPT(Module):
         self.pos_emb.backward(dx.sum(axis=0))  # Ē_pos[t] = Σ_b x̄0[b, t]   (T, C)
         return None
 
-    def loss(self, idx, targets, ignore_index: int = -100):
+    def loss(self, idx, targets, ignore_index: int = -100, cond=None):
         """``(loss, dlogits)`` of the next-token cross-entropy; forward only (call backward after)."""
         from lowrank_ref.nn.losses import cross_entropy
 
-        return cross_entropy(self.forward(idx), targets, ignore_index)
+        return cross_entropy(self.forward(idx, cond=cond), targets, ignore_index)
 
     def generate(self, idx, n_new: int, rng=None, temperature: float = 1.0, top_k: int | None = None) -> np.ndarray:
         """Append ``n_new`` sampled tokens to ``idx (B, T)`` and return ``(B, T + n_new)``.

@@ -271,3 +271,41 @@ class ModuleList(Module, _Indexable):
 
     def __iter__(self):
         return iter(self._items)
+
+
+# --- conditions: a per-row input for conditional adapters (a task id per batch row) ----------
+def check_condition(cond, batch: int):
+    """``cond`` as one integer per batch row, shape ``(batch,)``: a NumPy ``int64`` array (a torch
+    tensor stays a tensor, checked the same way). ``None`` stays ``None``."""
+    if cond is None:
+        return None
+    if hasattr(cond, "detach"):  # torch: keep it on its device
+        if cond.is_floating_point() or cond.is_complex() or str(cond.dtype) == "torch.bool":
+            raise TypeError(f"cond must hold integers (one per batch row), got dtype {cond.dtype}")
+        shape = tuple(cond.shape)
+    else:
+        arr = np.asarray(cond)
+        if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+            raise TypeError(f"cond must hold integers (one per batch row), got dtype {arr.dtype}")
+        cond, shape = arr.astype(np.int64, copy=False), arr.shape
+    if shape != (batch,):
+        raise ValueError(f"cond must have shape ({batch},), one condition per batch row, got {shape}")
+    if (cond < 0).any():
+        raise ValueError("cond must be non-negative")
+    return cond
+
+
+def set_condition(modules, cond) -> int:
+    """Give ``cond`` (``None`` or one integer per batch row) to every module in ``modules`` that
+    takes a condition (class attribute ``takes_condition = True``), as its ``.condition``; return
+    how many took it. A condition that no module takes is an error (it would be silently ignored)."""
+    n = 0
+    for m in modules:
+        if getattr(m, "takes_condition", False):
+            m.condition = cond
+            n += 1
+    if cond is not None and n == 0:
+        raise ValueError("cond was given but no layer of the model takes a condition "
+                         "(inject a conditional method, or pass cond=None)")
+    return n
+
