@@ -227,7 +227,10 @@ def training_hooks(model, extra=None, backend: str | None = None) -> list:
         from lowrank_gpu.inject import adapter_layers
     by_method: dict[str, dict] = {}
     for name, layer in adapter_layers(model).items():
-        spec = registry.spec_of_layer(layer)
+        try:
+            spec = registry.spec_of_layer(layer)
+        except ValueError:  # an experiment's own layer class (chapter 02's double LoRA): no SPEC
+            continue
         if spec.hooks is not None and spec.hooks.for_backend(backend) is not None:
             by_method.setdefault(spec.name, {})[name] = layer
     hooks = []
