@@ -14,18 +14,14 @@ layer-wise targets.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import os
-import sys
-import time
 
 import numpy as np
 
 from lowrank_ref.adapters.base import AdapterLinear
-from lowrank_ref.adapters.lora import LoRALinear, init_lora_A
-from lowrank_ref.config import DoRAConfig, LoRAConfig
+from lowrank_ref.adapters.dora import DoRAConfig
+from lowrank_ref.adapters.lora import LoRAConfig, LoRALinear, init_lora_A
+from lowrank_ref.experiments.runner import experiment_main, quick_mode
 from lowrank_ref.nn.module import Parameter
 
 __all__ = ["DoubleLoRALinear", "magnitude_direction", "quick_mode", "base_model", "finetune",
@@ -130,11 +126,6 @@ def magnitude_direction(W0: np.ndarray, W: np.ndarray):
 
 
 # -- the runs on the built-in task -----------------------------------------------------------------
-def quick_mode() -> bool:
-    """``LOWRANK_REF_QUICK=1`` (set by the notebook tests): shrink every run to a smoke test."""
-    return os.environ.get("LOWRANK_REF_QUICK", "") not in ("", "0")
-
-
 def base_model(quick: bool | None = None):
     """The package's pre-trained small GPT (NumPy, float32): :func:`lowrank_ref.models.load_pretrained`.
 
@@ -174,59 +165,32 @@ def finetune(base, config=None, targets=("q", "v"), steps: int = 300, lr: float 
     what it forgot), ``dialect_accuracy``, ``trainable_params``, ``train_losses`` and, if
     ``record(model, step)`` is given, its results every ``record_every`` steps.
 
-    The loop is :func:`lowrank_ref.train.train`'s (AdamW, cosine schedule, clip 1.0); with
-    ``record`` it runs in chunks that share one optimizer (a small loop here, same update rule).
+    The recipe is :func:`lowrank_ref.experiments.runner.finetune`'s (AdamW, cosine schedule with
+    ``min(20, steps // 10)`` warmup steps, clip 1.0); ``record`` runs as its training hook.
     """
-    from lowrank_ref import data, optim
-    from lowrank_ref.inject import inject
-    from lowrank_ref.models import blas_threads
-    from lowrank_ref.nn.losses import cross_entropy
-    from lowrank_ref.optim.schedule import cosine_schedule
-    from lowrank_ref.train import evaluate, train
-
-    task = data.builtin_task()
-    if eval_windows is None:
-        eval_windows = 16 if quick_mode() else 128
-    model = copy.deepcopy(base)
-    rng = np.random.default_rng(seed)
-    res = inject(model, config, targets=targets, ranks=ranks, alphas=alphas, rng=rng)
-    if double:
-        _replace_with_double(model, res.replaced, config.r, config.alpha, rng)
-    out = {"method": "double_lora" if double else res.method, "targets": list(res.replaced),
-           "r": config.r, "alpha": config.alpha, "scaling": getattr(config, "scaling", None),
-           "trainable_params": model.num_trainable_parameters(), "steps": steps}
-    t0 = time.perf_counter()
-    with blas_threads(1):
-        if record is None:
-            tr = train(model, task.dialect_train, steps, lr=lr, batch_size=batch_size, rng=seed + 1,
-                       progress=False, warmup=min(20, steps // 10))
-            losses = tr.losses
-        else:
-            params = model.trainable_parameters()
-            opt = optim.AdamW(params, lr=lr, weight_decay=0.0)
-            brng = np.random.default_rng(seed + 1)
-            losses, recs = [], [record(model, 0)]
-            model.train()
-            for step in range(steps):
-                x, y = data.get_batch(task.dialect_train, batch_size, model.config.block_size, brng)
-                loss, dlogits = cross_entropy(model.forward(x), y)
-                model.backward(dlogits)
-                optim.clip_grad_norm(params, 1.0)
-                opt.lr = cosine_schedule(step, steps, lr, warmup_steps=min(20, steps // 10))
-                opt.step()
-                opt.zero_grad()
-                losses.append(float(loss))
-                if (step + 1) % record_every == 0:
-                    recs.append(record(model, step + 1))
-            out["records"] = recs
-        d = evaluate(model, task.dialect_heldout, max_windows=eval_windows)
-        b = evaluate(model, task.base_heldout, max_windows=eval_windows)
+    from lowrank_ref.experiments.runner import finetune as run
     from lowrank_ref.inject import adapter_layers
 
+    if eval_windows is None:
+        eval_windows = 16 if quick_mode() else 128
+
+    def prepare(model, res, rng):
+        if double:
+            _replace_with_double(model, res.replaced, config.r, config.alpha, rng)
+
+    res = run(base, config, targets=targets, ranks=ranks, alphas=alphas, steps=steps, lr=lr,
+              batch_size=batch_size, warmup=min(20, steps // 10), seed=seed, eval_windows=eval_windows,
+              prepare=prepare, record=record, record_every=record_every, threads=1, keep_model=True)
+    model = res["model"]
+    out = {"method": "double_lora" if double else res["method"], "targets": res["targets"],
+           "r": config.r, "alpha": config.alpha, "scaling": getattr(config, "scaling", None),
+           "trainable_params": res["trainable_params"], "steps": steps}
+    if record is not None:
+        out["records"] = res["records"]
     out["delta_norm"] = float(sum(np.linalg.norm(layer.delta_weight().astype(np.float64))
                                   for layer in adapter_layers(model).values()))
-    out.update(dialect_loss=d["loss"], dialect_accuracy=d["accuracy"], base_loss=b["loss"],
-               train_losses=[float(v) for v in losses], seconds=time.perf_counter() - t0)
+    out.update(dialect_loss=res["target_loss_after"], dialect_accuracy=res["target_after"],
+               base_loss=res["retained_loss_after"], train_losses=res["train_losses"], seconds=res["seconds"])
     out["model"] = model
     return out
 
@@ -414,22 +378,19 @@ def run_all(quick: bool | None = None, steps: int | None = None) -> dict:
     }
 
 
+def _without_losses(res: dict) -> dict:
+    for row in res["rank_sweep"] + res["double_lora"] + res["layerwise"] + res["dora_vs_lora_lr"]:
+        row.pop("train_losses")
+    return res
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Chapter 02's measurements (DoRA, double LoRA, rsLoRA, layer-wise)")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--out", default="runs/dora_experiments.json")
-    a = p.parse_args(argv)
-    res = run_all(quick=a.quick, steps=a.steps)
-    for row in res["rank_sweep"]:
-        row.pop("train_losses")
-    for row in res["double_lora"] + res["layerwise"] + res["dora_vs_lora_lr"]:
-        row.pop("train_losses")
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w", encoding="utf-8") as f:
-        json.dump(res, f, indent=1, default=float)
-    print(f"wrote {a.out}", file=sys.stderr)
-    return 0
+    return experiment_main(lambda a: run_all(quick=a.quick, steps=a.steps), argv,
+                           prog="python -m lowrank_ref.experiments.dora_experiments",
+                           description="Chapter 02's measurements (DoRA, double LoRA, rsLoRA, layer-wise)",
+                           default_out="runs/dora_experiments.json",
+                           add_arguments=lambda p: p.add_argument("--steps", type=int, default=None),
+                           finish=_without_losses)
 
 
 if __name__ == "__main__":

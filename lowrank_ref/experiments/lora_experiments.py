@@ -24,16 +24,14 @@ writes JSON. ``LOWRANK_REF_QUICK=1`` (the notebook tests set it) shrinks every r
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
 import sys
 import time
 
 import numpy as np
 
-from lowrank_ref.config import LoRAConfig
+from lowrank_ref.adapters.lora import LoRAConfig
+from lowrank_ref.experiments.runner import experiment_main, quick_mode
 
 __all__ = ["BERT_BASE", "bert_base_parameters", "lora_parameters", "bert_lora_counts", "quick_mode",
            "settings", "finetune", "summarize", "rank_alpha_sweep", "scaling_lr_grid", "target_sets",
@@ -98,11 +96,6 @@ def bert_lora_counts(shape: dict | None = None) -> list[dict]:
 RS_ALPHA = 2.0 * math.sqrt(8.0)  # rsLoRA's alpha that gives s = 2 at r = 8, like alpha = 16 with alpha/r
 
 
-def quick_mode() -> bool:
-    """``LOWRANK_REF_QUICK=1`` (set by the notebook tests): shrink every run to a smoke test."""
-    return os.environ.get("LOWRANK_REF_QUICK", "") not in ("", "0")
-
-
 def settings(quick: bool | None = None) -> dict:
     """Steps, seeds, evaluation size: ``compare``'s defaults, or a smoke test in quick mode."""
     from lowrank_ref.experiments.compare import DEFAULTS
@@ -131,35 +124,18 @@ def finetune(config: LoRAConfig, targets=("q", "v"), lr: float | None = None, se
     on held-out dialect / base-language text), the matching losses, ``trainable_params``, the
     final training loss (mean of the last 10 steps) and the wall time.
     """
-    from lowrank_ref import data
-    from lowrank_ref.inject import inject
-    from lowrank_ref.models import blas_threads, load_pretrained
-    from lowrank_ref.train import evaluate, train
+    from lowrank_ref.experiments.runner import finetune as run
 
     lr = compare_lr() if lr is None else lr
-    task = data.builtin_task(0)
-    model = load_pretrained(progress=False) if base is None else _copy(base)
-    t0 = time.perf_counter()
-    with blas_threads(1):
-        res = inject(model, config, targets=targets, ranks=ranks, rng=np.random.default_rng(seed))
-        tr = train(model, task.dialect_train, steps, lr=lr, batch_size=batch_size, warmup=min(warmup, steps - 1),
-                   rng=np.random.default_rng(seed + 1), progress=False)
-        after = evaluate(model, task.dialect_heldout, max_windows=eval_windows)
-        kept = evaluate(model, task.base_heldout, max_windows=eval_windows)
+    out = run(base, config, targets=targets, ranks=ranks, lr=lr, seed=seed, steps=steps, batch_size=batch_size,
+              warmup=warmup, eval_windows=eval_windows)
     return {
         "r": config.r, "alpha": config.alpha, "rslora": config.rslora, "scaling": config.scaling,
         "init": config.init, "targets": list(targets) if not isinstance(targets, str) else [targets],
-        "lr": lr, "seed": seed, "steps": steps, "trainable_params": int(res.trainable_params),
-        "target_after": after["accuracy"], "target_loss_after": after["loss"],
-        "retained_after": kept["accuracy"], "retained_loss_after": kept["loss"],
-        "final_train_loss": float(np.mean(tr.losses[-10:])), "seconds": time.perf_counter() - t0,
+        "lr": lr, "seed": seed, "steps": steps, "trainable_params": out["trainable_params"],
+        **{k: out[k] for k in ("target_after", "target_loss_after", "retained_after", "retained_loss_after",
+                               "final_train_loss", "seconds")},
     }
-
-
-def _copy(model):
-    import copy
-
-    return copy.deepcopy(model)
 
 
 _MEMO: dict = {}  # runs are deterministic: the same arguments give the same row (r=8 recurs)
@@ -469,21 +445,15 @@ def run_all(quick: bool | None = None, progress: bool = True, only=None, ranks=N
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lowrank_ref.experiments.lora_experiments",
-                                description="Chapter 01's measurements (rank and alpha, targets, init, baselines)")
-    p.add_argument("--quick", action="store_true", help="a smoke test (what the notebook runs under test)")
-    p.add_argument("--out", default="runs/lora_experiments.json")
-    p.add_argument("--only", nargs="+", choices=EXPERIMENTS, help="run only these experiments")
-    p.add_argument("--ranks", type=lambda v: tuple(int(r) for r in v.split(",")), default=None,
-                   help="ranks of the rank sweep, comma-separated (default 1,2,4,8,16,32,64)")
-    a = p.parse_args(argv)
-    res = run_all(quick=a.quick or None, only=a.only, ranks=a.ranks)
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w", encoding="utf-8") as f:
-        json.dump(res, f, indent=1, default=float)
-        f.write("\n")
-    print(f"wrote {a.out}", file=sys.stderr)
-    return 0
+    def add(p):
+        p.add_argument("--only", nargs="+", choices=EXPERIMENTS, help="run only these experiments")
+        p.add_argument("--ranks", type=lambda v: tuple(int(r) for r in v.split(",")), default=None,
+                       help="ranks of the rank sweep, comma-separated (default 1,2,4,8,16,32,64)")
+
+    return experiment_main(lambda a: run_all(quick=a.quick, only=a.only, ranks=a.ranks), argv,
+                           prog="python -m lowrank_ref.experiments.lora_experiments",
+                           description="Chapter 01's measurements (rank and alpha, targets, init, baselines)",
+                           default_out="runs/lora_experiments.json", add_arguments=add)
 
 
 if __name__ == "__main__":
