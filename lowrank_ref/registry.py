@@ -31,6 +31,7 @@ lookup on ``type(config)``.
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
@@ -40,7 +41,7 @@ from dataclasses import dataclass, field
 
 __all__ = ["MethodSpec", "PerBackend", "PeftMapping", "Example", "CompareRow", "SpecError",
            "get_method", "method_names", "config_class", "method_for_config", "methods", "compare_rows",
-           "BACKENDS", "check_backend", "load_object", "discover", "check_spec"]
+           "BACKENDS", "check_backend", "load_object", "discover", "check_spec", "register_for_tests"]
 
 BACKENDS = ("numpy", "torch", "cuda", "cupy")
 
@@ -293,6 +294,7 @@ def _add(spec: MethodSpec, where: str) -> None:
                         "each method has its own config class")
     _METHODS[spec.name] = spec
     _BY_CONFIG[spec.config] = spec
+    return spec
 
 
 def discover(package: str = ADAPTER_PACKAGE) -> dict[str, MethodSpec]:
@@ -325,6 +327,32 @@ def discover(package: str = ADAPTER_PACKAGE) -> dict[str, MethodSpec]:
     if package == ADAPTER_PACKAGE:
         _DISCOVERED = True
     return _METHODS
+
+
+@contextlib.contextmanager
+def register_for_tests(*specs: MethodSpec):
+    """Register ``specs`` for the length of a ``with`` block, then remove them.
+
+    For tests only: a test module defines a method the package does not ship (a LoRA whose
+    ``B`` is shared across layers, to exercise ``SPEC.shared`` before any shipped method uses
+    it) and runs it through ``inject``, ``io`` and the rest exactly as a discovered ``SPEC``.
+    Each spec is checked like a discovered one (its class paths must import, so the test module
+    must be importable by name); a name or config class that is taken is a :class:`SpecError`.
+    Yields the registered specs; on leaving the block the registry is as it was::
+
+        with registry.register_for_tests(SPEC):
+            inject(model, SharedBConfig(r=2), targets="q")
+    """
+    discover()
+    added: list[MethodSpec] = []
+    try:
+        for spec in specs:
+            added.append(_add(spec, f"register_for_tests({getattr(spec, 'name', spec)!r})"))
+        yield tuple(added)
+    finally:
+        for spec in added:
+            _METHODS.pop(spec.name, None)
+            _BY_CONFIG.pop(spec.config, None)
 
 
 def methods() -> dict[str, MethodSpec]:
