@@ -31,12 +31,12 @@ import torch.nn.functional as F
 from lowrank_ref.data.batching import check_tokens, eval_windows, get_batch
 from lowrank_ref.train import (
     TrainResult,
-    _resolve_backend,
     as_rng,
     check_train_args,
     lr_at,
     progress_bar,
 )
+from lowrank_ref.train import resolve_backend as _resolve_backend
 
 __all__ = ["train", "evaluate", "TrainResult", "torch_model_bytes"]
 

@@ -39,7 +39,7 @@ import numpy as np
 from lowrank_ref.data.batching import check_tokens, eval_windows, get_batch
 from lowrank_ref.registry import check_backend
 
-__all__ = ["TrainResult", "train", "evaluate", "model_backend", "model_bytes", "as_rng",
+__all__ = ["TrainResult", "train", "evaluate", "model_backend", "resolve_backend", "model_bytes", "as_rng",
            "OPTIMIZERS", "SCHEDULES", "check_train_args"]
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -95,7 +95,9 @@ def model_backend(model) -> str:
     raise TypeError(f"model must be a lowrank_ref.nn.Module or a torch.nn.Module, got {type(model).__name__}")
 
 
-def _resolve_backend(model, backend) -> str:
+def resolve_backend(model, backend) -> str:
+    """The backend to train ``model`` in: its own (:func:`model_backend`) when ``backend`` is
+    None, else ``backend`` checked against it (shared with ``lowrank_gpu.train``)."""
     actual = model_backend(model)
     if backend is None:
         return actual
@@ -109,6 +111,9 @@ def _resolve_backend(model, backend) -> str:
             f"(lowrank_ref.models.load_pretrained(backend={backend!r})) or pass backend={actual!r}"
         )
     return backend
+
+
+_resolve_backend = resolve_backend  # the name this module's loops call
 
 
 def model_bytes(model) -> int:
