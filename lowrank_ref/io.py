@@ -19,6 +19,8 @@ adapters without the code that made them:
   *full* config of each layer (so per-layer ranks and alphas survive) and, per tensor, its key,
   shape and dtype;
 * ``user_metadata``: JSON of the ``metadata`` argument;
+* ``shared`` (only for methods with ``SPEC.shared``): JSON ``{method: {"tensors": ...}}`` of the
+  state the layers share, stored once under ``base_model.model.lowrank_shared.<method>.<name>``;
 * ``method``, ``r``, ``alpha``, ``scaling``, ``scaling_rule`` at the top level too, for a reader
   with any safetensors tool: the common value when every layer has the same one, else
   ``"per-layer"`` (then ``layers`` has each). Loading reads ``layers``, never these.

@@ -13,10 +13,14 @@ field              what it says                                                 
 ``numpy``          ``"module:Class"`` of the NumPy layer                                  api, inject, io
 ``torch``          ``"lowrank_gpu.adapters.<m>:Class"`` (a string: nothing imports torch) api, inject, io
 ``overridable``    config fields that per-layer overrides may change (``("r", "alpha")``) inject
+                   via ``inject(overrides={field: {pattern: value}})``; others: error
 ``file_metadata``  ``config -> {str: JSON scalar}`` stored per layer in adapter files     io
 ``peft``           a :class:`PeftMapping` where PEFT has the method                       io (PEFT)
 ``example``        ``() -> Example``: a small base shape + config for the contract tests  tests/contract
-``shared``         :class:`PerBackend` builders of state shared across layers             inject, io
+``shared``         :class:`PerBackend` builders of state shared across layers,            inject, io
+                   ``(configs: {name: cfg}, shapes: {name: (out, in)}, rng) -> Module``,
+                   built once per inject, held once as ``model.lowrank_shared.<m>``,
+                   given to each layer as ``shared=`` (a SharedRef), saved once per file
 ``hooks``          :class:`PerBackend` training hooks (loss terms, before/after step)     train loops
 ``compare``        ``{row name: CompareRow}``: the method's rows in ``lowrank-ref compare``  compare
 ``model_fn``       whole-model modes (full, BitFit): :class:`PerBackend` functions        inject
@@ -25,7 +29,8 @@ field              what it says                                                 
 Discovery happens on the first lookup (``import lowrank_ref`` stays cheap) and checks every
 ``SPEC``: a missing field, a class path that names nothing, two methods claiming one name or one
 config class are errors at that point, naming the file. Config -> method is a plain dictionary
-lookup on ``type(config)``.
+lookup on ``type(config)``. A test can add a method of its own for a ``with`` block with
+:func:`register_for_tests`.
 """
 
 from __future__ import annotations

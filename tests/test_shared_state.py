@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import assert_close
+from helpers import assert_close, requires_cuda
 from sharedb_method import SPEC, SharedBConfig
 
 import lowrank_ref as lr
@@ -384,3 +384,21 @@ def test_linear_layers_inside_the_shared_state_are_not_targets(sharedb, backend)
     shared_modules(model)[SPEC.name].hyper = hyper
     res = inject(model, lr.LoRAConfig(r=1), targets="all", rng=0)
     assert res.replaced == ["v", "fc"]
+
+
+def test_the_shared_state_takes_the_base_dtype(sharedb):
+    model = GPT(GPTConfig(vocab_size=7, block_size=4, n_layer=1, n_head=2, d_model=8),
+                rng=np.random.default_rng(0), dtype=np.float32)
+    inject(model, SharedBConfig(r=R), targets=("q", "v"), rng=0)
+    assert _shared_B(model).data.dtype == np.float32
+
+
+@requires_cuda
+def test_torch_shared_state_follows_the_base_onto_the_gpu(sharedb):
+    model = _net("torch").to("cuda")
+    inject(model, SharedBConfig(r=R), targets="all", rng=0)
+    B = _shared_B(model)
+    assert B.device.type == "cuda" and all(layer.A.device.type == "cuda" for layer in adapter_layers(model).values())
+    x = torch.randn(3, D, dtype=torch.float64, device="cuda")
+    sum(o.sum() for o in model(x)).backward()
+    assert B.grad is not None and B.grad.device.type == "cuda"
