@@ -1,9 +1,11 @@
-r"""``inject`` for PyTorch models: the same targets, overrides and result as
+r"""``inject`` for PyTorch models: the same targets, overrides, shared state and result as
 :func:`lowrank_ref.inject.inject`, for any ``torch.nn.Module`` whose linear layers are
 ``torch.nn.Linear`` (a Hugging Face model included: ``targets=("q_proj", "v_proj")``).
 
-Replaced layers keep their device and dtype; every parameter outside the adapters gets
-``requires_grad = False``. If anything raises, the model is left as it was.
+The engine is :class:`lowrank_ref.inject.Injector`, written once; this module holds only the
+torch operations it runs on (:class:`TorchOps`). Replaced layers keep their device and dtype;
+every parameter outside the adapters gets ``requires_grad = False``. If anything raises, the
+model is left as it was.
 """
 
 from __future__ import annotations
@@ -13,151 +15,153 @@ from torch import nn
 
 from lowrank_gpu.adapters.base import AdapterLinear
 from lowrank_ref.inject import (
-    TRAINABLE_MODES,
+    InjectOps,
+    Injector,
     InjectResult,
-    _as_rng,
-    _no_match,
-    _under,
-    layer_configs,
-    resolve_spec,
-    select_targets,
+    Snapshot,
+    as_rng,
+    check_trainable_mode,
 )
-from lowrank_ref.registry import load_object
 
-__all__ = ["inject", "InjectResult", "set_trainable", "adapter_layers", "build_adapters"]
+__all__ = ["inject", "InjectResult", "set_trainable", "adapter_layers", "build_adapters", "shared_modules",
+           "TorchOps", "TORCH"]
 
 
-def _plain_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    out: dict[str, nn.Linear] = {}
-    inside: list[str] = []
-    for name, mod in model.named_modules():
-        if any(_under(name, p) for p in inside):
-            continue
-        if isinstance(mod, AdapterLinear):
-            inside.append(name)
-        elif isinstance(mod, nn.Linear) and name:
-            out[name] = mod
-    return out
+class TorchOps(InjectOps):
+    """:class:`~lowrank_ref.inject.InjectOps` for ``torch.nn.Module`` models."""
+
+    backend = "torch"
+    module_kind = "a torch.nn.Module"
+    linear_kind = "a torch.nn.Linear"
+
+    def is_module(self, obj):
+        return isinstance(obj, nn.Module)
+
+    def is_linear(self, obj):
+        return isinstance(obj, nn.Linear)
+
+    def is_adapter(self, obj):
+        return isinstance(obj, AdapterLinear)
+
+    def named_modules(self, model):
+        return model.named_modules()
+
+    def get(self, model, name):
+        return model.get_submodule(name)
+
+    def set(self, model, name, module):
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
+
+    def child(self, parent, attr):
+        return dict(parent.named_children()).get(attr)
+
+    def children(self, parent):
+        return [n for n, _ in parent.named_children()]
+
+    def add_child(self, parent, attr, module):
+        parent.add_module(attr, module)
+
+    def remove_child(self, parent, attr):
+        delattr(parent, attr)
+
+    def new_container(self):
+        return nn.Module()
+
+    def named_parameters(self, module):
+        return list(module.named_parameters())  # torch lists a parameter held twice once
+
+    def trainable(self, p):
+        return p.requires_grad
+
+    def set_trainable(self, p, on):
+        p.requires_grad_(bool(on))
+        if not on:
+            p.grad = None
+
+    def numel(self, p):
+        return p.numel()
+
+    def save_flags(self, p):
+        return p.requires_grad, p.grad
+
+    def restore_flags(self, p, saved):
+        p.requires_grad_(saved[0])
+        p.grad = saved[1]
+
+    def save_data(self, p):
+        return p.detach().clone()
+
+    @torch.no_grad()
+    def restore_data(self, p, saved):
+        p.copy_(saved)
+
+    def shape(self, linear):
+        return linear.out_features, linear.in_features
+
+    def place(self, layer, base):
+        return layer.to(base.weight.device)
+
+    def like(self, module, base):
+        W = base.weight
+        return module.to(device=W.device, dtype=W.dtype) if W.is_floating_point() else module.to(W.device)
+
+    def rng(self, rng):
+        return rng if isinstance(rng, torch.Generator) else as_rng(rng)
+
+    def state(self, module):
+        if hasattr(module, "adapter_state"):
+            return module.adapter_state()
+        return {n: t.detach() for n, t in module.state_dict().items()}
+
+    @torch.no_grad()
+    def load_state(self, module, state):
+        if hasattr(module, "load_adapter_state"):
+            return module.load_adapter_state(state)
+        module.load_state_dict({n: torch.as_tensor(v) for n, v in state.items()}, strict=True)
+
+    def state_shape(self, value):
+        return tuple(int(d) for d in value.shape)
+
+
+TORCH = Injector(TorchOps())
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def inject(model: nn.Module, config=None, targets=("q", "v"), ranks=None, alphas=None, method=None,
+           rng=None, overrides=None, **kwargs) -> InjectResult:
+    """Replace the matching ``torch.nn.Linear`` layers of ``model`` in place; freeze the rest.
+
+    Arguments as :func:`lowrank_ref.inject.inject`; ``rng`` seeds the adapters' init (an int seed
+    or a numpy Generator gives one stream for all layers; a ``torch.Generator`` is used as is)."""
+    _check_model(model)
+    return TORCH.inject(model, config, targets=targets, ranks=ranks, alphas=alphas, method=method,
+                        rng=rng, overrides=overrides, **kwargs)
+
+
+def build_adapters(model: nn.Module, plan: dict, rng=None, **kwargs) -> Snapshot:
+    """Replace each ``torch.nn.Linear`` named in ``plan = {name: (spec_or_class, config)}``;
+    freeze everything outside the adapters (:meth:`lowrank_ref.inject.Injector.build_adapters`)."""
+    _check_model(model)
+    return TORCH.build_adapters(model, plan, rng=rng, **kwargs)
 
 
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLinear]:
     """Every adapter in ``model`` by dotted name (``""`` if ``model`` is itself an adapter)."""
-    out: dict[str, AdapterLinear] = {}
-    for name, mod in model.named_modules():
-        if not any(_under(name, p) for p in out) and isinstance(mod, AdapterLinear):
-            out[name] = mod
-    return out
+    return TORCH.adapter_layers(model)
 
 
-def _adapter_param_ids(model: nn.Module) -> set[int]:
-    ids: set[int] = set()
-    for mod in adapter_layers(model).values():
-        base_ids = {id(p) for p in mod.base.parameters()}
-        ids.update(id(p) for p in mod.parameters() if id(p) not in base_ids)
-    return ids
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, leaf = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, leaf, new)
-
-
-class _Snapshot:
-    def __init__(self, model: nn.Module, names):
-        self.model = model
-        self.modules = {n: model.get_submodule(n) for n in names}
-        self.flags = [(p, p.requires_grad, p.grad) for p in model.parameters()]
-        self.data = [(p, p.detach().clone()) for n in names for p in self.modules[n].parameters()]
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        for n, mod in self.modules.items():
-            if self.model.get_submodule(n) is not mod:
-                _set_module(self.model, n, mod)
-        for p, flag, grad in self.flags:
-            p.requires_grad_(flag)
-            p.grad = grad
-        for p, copy in self.data:
-            p.copy_(copy)
-
-
-def _count(model: nn.Module) -> tuple[int, int]:
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
-def inject(model: nn.Module, config=None, targets=("q", "v"), ranks=None, alphas=None, method=None,
-           rng=None, **kwargs) -> InjectResult:
-    """Replace the matching ``torch.nn.Linear`` layers of ``model`` in place; freeze the rest.
-
-    Arguments as :func:`lowrank_ref.inject.inject`; ``rng`` seeds the adapters' init (an int seed
-    or a numpy Generator gives one stream for all layers)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    spec = resolve_spec(config, method)
-    if not spec.is_layer and (ranks or alphas):
-        raise ValueError(f"method {spec.name!r} is a whole-model mode: ranks/alphas do not apply")
-    if not spec.is_layer:
-        load_object(spec.model_fn.torch)(model)
-        return InjectResult(spec.name, [], *_count(model))
-    linears = _plain_linears(model)
-    try:
-        names = select_targets(list(linears), targets)
-    except ValueError as e:
-        done = [n for n in adapter_layers(model) if n]
-        if done:  # say why a layer the user can see is not a target
-            raise ValueError(f"{e} (already adapted, so not targets: {', '.join(done)})") from None
-        raise
-    kwargs = dict(kwargs)
-    config = spec.coerce_config(config, kwargs)
-    cfgs = layer_configs(config, names, ranks, alphas, overridable=spec.overridable)
-    cls = load_object(spec.torch)
-    build_adapters(model, {n: (cls, cfgs[n]) for n in names}, rng=rng, **kwargs)
-    return InjectResult(spec.name, names, *_count(model), cfgs)
-
-
-def build_adapters(model: nn.Module, plan: dict, rng=None, **kwargs) -> _Snapshot:
-    """Replace each ``torch.nn.Linear`` named in ``plan = {name: (AdapterClass, config)}``;
-    freeze everything outside the adapters. Restores the model on error; the returned snapshot
-    can undo the change later (``.restore()``)."""
-    linears = _plain_linears(model)
-    for n in plan:
-        if n not in linears:
-            raise _no_match(n, "layer", list(linears))
-    rng = rng if isinstance(rng, torch.Generator) else _as_rng(rng)
-    snap = _Snapshot(model, list(plan))
-    try:
-        new = {}
-        for n, (cls, cfg) in plan.items():
-            base = linears[n]
-            new[n] = cls(base, cfg, rng=rng, **kwargs).to(base.weight.device)
-        for n, layer in new.items():
-            _set_module(model, n, layer)
-        keep = _adapter_param_ids(model)
-        for p in model.parameters():
-            if id(p) not in keep:
-                p.requires_grad_(False)
-                p.grad = None
-    except BaseException:
-        snap.restore()
-        raise
-    return snap
+def shared_modules(model: nn.Module) -> dict:
+    """``{method name: module}``: the shared state ``model`` holds (``model.lowrank_shared``)."""
+    return TORCH.shared_modules(model)
 
 
 def set_trainable(model: nn.Module, mode: str) -> int:
     """``mode``: ``"all"``, ``"none"``, ``"bias"`` (BitFit) or ``"adapters"``; returns the trainable count."""
-    if mode not in TRAINABLE_MODES:
-        raise ValueError(f"mode must be one of {TRAINABLE_MODES}, got {mode!r}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    keep = _adapter_param_ids(model) if mode == "adapters" else set()
-    for name, p in model.named_parameters():
-        on = {"all": True, "none": False, "bias": name.rsplit(".", 1)[-1] == "bias",
-              "adapters": id(p) in keep}[mode]
-        p.requires_grad_(on)
-        if not on:
-            p.grad = None
-    return _count(model)[0]
-
-
+    check_trainable_mode(mode)
+    _check_model(model)
+    return TORCH.set_trainable(model, mode)

@@ -2,7 +2,7 @@ r"""``adapt(base, config, backend=...)``: one config, the same layer in any back
 
 from __future__ import annotations
 
-from lowrank_ref.registry import check_backend, get_method, load_object, method_for_config
+from lowrank_ref.registry import check_backend, get_method, method_for_config
 
 __all__ = ["adapt"]
 
@@ -11,33 +11,35 @@ def adapt(base, config, backend: str = "numpy", method: str | None = None, rng=N
     """Wrap ``base`` (a ``lowrank_ref.nn.Linear`` or a ``torch.nn.Linear``) with the adapter that
     ``config`` describes, in ``backend``: ``"numpy"``, ``"torch"``, ``"cuda"`` or ``"cupy"``.
 
-    ``method`` picks among methods sharing a config class (``"qlora"`` takes a ``LoRAConfig``).
-    A NumPy base given to a torch backend is copied into a ``torch.nn.Linear`` (same dtype).
-    ``"cupy"`` builds the NumPy layer and moves its arrays (the base's included) onto the GPU, where
-    the same array code runs on CuPy arrays (the LoRA layer; GPU training of whole models is
-    ``"cuda"``).
+    The method comes from the registry: ``type(config)``, or ``method`` when the config is of a
+    parent class (``method="qlora"`` takes a ``LoRAConfig``). A method with shared state
+    (``SPEC.shared``) gets it built for this one layer. A NumPy base given to a torch backend is
+    copied into a ``torch.nn.Linear`` (same dtype). ``"cupy"`` builds the NumPy layer and moves its
+    arrays (the base's included) onto the GPU, where the same array code runs on CuPy arrays (the
+    LoRA layer; GPU training of whole models is ``"cuda"``).
     """
     backend = check_backend(backend)
     spec = get_method(method) if method is not None else method_for_config(config)
-    if not spec.is_layer:  # "full", "bitfit": not layers
+    if not spec.is_layer:  # whole-model modes (full fine-tuning, BitFit) are not layers
         raise ValueError(f"method {spec.name!r} is a whole-model mode, not a layer: "
                          f"use lowrank_ref.inject.inject(model, method={spec.name!r})")
     kwargs = dict(kwargs)
     config = spec.coerce_config(config, kwargs)
-    if backend == "numpy":
-        return load_object(spec.numpy)(base, config, rng=rng, **kwargs)
-    if backend == "cupy":
+    if backend in ("numpy", "cupy"):
         from lowrank_ref.backend import require_cupy
+        from lowrank_ref.inject import NUMPY
 
-        cp = require_cupy()
-        layer = load_object(spec.numpy)(base, config, rng=rng, **kwargs)
-        for p in layer.parameters().values():
-            p.data = cp.asarray(p.data)
+        cp = require_cupy() if backend == "cupy" else None
+        layer = NUMPY.build_layer(spec, base, config, rng=rng, **kwargs)
+        if cp is not None:
+            for p in layer.parameters().values():
+                p.data = cp.asarray(p.data)
         return layer
     from lowrank_ref.backend import torch_device
 
     device = torch_device(backend)
     import lowrank_gpu
+    from lowrank_gpu.inject import TORCH
 
     tbase = lowrank_gpu.nn.as_torch_linear(base, device=device)
-    return load_object(spec.torch)(tbase, config, rng=rng, **kwargs).to(device)
+    return TORCH.build_layer(spec, tbase, config, rng=rng, **kwargs).to(device)

@@ -1,9 +1,9 @@
-r"""Put adapters into a model by target names, with per-layer ranks and alphas.
+r"""Put adapters into a model by target names, with per-layer overrides and shared state.
 
 ``inject(model, config, targets=("q", "v"))`` replaces the matching linear layers of ``model``
-**in place** with the adapter that ``config`` describes (through the registry, as
-:func:`lowrank_ref.adapt` does), freezes every parameter outside the adapters, and returns an
-:class:`InjectResult` that says what changed.
+**in place** with the adapter that ``config`` describes (the method is found through the
+registry, from ``type(config)`` or ``method=``), freezes every parameter outside the adapters,
+and returns an :class:`InjectResult` that says what changed.
 
 Target matching, for a linear layer with dotted name ``N`` (``"blocks.0.attn.q"``):
 
@@ -13,13 +13,27 @@ Target matching, for a linear layer with dotted name ``N`` (``"blocks.0.attn.q"`
 * ``"all"`` matches every linear layer except the output head (``head`` / ``lm_head``);
 * the aliases ``"attn"`` (``q, k, v, o``) and ``"mlp"`` (``fc, proj``) match their members.
 
-A target that matches nothing is an error that lists the linear layers there are. ``ranks`` and
-``alphas`` are dicts ``{pattern: value}`` (same matching; a later pattern overrides an earlier
-one) that replace ``config.r`` / ``config.alpha`` for the layers they match, the way PEFT's
-``rank_pattern`` / ``alpha_pattern`` do. If anything raises, the model is left as it was.
+A target that matches nothing is an error that lists the linear layers there are.
 
-The same call works for PyTorch models (any ``torch.nn.Module`` with ``torch.nn.Linear``
-submodules): it is forwarded to :func:`lowrank_gpu.inject.inject`.
+**Per-layer overrides.** ``overrides={field: {pattern: value}}`` gives the layers that
+``pattern`` matches (same matching; a later pattern wins) a config with ``field = value``, the
+way PEFT's ``rank_pattern`` / ``alpha_pattern`` do. Only the fields in the method's
+``SPEC.overridable`` may change; ``ranks=`` and ``alphas=`` are shorthands for the fields ``r``
+and ``alpha``.
+
+**Shared state.** A method whose ``SPEC.shared`` names a builder (VeRA's projections, a
+hypernetwork) gets one module per model, built once per inject from the layers' configs and
+shapes, attached to the model as ``model.lowrank_shared.<method>`` (so ``parameters()`` lists
+its tensors once and the optimizer sees them once), and handed to every layer's constructor as
+``shared=`` (a :class:`SharedRef`).
+
+If anything raises, the model is left as it was: layers, trainable flags, weights, shared state.
+
+**One engine, two backends.** :class:`Injector` holds all of the above once; it reaches the
+model only through a small :class:`InjectOps` object per backend (list modules, get/set a
+submodule, parameters and their trainable flags, snapshot values, move a layer). This module
+holds the NumPy ops; :mod:`lowrank_gpu.inject` holds the torch ops, and the functions here
+forward a ``torch.nn.Module`` there.
 """
 
 from __future__ import annotations
@@ -32,18 +46,24 @@ import numpy as np
 
 from lowrank_ref.adapters.base import AdapterLinear
 from lowrank_ref.nn.linear import Linear
-from lowrank_ref.nn.module import Module
-from lowrank_ref.registry import MethodSpec, get_method, load_object, method_for_config
+from lowrank_ref.nn.module import Module, array_module
+from lowrank_ref.registry import MethodSpec, get_method, load_object, method_for_config, methods
 
 __all__ = ["inject", "InjectResult", "set_trainable", "select_targets", "resolve_overrides",
-           "layer_configs", "resolve_spec", "build_adapters", "adapter_layers", "TARGET_ALIASES", "HEAD_NAMES", "TRAINABLE_MODES"]
+           "layer_configs", "per_layer_overrides", "resolve_spec", "build_adapters", "adapter_layers",
+           "shared_modules", "shared_state", "check_shared_state", "load_shared_state",
+           "Injector", "InjectOps", "NumpyOps", "NUMPY", "Snapshot", "SharedRef", "as_rng", "no_match_error",
+           "check_trainable_mode", "SHARED_ATTR", "TARGET_ALIASES", "HEAD_NAMES", "TRAINABLE_MODES"]
 
 TARGET_ALIASES = {"attn": ("q", "k", "v", "o"), "mlp": ("fc", "proj")}
 HEAD_NAMES = ("head", "lm_head")
 TRAINABLE_MODES = ("all", "none", "bias", "adapters")
+#: the attribute of a model that holds the shared-state modules, one per method: ``model.lowrank_shared.<method>``
+SHARED_ATTR = "lowrank_shared"
+_SHORTHANDS = (("ranks", "r"), ("alphas", "alpha"))  # inject(ranks=...) sets the field r, alphas= alpha
 
 
-# --- matching (pure functions on names; shared with lowrank_gpu.inject) --------------------
+# --- matching (pure functions on names) ----------------------------------------------------
 def _matches(name: str, pattern: str) -> bool:
     if pattern == "all":
         return name.rsplit(".", 1)[-1] not in HEAD_NAMES
@@ -67,7 +87,9 @@ def _as_patterns(targets, what: str) -> tuple[str, ...]:
     return targets
 
 
-def _no_match(pattern: str, what: str, names) -> ValueError:
+def no_match_error(pattern: str, what: str, names) -> ValueError:
+    """The error for a ``pattern`` (described as ``what``: ``"target"``, ``"ranks pattern"``)
+    that matches none of ``names``; it lists the names there are."""
     listing = ", ".join(names) if names else "(none)"
     return ValueError(f"{what} {pattern!r} matches no linear layer; the linear layers are: {listing}")
 
@@ -79,7 +101,7 @@ def select_targets(names: list[str], targets) -> list[str]:
     for t in targets:
         hits = [n for n in names if _matches(n, t)]
         if not hits:
-            raise _no_match(t, "target", names)
+            raise no_match_error(t, "target", names)
         chosen.update(hits)
     return [n for n in names if n in chosen]
 
@@ -90,66 +112,107 @@ def resolve_overrides(names: list[str], overrides, what: str) -> dict[str, objec
         return {}
     if not isinstance(overrides, dict):
         raise TypeError(f"{what} must be a dict {{pattern: value}}, got {type(overrides).__name__}")
-    from lowrank_ref.config import check_alpha, check_rank
-
-    check = {"ranks": check_rank, "alphas": check_alpha}.get(what)
     out: dict[str, object] = {}
     for pattern, value in overrides.items():
         _as_patterns(pattern, f"{what} key")
-        if check is not None:
-            value = check(value, f"{what}[{pattern!r}]")  # the error names the entry
         hits = [n for n in names if _matches(n, pattern)]
         if not hits:
-            raise _no_match(pattern, f"{what} pattern", names)
+            raise no_match_error(pattern, f"{what} pattern", names)
         for n in hits:
             out[n] = value
     return out
 
 
-def _replace(config, **changes):
-    try:
-        if hasattr(config, "replace"):
-            return config.replace(**changes)
-        return dataclasses.replace(config, **changes)
-    except TypeError as e:
-        if any(k not in {f.name for f in dataclasses.fields(config)} for k in changes):
-            raise ValueError(f"{type(config).__name__} has no field {sorted(changes)}: "
-                             "per-layer ranks/alphas need a config with r / alpha") from None
-        raise e
-
-
-def layer_configs(config, names: list[str], ranks=None, alphas=None,
-                  overridable=("r", "alpha")) -> dict[str, object]:
-    """One config per layer: ``config`` with the ``ranks`` / ``alphas`` overrides applied
-    (only where the method's ``SPEC.overridable`` lets them change ``r`` / ``alpha``)."""
-    for what, given, fld in (("ranks", ranks, "r"), ("alphas", alphas, "alpha")):
-        if given and fld not in overridable:
-            raise ValueError(f"{what}: {type(config).__name__} has no per-layer {fld!r}; this method's "
-                             f"per-layer overrides may change: {', '.join(overridable) or 'nothing'}")
-    r_over = resolve_overrides(names, ranks, "ranks")
-    a_over = resolve_overrides(names, alphas, "alphas")
-    out = {}
-    for n in names:
-        changes = {}
-        if n in r_over:
-            changes["r"] = r_over[n]
-        if n in a_over:
-            changes["alpha"] = a_over[n]
-        out[n] = _replace(config, **changes) if changes else config
+def per_layer_overrides(overrides=None, ranks=None, alphas=None) -> dict[str, tuple[str, object]]:
+    """``{field: (what, {pattern: value})}`` from ``inject``'s ``overrides``, ``ranks`` and
+    ``alphas`` (``what`` names the argument in errors: ``"ranks"``, ``"overrides['dropout']"``)."""
+    out: dict[str, tuple[str, object]] = {}
+    if overrides is not None:
+        if not isinstance(overrides, dict):
+            raise TypeError(f"overrides must be a dict {{field: {{pattern: value}}}}, got {type(overrides).__name__}")
+        for fld, patterns in overrides.items():
+            if not isinstance(fld, str):
+                raise TypeError(f"overrides keys must be config field names (strings), got {fld!r}")
+            out[fld] = (f"overrides[{fld!r}]", patterns)
+    for what, fld in _SHORTHANDS:
+        given = {"ranks": ranks, "alphas": alphas}[what]
+        if given is None:
+            continue
+        if fld in out:
+            raise ValueError(f"{what} and overrides[{fld!r}] both set the per-layer {fld!r}: give one of them")
+        out[fld] = (what, given)
     return out
+
+
+def _replace(config, **changes):
+    if hasattr(config, "replace"):
+        return config.replace(**changes)
+    return dataclasses.replace(config, **changes)
+
+
+def _checked_value(config, fld: str, value, where: str):
+    """``value`` as the config's validation leaves it (``np.int64(3)`` -> ``3``); a bad value is
+    the config's own error, named after the entry: ``ranks['q'] must be a positive integer``."""
+    try:
+        return getattr(_replace(config, **{fld: value}), fld)
+    except (TypeError, ValueError) as e:
+        msg = str(e)
+        msg = where + msg[len(fld):] if msg.startswith(fld + " ") else f"{where}: {msg}"
+        raise (TypeError if isinstance(e, TypeError) else ValueError)(msg) from None
+
+
+def layer_configs(config, names: list[str], overrides=None, overridable=None, ranks=None,
+                  alphas=None) -> dict[str, object]:
+    """One config per layer: ``config`` with the per-layer ``overrides`` (``{field: {pattern:
+    value}}``; ``ranks`` / ``alphas`` set ``r`` / ``alpha``) applied. ``overridable``: the fields
+    that may change (the method's ``SPEC.overridable``; ``None``: every field of the config)."""
+    given = per_layer_overrides(overrides, ranks, alphas)
+    if overridable is None:
+        overridable = [f.name for f in dataclasses.fields(config)] if dataclasses.is_dataclass(config) else []
+    per_name: dict[str, dict] = {n: {} for n in names}
+    for fld, (what, patterns) in given.items():
+        if patterns and fld not in overridable:
+            raise ValueError(f"{what}: {fld!r} is not a per-layer field of {type(config).__name__}; "
+                             f"per-layer overrides may change: {', '.join(overridable) or 'nothing'}")
+        if isinstance(patterns, dict):
+            patterns = {p: _checked_value(config, fld, v, f"{what}[{p!r}]") for p, v in patterns.items()}
+        for n, v in resolve_overrides(names, patterns, what).items():
+            per_name[n][fld] = v
+    return {n: _replace(config, **changes) if changes else config for n, changes in per_name.items()}
+
+
+def _whole_model_modes() -> str:
+    return ", ".join(s.name for s in methods().values() if not s.is_layer)
 
 
 def resolve_spec(config, method: str | None) -> MethodSpec:
     """The registry entry for ``method`` (checked against ``config``) or for ``type(config)``."""
     if method is None:
         if config is None:
-            raise TypeError("config is None: pass a config (e.g. LoRAConfig(r=8)) or method='full'/'bitfit'")
+            raise TypeError("config is None: pass the method's config, or method= one of the whole-model "
+                            f"modes ({_whole_model_modes()})")
         return method_for_config(config)
     spec = get_method(method)
     if config is not None and not isinstance(config, type) and not issubclass(spec.config, type(config)):
         raise TypeError(f"config must be a {spec.config.__name__} for method {spec.name!r}, "
                         f"got {type(config).__name__}")
     return spec
+
+
+def as_rng(rng) -> np.random.Generator:
+    """``rng`` as a ``numpy.random.Generator``: ``None`` (fresh entropy), an int seed, or a
+    Generator (returned as it is, so one stream feeds every layer); anything else is a TypeError."""
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if rng is None or (hasattr(rng, "__index__") and not isinstance(rng, bool)):
+        return np.random.default_rng(rng)
+    raise TypeError(f"rng must be None, an int seed or a numpy Generator, got {type(rng).__name__}")
+
+
+def check_trainable_mode(mode) -> str:
+    if mode not in TRAINABLE_MODES:
+        raise ValueError(f"mode must be one of {TRAINABLE_MODES}, got {mode!r}")
+    return mode
 
 
 # --- the result ----------------------------------------------------------------------------
@@ -161,8 +224,10 @@ class InjectResult:
         method: the registry name (``"lora"``, ``"qlora"``, ``"full"``, ...).
         replaced: dotted names of the layers that now hold an adapter (model order).
         configs: ``{name: config}``, the config each replaced layer got (after overrides).
-        trainable_params: scalars the optimizer will update.
-        total_params: every scalar in the model (adapters included).
+        trainable_params: scalars the optimizer will update (a shared tensor counts once).
+        total_params: every scalar in the model (adapters and shared state included).
+        shared: dotted names of the shared-state modules this call attached
+            (``["lowrank_shared.vera"]``), empty for methods without shared state.
     """
 
     method: str
@@ -170,6 +235,7 @@ class InjectResult:
     trainable_params: int
     total_params: int
     configs: dict = field(default_factory=dict)
+    shared: list = field(default_factory=list)
 
     @property
     def trainable_fraction(self) -> float:
@@ -181,10 +247,437 @@ class InjectResult:
                  f"({100 * self.trainable_fraction:.3f}%)"]
         for n in self.replaced:
             lines.append(f"  {n}: {self.configs.get(n)}")
+        for n in self.shared:
+            lines.append(f"  {n}: shared by every layer of the method")
         return "\n".join(lines)
 
 
-# --- the NumPy models ----------------------------------------------------------------------
+# --- shared state --------------------------------------------------------------------------
+class SharedRef:
+    """What a layer of a method with shared state receives as ``shared=``: a reference to the
+    model's one shared module (``model.lowrank_shared.<method>``). Reading an attribute reads the
+    module's (``self.shared.B`` is the shared ``B``, the same object in every layer).
+
+    It is not a Module on purpose: a layer keeps it as a plain attribute (``self.shared =
+    shared``) and so does not register the shared tensors a second time; they are listed once,
+    under the model's ``lowrank_shared``, in NumPy's ``parameters()`` and torch's
+    ``named_parameters()`` alike."""
+
+    __slots__ = ("module",)
+
+    def __init__(self, module):
+        self.module = module
+
+    def __getattr__(self, name):
+        if name.startswith("__"):  # copy / pickle probing an empty instance
+            raise AttributeError(name)
+        return getattr(object.__getattribute__(self, "module"), name)
+
+    def __repr__(self) -> str:
+        return f"SharedRef({type(self.module).__name__})"
+
+
+# --- what the engine needs from a backend --------------------------------------------------
+class InjectOps:
+    """The per-backend operations the :class:`Injector` is written against (the NumPy ones are
+    :class:`NumpyOps`; ``lowrank_gpu.inject.TorchOps`` the torch ones). A parameter ``p`` is
+    the backend's own object (a :class:`~lowrank_ref.nn.Parameter`, a ``torch.nn.Parameter``)."""
+
+    backend = ""  # "numpy" or "torch": picks SPEC's class and builders (PerBackend.for_backend)
+    module_kind = ""  # for error messages: "a lowrank_ref.nn.Module"
+    linear_kind = ""  # and "a lowrank_ref.nn.Linear"
+
+    def is_module(self, obj) -> bool: ...
+    def is_linear(self, obj) -> bool: ...  # a plain linear layer: a target
+    def is_adapter(self, obj) -> bool: ...
+    def named_modules(self, model): ...  # (dotted name, module), the model itself as ""
+    def get(self, model, name: str): ...
+    def set(self, model, name: str, module) -> None: ...  # replace the existing submodule ``name``
+    def child(self, parent, attr: str): ...  # the direct child ``attr``, or None
+    def children(self, parent) -> list[str]: ...
+    def add_child(self, parent, attr: str, module) -> None: ...
+    def remove_child(self, parent, attr: str) -> None: ...
+    def new_container(self): ...  # an empty module
+    def named_parameters(self, module) -> list: ...  # [(dotted name, p)], each p once
+    def trainable(self, p) -> bool: ...
+    def set_trainable(self, p, on: bool) -> None: ...  # off also drops p's gradient
+    def numel(self, p) -> int: ...
+    def save_flags(self, p): ...  # what restore_flags needs: trainable flag and gradient
+    def restore_flags(self, p, saved) -> None: ...
+    def save_data(self, p): ...  # a copy of p's values
+    def restore_data(self, p, saved) -> None: ...
+    def shape(self, linear) -> tuple[int, int]: ...  # (out_features, in_features)
+    def place(self, layer, base): ...  # a new adapter layer, on its base's device
+    def like(self, module, base): ...  # a new shared module, on the base's device, in its dtype
+    def rng(self, rng): ...  # the generator handed to builders and constructors
+    def state(self, module) -> dict: ...  # {name: array} a file holds for a shared module
+    def load_state(self, module, state: dict) -> None: ...
+    def state_shape(self, value) -> tuple: ...
+
+
+class NumpyOps(InjectOps):
+    """:class:`InjectOps` for ``lowrank_ref.nn`` models (NumPy or CuPy arrays)."""
+
+    backend = "numpy"
+    module_kind = "a lowrank_ref.nn.Module"
+    linear_kind = "a lowrank_ref.nn.Linear"
+
+    def is_module(self, obj):
+        return isinstance(obj, Module)
+
+    def is_linear(self, obj):
+        return isinstance(obj, Linear)
+
+    def is_adapter(self, obj):
+        return isinstance(obj, AdapterLinear)
+
+    def named_modules(self, model):
+        return model.named_modules()
+
+    def get(self, model, name):
+        return model.get_submodule(name)
+
+    def set(self, model, name, module):
+        model.set_submodule(name, module)
+
+    def child(self, parent, attr):
+        return parent.children().get(attr)
+
+    def children(self, parent):
+        return list(parent.children())
+
+    def add_child(self, parent, attr, module):
+        setattr(parent, attr, module)
+
+    def remove_child(self, parent, attr):
+        delattr(parent, attr)
+
+    def new_container(self):
+        return Module()
+
+    def named_parameters(self, module):
+        seen: set[int] = set()
+        out = []
+        for n, p in module.parameters().items():
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append((n, p))
+        return out
+
+    def trainable(self, p):
+        return p.trainable
+
+    def set_trainable(self, p, on):
+        p.trainable = bool(on)
+        if not on:
+            p.grad = None
+
+    def numel(self, p):
+        return p.size
+
+    def save_flags(self, p):
+        return p.trainable, p.grad
+
+    def restore_flags(self, p, saved):
+        p.trainable, p.grad = saved
+
+    def save_data(self, p):
+        return p.data, p.data.copy()
+
+    def restore_data(self, p, saved):
+        ref, copy = saved
+        if ref.flags.writeable:  # undo in-place edits, keep the array's identity
+            ref[...] = copy
+        p.data = ref
+
+    def shape(self, linear):
+        return linear.out_features, linear.in_features
+
+    def place(self, layer, base):
+        return layer  # a NumPy layer is built from its base's arrays, where they are
+
+    def like(self, module, base):
+        W = base.weight.data
+        xp = array_module(W)
+        for _, p in self.named_parameters(module):
+            if xp is not np or p.data.dtype != W.dtype:
+                p.data = xp.asarray(p.data, dtype=W.dtype)
+        return module
+
+    def rng(self, rng):
+        return as_rng(rng)
+
+    def state(self, module):
+        if hasattr(module, "adapter_state"):
+            return module.adapter_state()
+        return {n: p.data for n, p in self.named_parameters(module)}
+
+    def load_state(self, module, state):
+        if hasattr(module, "load_adapter_state"):
+            return module.load_adapter_state(state)
+        params = dict(self.named_parameters(module))
+        for n, v in state.items():
+            params[n].data = np.array(v, dtype=params[n].data.dtype)
+            params[n].grad = None
+
+    def state_shape(self, value):
+        return tuple(int(d) for d in np.shape(value))
+
+
+# --- the engine ----------------------------------------------------------------------------
+def _under(name: str, prefix: str) -> bool:
+    """Is ``name`` strictly inside the module called ``prefix`` (``""`` is the root)?"""
+    return prefix == "" or name.startswith(prefix + ".")
+
+
+class Snapshot:
+    """What building adapters can change, kept to undo it: the modules at the target names, every
+    parameter's trainable flag and gradient, the target layers' values (an init such as PiSSA
+    rewrites the base), and which shared-state modules the model holds."""
+
+    def __init__(self, ops: InjectOps, model, names):
+        self.ops, self.model = ops, model
+        self.modules = {n: ops.get(model, n) for n in names}
+        self.flags = [(p, ops.save_flags(p)) for _, p in ops.named_parameters(model)]
+        self.data = [(p, ops.save_data(p)) for n in names for _, p in ops.named_parameters(self.modules[n])]
+        self.container = ops.child(model, SHARED_ATTR)
+        self.shared = set(ops.children(self.container)) if self.container is not None else set()
+
+    def restore(self) -> None:
+        ops, model = self.ops, self.model
+        for n, mod in self.modules.items():
+            if ops.get(model, n) is not mod:
+                ops.set(model, n, mod)
+        container = ops.child(model, SHARED_ATTR)
+        if container is not None and self.container is None:
+            ops.remove_child(model, SHARED_ATTR)
+        elif container is not None:
+            for attr in set(ops.children(container)) - self.shared:
+                ops.remove_child(container, attr)
+        for p, saved in self.flags:
+            ops.restore_flags(p, saved)
+        for p, saved in self.data:
+            ops.restore_data(p, saved)
+
+
+class Injector:
+    """The injection engine, written once over a backend's :class:`InjectOps`."""
+
+    def __init__(self, ops: InjectOps):
+        self.ops = ops
+
+    # -- what the model holds ---------------------------------------------------------------
+    def plain_linears(self, model) -> dict:
+        """Every linear layer outside an adapter and outside the shared state, by dotted name
+        (an adapter's ``base`` is not a target)."""
+        ops = self.ops
+        out: dict = {}
+        inside: list[str] = []
+        for name, mod in ops.named_modules(model):
+            if any(_under(name, p) for p in inside):
+                continue
+            if ops.is_adapter(mod) or name.rsplit(".", 1)[-1] == SHARED_ATTR:
+                inside.append(name)
+            elif ops.is_linear(mod) and name:
+                out[name] = mod
+        return out
+
+    def adapter_layers(self, model) -> dict:
+        """Every adapter in ``model`` by dotted name (``""`` if ``model`` is itself an adapter)."""
+        out: dict = {}
+        for name, mod in self.ops.named_modules(model):
+            if not any(_under(name, p) for p in out) and self.ops.is_adapter(mod):
+                out[name] = mod
+        return out
+
+    def shared_modules(self, model) -> dict:
+        """``{method name: module}`` of the shared state ``model`` holds."""
+        container = self.ops.child(model, SHARED_ATTR)
+        if container is None:
+            return {}
+        return {attr: self.ops.child(container, attr) for attr in self.ops.children(container)}
+
+    def adapter_param_ids(self, model) -> set[int]:
+        """The adapters' own parameters (not their bases') and the shared state's."""
+        ops = self.ops
+        ids: set[int] = set()
+        for mod in self.adapter_layers(model).values():
+            base_ids = {id(p) for _, p in ops.named_parameters(mod.base)}
+            ids.update(id(p) for _, p in ops.named_parameters(mod) if id(p) not in base_ids)
+        for mod in self.shared_modules(model).values():
+            ids.update(id(p) for _, p in ops.named_parameters(mod))
+        return ids
+
+    def count(self, model) -> tuple[int, int]:
+        """(trainable scalars, all scalars), each parameter once."""
+        params = [p for _, p in self.ops.named_parameters(model)]
+        return (sum(self.ops.numel(p) for p in params if self.ops.trainable(p)),
+                sum(self.ops.numel(p) for p in params))
+
+    # -- inject -----------------------------------------------------------------------------
+    def inject(self, model, config=None, targets=("q", "v"), ranks=None, alphas=None, method=None,
+               rng=None, overrides=None, **kwargs) -> InjectResult:
+        """:func:`inject` on a model of this backend (already checked to be one)."""
+        ops = self.ops
+        spec = resolve_spec(config, method)
+        given = per_layer_overrides(overrides, ranks, alphas)
+        if not spec.is_layer:
+            if any(patterns for _, patterns in given.values()):
+                raise ValueError(f"method {spec.name!r} is a whole-model mode: per-layer overrides "
+                                 f"({', '.join(w for w, _ in given.values())}) do not apply")
+            load_object(spec.model_fn.for_backend(ops.backend))(model)
+            return InjectResult(spec.name, [], *self.count(model))
+        linears = self.plain_linears(model)
+        try:
+            names = select_targets(list(linears), targets)
+        except ValueError as e:
+            done = [n for n in self.adapter_layers(model) if n]
+            if done:  # say why a layer the user can see is not a target
+                raise ValueError(f"{e} (already adapted, so not targets: {', '.join(done)})") from None
+            raise
+        kwargs = dict(kwargs)
+        config = spec.coerce_config(config, kwargs)
+        cfgs = layer_configs(config, names, overrides, spec.overridable, ranks, alphas)
+        before = set(self.shared_modules(model))
+        self.build_adapters(model, {n: (spec, cfgs[n]) for n in names}, rng=rng, **kwargs)
+        shared = [f"{SHARED_ATTR}.{m}" for m in self.shared_modules(model) if m not in before]
+        return InjectResult(spec.name, names, *self.count(model), cfgs, shared)
+
+    def build_shared(self, spec: MethodSpec, configs: dict, bases: dict, rng):
+        """The method's shared-state module for the layers ``bases`` (``{name: base layer}``)
+        with ``configs``: ``SPEC.shared``'s builder, called as ``builder(configs, shapes, rng)``
+        with ``shapes = {name: (out, in)}``, then put on the first base's device, in its dtype."""
+        ops = self.ops
+        path = spec.shared.for_backend(ops.backend)
+        if path is None:
+            raise ValueError(f"method {spec.name!r} declares shared state but no {ops.backend} builder for it")
+        shapes = {n: tuple(ops.shape(b)) for n, b in bases.items()}
+        module = load_object(path)(dict(configs), shapes, rng)
+        if not ops.is_module(module):
+            raise TypeError(f"the shared-state builder {path} must return {ops.module_kind}, "
+                            f"got {type(module).__name__}")
+        return ops.like(module, next(iter(bases.values())))
+
+    def attach_shared(self, owner, method: str, module) -> None:
+        """Hang ``module`` on ``owner`` as ``owner.lowrank_shared.<method>`` (once per method)."""
+        ops = self.ops
+        container = ops.child(owner, SHARED_ATTR)
+        if container is not None and ops.child(container, method) is not None:
+            raise ValueError(f"the model already holds shared state for method {method!r} "
+                             f"({SHARED_ATTR}.{method}): inject all of the method's layers in one call")
+        if container is None:
+            container = ops.new_container()
+            ops.add_child(owner, SHARED_ATTR, container)
+        ops.add_child(container, method, module)
+
+    def build_layer(self, spec: MethodSpec, base, config, rng=None, **kwargs):
+        """One adapter layer of method ``spec`` on ``base`` (what :func:`lowrank_ref.adapt` makes).
+        A method with shared state gets it built for this one layer and attached to the layer
+        itself (``layer.lowrank_shared.<method>``), so a lone layer is complete as well."""
+        cls = spec.layer_class(self.ops.backend)
+        if spec.shared is None:
+            return cls(base, config, rng=rng, **kwargs)
+        if not self.ops.is_linear(base):
+            raise TypeError(f"base must be {self.ops.linear_kind}, got {type(base).__name__}")
+        rng = self.ops.rng(rng)
+        module = self.build_shared(spec, {"": config}, {"": base}, rng)
+        layer = cls(base, config, rng=rng, shared=SharedRef(module), **kwargs)
+        self.attach_shared(layer, spec.name, module)
+        return layer
+
+    def build_adapters(self, model, plan: dict, rng=None, **kwargs) -> Snapshot:
+        """Replace each linear layer ``name`` in ``plan = {name: (spec_or_class, config)}`` by the
+        adapter, and freeze everything outside the adapters and their shared state.
+
+        With a :class:`~lowrank_ref.registry.MethodSpec` the layer is the spec's class for this
+        backend, and a method with ``SPEC.shared`` gets its shared module (built once for all of
+        its layers in ``plan``, attached to the model) as ``shared=``; a bare class is called as
+        ``cls(base, config, rng=rng, **kwargs)``. On error the model is restored; on success the
+        returned snapshot can still undo the change (``.restore()``), for callers that validate
+        afterwards."""
+        ops = self.ops
+        linears = self.plain_linears(model)
+        for n in plan:
+            if n not in linears:
+                raise no_match_error(n, "layer", list(linears))
+        entries = {}
+        for n, (what, cfg) in plan.items():
+            if isinstance(what, MethodSpec):
+                entries[n] = (what, what.layer_class(ops.backend), cfg)
+            elif isinstance(what, type):
+                entries[n] = (None, what, cfg)
+            else:
+                raise TypeError(f"plan[{n!r}] must be (MethodSpec or adapter class, config), got {what!r}")
+        rng = ops.rng(rng)
+        snap = Snapshot(ops, model, list(plan))
+        try:
+            groups: dict[str, tuple] = {}  # the methods with shared state, and their layers
+            for n, (spec, _, cfg) in entries.items():
+                if spec is not None and spec.shared is not None:
+                    groups.setdefault(spec.name, (spec, {}))[1][n] = cfg
+            shared = {}
+            for m, (spec, cfgs) in groups.items():
+                module = self.build_shared(spec, cfgs, {n: linears[n] for n in cfgs}, rng)
+                self.attach_shared(model, m, module)
+                shared[m] = SharedRef(module)
+            new = {}
+            for n, (spec, cls, cfg) in entries.items():
+                extra = {"shared": shared[spec.name]} if spec is not None and spec.name in shared else {}
+                new[n] = ops.place(cls(linears[n], cfg, rng=rng, **kwargs, **extra), linears[n])
+            for n, layer in new.items():
+                ops.set(model, n, layer)
+            keep = self.adapter_param_ids(model)
+            for _, p in ops.named_parameters(model):
+                if id(p) not in keep:
+                    ops.set_trainable(p, False)
+        except BaseException:
+            snap.restore()
+            raise
+        return snap
+
+    def set_trainable(self, model, mode: str) -> int:
+        """:func:`set_trainable` on a model of this backend."""
+        check_trainable_mode(mode)
+        keep = self.adapter_param_ids(model) if mode == "adapters" else set()
+        for name, p in self.ops.named_parameters(model):
+            on = {"all": True, "none": False, "bias": name.rsplit(".", 1)[-1] == "bias",
+                  "adapters": id(p) in keep}[mode]
+            self.ops.set_trainable(p, on)
+        return self.count(model)[0]
+
+    # -- shared state in files (lowrank_ref.io) ---------------------------------------------
+    def shared_state(self, model) -> dict:
+        """``{method: {name: array}}``: the tensors a file holds for the model's shared state."""
+        return {m: dict(self.ops.state(mod)) for m, mod in self.shared_modules(model).items()}
+
+    def check_shared_state(self, model, state: dict) -> None:
+        """Raise ``ValueError`` unless ``state`` (``{method: {name: array}}``) has exactly the
+        methods, names and shapes of the model's shared state; changes nothing."""
+        own = self.shared_state(model)
+        if set(own) != set(state):
+            raise ValueError(f"shared state: the file holds it for methods {sorted(state)}, the model for "
+                             f"{sorted(own)}")
+        for m, tensors in state.items():
+            if set(tensors) != set(own[m]):
+                raise ValueError(f"shared state of {m!r}: the file holds {sorted(tensors)}, the model "
+                                 f"needs {sorted(own[m])}")
+            for n, v in tensors.items():
+                have, want = self.ops.state_shape(v), self.ops.state_shape(own[m][n])
+                if have != want:
+                    raise ValueError(f"shared state {m}.{n}: shape {have} in the file, the model's is {want}")
+
+    def load_shared_state(self, model, state: dict) -> None:
+        """Check ``state`` (:meth:`check_shared_state`), then copy it into the shared modules."""
+        self.check_shared_state(model, state)
+        mods = self.shared_modules(model)
+        for m, tensors in state.items():
+            self.ops.load_state(mods[m], tensors)
+
+
+NUMPY = Injector(NumpyOps())
+
+
+# --- the public functions: NumPy models here, torch models forwarded -----------------------
 def _is_torch_module(model) -> bool:
     import sys
 
@@ -192,163 +685,80 @@ def _is_torch_module(model) -> bool:
     return torch is not None and isinstance(model, torch.nn.Module)
 
 
-def _plain_linears(model: Module) -> dict[str, Linear]:
-    """Every Linear outside an adapter (an adapter's ``base`` is not a target), by dotted name."""
-    out: dict[str, Linear] = {}
-    inside: list[str] = []
-    for name, mod in model.named_modules():
-        if any(_under(name, p) for p in inside):
-            continue
-        if isinstance(mod, AdapterLinear):
-            inside.append(name)
-        elif isinstance(mod, Linear) and name:
-            out[name] = mod
-    return out
+def _injector(model) -> Injector:
+    if _is_torch_module(model):
+        from lowrank_gpu.inject import TORCH
 
-
-def adapter_layers(model: Module) -> dict[str, AdapterLinear]:
-    """Every adapter in ``model`` by dotted name (``""`` if ``model`` is itself an adapter)."""
-    out: dict[str, AdapterLinear] = {}
-    for name, mod in model.named_modules():
-        if not any(_under(name, p) for p in out) and isinstance(mod, AdapterLinear):
-            out[name] = mod
-    return out
-
-
-def _under(name: str, prefix: str) -> bool:
-    """Is ``name`` strictly inside the module called ``prefix`` (``""`` is the root)?"""
-    return prefix == "" or name.startswith(prefix + ".")
-
-
-def _adapter_param_ids(model: Module) -> set[int]:
-    ids: set[int] = set()
-    for mod in adapter_layers(model).values():
-        base_ids = {id(p) for p in mod.base.parameters().values()}
-        ids.update(id(p) for p in mod.parameters().values() if id(p) not in base_ids)
-    return ids
-
-
-class _Snapshot:
-    """What inject can change: the modules at the target names, the trainable flags and grads,
-    and the target layers' weights (an init such as PiSSA rewrites the base)."""
-
-    def __init__(self, model: Module, names):
-        self.model = model
-        self.modules = {n: model.get_submodule(n) for n in names}
-        self.flags = [(p, p.trainable, p.grad) for p in model.parameters().values()]
-        self.data = [(p, p.data, p.data.copy()) for n in names
-                     for p in self.modules[n].parameters().values()]
-
-    def restore(self) -> None:
-        for n, mod in self.modules.items():
-            if self.model.get_submodule(n) is not mod:
-                self.model.set_submodule(n, mod)
-        for p, trainable, grad in self.flags:
-            p.trainable, p.grad = trainable, grad
-        for p, ref, copy in self.data:
-            if ref.flags.writeable:  # undo in-place edits, keep the array's identity
-                ref[...] = copy
-            p.data = ref
-
-
-def _as_rng(rng):
-    if isinstance(rng, np.random.Generator):
-        return rng
-    if rng is None or (hasattr(rng, "__index__") and not isinstance(rng, bool)):
-        return np.random.default_rng(rng)
-    raise TypeError(f"rng must be None, an int seed or a numpy Generator, got {type(rng).__name__}")
+        return TORCH
+    if not isinstance(model, Module):
+        raise TypeError(f"model must be a lowrank_ref.nn.Module or a torch.nn.Module, got {type(model).__name__}")
+    return NUMPY
 
 
 def inject(model, config=None, targets=("q", "v"), ranks=None, alphas=None, method=None, rng=None,
-           **kwargs) -> InjectResult:
+           overrides=None, **kwargs) -> InjectResult:
     """Replace the matching linear layers of ``model`` in place with adapters; freeze the rest.
 
     Args:
-        model: a :class:`lowrank_ref.nn.Module` (or a ``torch.nn.Module``: forwarded to
-            :func:`lowrank_gpu.inject.inject`).
-        config: the method's config (``LoRAConfig(r=8, alpha=16)``); ``None`` with
-            ``method="full"`` or ``"bitfit"`` (whole-model baselines, which replace nothing).
+        model: a :class:`lowrank_ref.nn.Module` or a ``torch.nn.Module`` (whose linear layers
+            are ``torch.nn.Linear``; handled by :mod:`lowrank_gpu.inject`).
+        config: the method's config (``LoRAConfig(r=8, alpha=16)``); ``None`` with ``method=``
+            a whole-model mode (full fine-tuning, BitFit), which replaces nothing.
         targets: a name, pattern, alias or ``"all"``, or a sequence of them.
-        ranks, alphas: ``{pattern: value}`` per-layer overrides of ``config.r`` / ``config.alpha``.
-        method: a registry name, to pick among methods sharing a config class (``"qlora"``).
-        rng: ``None``, an int seed, or a ``numpy.random.Generator`` (one stream for all layers).
-        **kwargs: extra constructor keywords for the adapter class (e.g. ``blocksize``).
+        ranks, alphas: ``{pattern: value}``: shorthands for ``overrides={"r": ...}`` and
+            ``overrides={"alpha": ...}``.
+        method: a registry name, to pick the method when ``config`` is of a parent class
+            (``method="qlora"`` with a ``LoRAConfig``).
+        rng: ``None``, an int seed, or a ``numpy.random.Generator`` (one stream for all layers
+            and the shared state; torch models also take a ``torch.Generator``).
+        overrides: ``{field: {pattern: value}}``, per-layer values of the config fields in the
+            method's ``SPEC.overridable`` (later patterns win).
+        **kwargs: extra constructor keywords for the adapter class, or config fields that a
+            config of a parent class lacks (``blocksize=64`` for ``method="qlora"``).
     """
-    if _is_torch_module(model):
-        from lowrank_gpu.inject import inject as torch_inject
-
-        return torch_inject(model, config, targets=targets, ranks=ranks, alphas=alphas,
-                            method=method, rng=rng, **kwargs)
-    if not isinstance(model, Module):
-        raise TypeError(f"model must be a lowrank_ref.nn.Module or a torch.nn.Module, got {type(model).__name__}")
-    spec = resolve_spec(config, method)
-    if not spec.is_layer and (ranks or alphas):
-        raise ValueError(f"method {spec.name!r} is a whole-model mode: ranks/alphas do not apply")
-    if not spec.is_layer:
-        load_object(spec.model_fn.numpy)(model)
-        return InjectResult(spec.name, [], model.num_trainable_parameters(), model.num_parameters())
-    linears = _plain_linears(model)
-    try:
-        names = select_targets(list(linears), targets)
-    except ValueError as e:
-        done = [n for n in adapter_layers(model) if n]
-        if done:  # say why a layer the user can see is not a target
-            raise ValueError(f"{e} (already adapted, so not targets: {', '.join(done)})") from None
-        raise
-    kwargs = dict(kwargs)
-    config = spec.coerce_config(config, kwargs)
-    cfgs = layer_configs(config, names, ranks, alphas, overridable=spec.overridable)
-    cls = load_object(spec.numpy)
-    build_adapters(model, {n: (cls, cfgs[n]) for n in names}, rng=rng, **kwargs)
-    return InjectResult(spec.name, names, model.num_trainable_parameters(), model.num_parameters(), cfgs)
+    return _injector(model).inject(model, config, targets=targets, ranks=ranks, alphas=alphas,
+                                   overrides=overrides, method=method, rng=rng, **kwargs)
 
 
-def build_adapters(model: Module, plan: dict, rng=None, **kwargs) -> _Snapshot:
-    """Replace each linear layer ``name`` in ``plan = {name: (AdapterClass, config)}`` by
-    ``AdapterClass(layer, config, rng=rng, **kwargs)`` and freeze everything outside the adapters.
+def build_adapters(model, plan: dict, rng=None, **kwargs) -> Snapshot:
+    """Replace each linear layer named in ``plan = {name: (spec_or_class, config)}`` by its adapter
+    (:meth:`Injector.build_adapters`): the engine under :func:`inject` and
+    :func:`lowrank_ref.io.load_adapter`, which names the layers exactly. Restores the model on
+    error; the returned snapshot can undo the change later (``.restore()``)."""
+    return _injector(model).build_adapters(model, plan, rng=rng, **kwargs)
 
-    The engine under :func:`inject` (and :func:`lowrank_ref.io.load_adapter`, which names the
-    layers exactly). On error the model is restored; on success the returned snapshot can still
-    undo the change (``.restore()``), for callers that validate afterwards."""
-    linears = _plain_linears(model)
-    for n in plan:
-        if n not in linears:
-            raise _no_match(n, "layer", list(linears))
-    rng = _as_rng(rng)
-    snap = _Snapshot(model, list(plan))
-    try:
-        new = {n: cls(linears[n], cfg, rng=rng, **kwargs) for n, (cls, cfg) in plan.items()}
-        for n, layer in new.items():
-            model.set_submodule(n, layer)
-        keep = _adapter_param_ids(model)
-        for p in model.parameters().values():
-            if id(p) not in keep:
-                p.trainable, p.grad = False, None
-    except BaseException:
-        snap.restore()
-        raise
-    return snap
+
+def adapter_layers(model) -> dict:
+    """Every adapter in ``model`` by dotted name (``""`` if ``model`` is itself an adapter)."""
+    return _injector(model).adapter_layers(model)
+
+
+def shared_modules(model) -> dict:
+    """``{method name: module}``: the shared state ``model`` holds (``model.lowrank_shared``)."""
+    return _injector(model).shared_modules(model)
+
+
+def shared_state(model) -> dict:
+    """``{method: {name: array}}``: the shared-state tensors an adapter file holds, once each."""
+    return _injector(model).shared_state(model)
+
+
+def check_shared_state(model, state: dict) -> None:
+    """``ValueError`` unless ``state`` matches the model's shared state (methods, names, shapes)."""
+    _injector(model).check_shared_state(model, state)
+
+
+def load_shared_state(model, state: dict) -> None:
+    """Check, then copy ``{method: {name: array}}`` into the model's shared state."""
+    _injector(model).load_shared_state(model, state)
 
 
 def set_trainable(model, mode: str) -> int:
     """Set which parameters train; return how many scalars do.
 
     ``mode``: ``"all"`` (full fine-tuning), ``"none"``, ``"bias"`` (every parameter whose name
-    ends in ``bias``: BitFit), ``"adapters"`` (only the adapters' own tensors).
+    ends in ``bias``: BitFit), ``"adapters"`` (only the adapters' own tensors and their shared
+    state's).
     """
-    if mode not in TRAINABLE_MODES:
-        raise ValueError(f"mode must be one of {TRAINABLE_MODES}, got {mode!r}")
-    if _is_torch_module(model):
-        from lowrank_gpu.inject import set_trainable as torch_set_trainable
-
-        return torch_set_trainable(model, mode)
-    if not isinstance(model, Module):
-        raise TypeError(f"model must be a lowrank_ref.nn.Module or a torch.nn.Module, got {type(model).__name__}")
-    keep = _adapter_param_ids(model) if mode == "adapters" else set()
-    for name, p in model.parameters().items():
-        on = {"all": True, "none": False, "bias": name.rsplit(".", 1)[-1] == "bias",
-              "adapters": id(p) in keep}[mode]
-        p.trainable = on
-        if not on:
-            p.grad = None
-    return model.num_trainable_parameters()
+    check_trainable_mode(mode)
+    return _injector(model).set_trainable(model, mode)

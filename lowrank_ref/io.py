@@ -19,6 +19,8 @@ adapters without the code that made them:
   *full* config of each layer (so per-layer ranks and alphas survive) and, per tensor, its key,
   shape and dtype;
 * ``user_metadata``: JSON of the ``metadata`` argument;
+* ``shared`` (only for methods with ``SPEC.shared``): JSON ``{method: {"tensors": ...}}`` of the
+  state the layers share, stored once under ``base_model.model.lowrank_shared.<method>.<name>``;
 * ``method``, ``r``, ``alpha``, ``scaling``, ``scaling_rule`` at the top level too, for a reader
   with any safetensors tool: the common value when every layer has the same one, else
   ``"per-layer"`` (then ``layers`` has each). Loading reads ``layers``, never these.
@@ -43,7 +45,7 @@ import numpy as np
 from lowrank_ref import registry
 from lowrank_ref.config import config_from_dict, config_to_dict
 
-__all__ = ["save_adapter", "load_adapter", "read_adapter_metadata", "peft_key",
+__all__ = ["save_adapter", "load_adapter", "read_adapter_metadata", "peft_key", "shared_to_file", "shared_from_file",
            "FORMAT_NAME", "FORMAT_VERSION", "KEY_PREFIX"]
 
 FORMAT_NAME = "lowrank-ref-adapter"
@@ -180,6 +182,7 @@ def save_adapter(model_or_layer, path, metadata: dict | None = None) -> str:
         raise TypeError(f"metadata must be JSON-serialisable: {e}") from None
     tensors: dict[str, np.ndarray] = {}
     layers_meta = {p: _layer_meta(p, layer, backend, tensors) for p, layer in layers.items()}
+    shared_meta = shared_to_file(model_or_layer, tensors)
     header = {
         "format": "pt",
         "adapter_format": FORMAT_NAME,
@@ -188,6 +191,8 @@ def save_adapter(model_or_layer, path, metadata: dict | None = None) -> str:
         "user_metadata": user,
         **_summary(layers_meta),
     }
+    if shared_meta:
+        header["shared"] = json.dumps(shared_meta, sort_keys=True)
     from safetensors.numpy import save_file
 
     path = os.fspath(path)
@@ -296,6 +301,7 @@ def read_adapter_metadata(path) -> dict:
     (every tensor is checked as well, so a damaged file is reported here too)."""
     tensors, header = _read(path)
     layers, user = _parse_header(header, path)
+    shared_from_file(header, tensors, path)
     _check_tensors(tensors, layers)
     return {"layers": layers, "user": user, "format_version": int(header["adapter_format_version"])}
 
@@ -312,6 +318,7 @@ def load_adapter(model_or_layer, path) -> dict:
     tensors, header = _read(path)
     layers, user = _parse_header(header, path)
     plan = _plan(layers)
+    shared = shared_from_file(header, tensors, path)
     _check_tensors(tensors, layers)
 
     adapters = _adapters(model_or_layer, backend)
@@ -321,8 +328,12 @@ def load_adapter(model_or_layer, path) -> dict:
         adapters = _adapters(model_or_layer, backend)
     try:
         states = _match(adapters, layers, plan, tensors, backend)
+        from lowrank_ref.inject import check_shared_state, load_shared_state
+
+        check_shared_state(model_or_layer, shared)
         for p, state in states.items():
             adapters[p].load_adapter_state(state)
+        load_shared_state(model_or_layer, shared)
     except BaseException:
         if snapshot is not None:
             snapshot.restore()
@@ -348,10 +359,9 @@ def _inject_from_plan(model, plan: dict, layers: dict, backend: str):
             path = _class_path(spec, backend)
             if path is None:
                 raise ValueError(f"method {spec.name!r} has no {backend} implementation")
-            cls = registry.load_object(path)
             # a fresh random init on purpose: everything the layer needs must come from the file,
             # so a tensor that the file lacks but a seed would regenerate shows up as a mismatch
-            snaps.append(build_adapters(model, {p: (cls, cfg) for p, (_, cfg) in group.items()}, rng=None))
+            snaps.append(build_adapters(model, {p: (spec, cfg) for p, (_, cfg) in group.items()}, rng=None))
     except BaseException:
         for s in reversed(snaps):
             s.restore()
@@ -403,3 +413,63 @@ def _match(adapters: dict, layers: dict, plan: dict, tensors: dict, backend: str
             state[n] = arr
         states[p] = state
     return states
+
+
+# --- shared state (SPEC.shared): once per file -----------------------------------------------
+def shared_to_file(model_or_layer, tensors: dict) -> dict:
+    """Add the shared-state tensors of ``model_or_layer`` (one module per method with
+    ``SPEC.shared``, held once by the model as ``lowrank_shared.<method>``) to ``tensors``, each
+    once, under ``base_model.model.lowrank_shared.<method>.<name>``; return the header's
+    ``shared`` entry, ``{method: {"tensors": {name: {"key", "shape", "dtype"}}}}`` (``{}`` when
+    nothing is shared: the file then has no such entry). NaN or inf is refused here, at save."""
+    from lowrank_ref.inject import SHARED_ATTR, shared_state
+
+    meta = {}
+    for method, state in shared_state(model_or_layer).items():
+        entry = {}
+        for name, value in state.items():
+            key = f"{KEY_PREFIX}{SHARED_ATTR}.{method}.{name}"
+            arr = np.ascontiguousarray(_to_numpy(value))
+            if key in tensors:
+                raise ValueError(f"two tensors map to the file key {key!r}")
+            if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+                raise ValueError(f"shared state {method}.{name} holds NaN or inf values: not saved")
+            tensors[key] = arr
+            entry[name] = {"key": key, "shape": list(arr.shape), "dtype": arr.dtype.name}
+        meta[method] = {"tensors": entry}
+    return meta
+
+
+def shared_from_file(header: dict, tensors: dict, path) -> dict:
+    """Take the tensors that the header's ``shared`` entry declares out of ``tensors`` (what
+    remains are the layers'), each checked against its metadata (key, shape, dtype, finite);
+    return ``{method: {name: array}}`` (``{}`` for a file without shared state)."""
+    raw = header.get("shared")
+    if raw is None:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{path!r} has a damaged 'shared' metadata entry: {type(e).__name__}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path!r}: 'shared' metadata must be an object")
+    out: dict = {}
+    for method, entry in meta.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("tensors"), dict):
+            raise ValueError(f"{path!r}: shared state {method!r} metadata needs 'tensors'")
+        out[method] = {}
+        for name, t in entry["tensors"].items():
+            ok = (isinstance(t, dict) and isinstance(t.get("key"), str) and isinstance(t.get("dtype"), str)
+                  and isinstance(t.get("shape"), list) and all(type(d) is int for d in t["shape"]))
+            if not ok:
+                raise ValueError(f"{path!r}: shared tensor {method}.{name} metadata needs key, shape, dtype")
+            if t["key"] not in tensors:
+                raise ValueError(f"{path!r}: shared tensor {t['key']!r} is declared but not in the file")
+            arr = tensors.pop(t["key"])
+            if list(arr.shape) != t["shape"] or arr.dtype.name != t["dtype"]:
+                raise ValueError(f"{t['key']}: {arr.dtype.name} {tuple(arr.shape)} in the file, its metadata "
+                                 f"says {t['dtype']} {tuple(t['shape'])}")
+            if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+                raise ValueError(f"{t['key']} holds NaN or inf values")
+            out[method][name] = arr
+    return out

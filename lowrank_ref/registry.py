@@ -13,10 +13,14 @@ field              what it says                                                 
 ``numpy``          ``"module:Class"`` of the NumPy layer                                  api, inject, io
 ``torch``          ``"lowrank_gpu.adapters.<m>:Class"`` (a string: nothing imports torch) api, inject, io
 ``overridable``    config fields that per-layer overrides may change (``("r", "alpha")``) inject
+                   via ``inject(overrides={field: {pattern: value}})``; others: error
 ``file_metadata``  ``config -> {str: JSON scalar}`` stored per layer in adapter files     io
 ``peft``           a :class:`PeftMapping` where PEFT has the method                       io (PEFT)
 ``example``        ``() -> Example``: a small base shape + config for the contract tests  tests/contract
-``shared``         :class:`PerBackend` builders of state shared across layers             inject, io
+``shared``         :class:`PerBackend` builders of state shared across layers,            inject, io
+                   ``(configs: {name: cfg}, shapes: {name: (out, in)}, rng) -> Module``,
+                   built once per inject, held once as ``model.lowrank_shared.<m>``,
+                   given to each layer as ``shared=`` (a SharedRef), saved once per file
 ``hooks``          :class:`PerBackend` training hooks (loss terms, before/after step)     train loops
 ``compare``        ``{row name: CompareRow}``: the method's rows in ``lowrank-ref compare``  compare
 ``model_fn``       whole-model modes (full, BitFit): :class:`PerBackend` functions        inject
@@ -25,12 +29,14 @@ field              what it says                                                 
 Discovery happens on the first lookup (``import lowrank_ref`` stays cheap) and checks every
 ``SPEC``: a missing field, a class path that names nothing, two methods claiming one name or one
 config class are errors at that point, naming the file. Config -> method is a plain dictionary
-lookup on ``type(config)``.
+lookup on ``type(config)``. A test can add a method of its own for a ``with`` block with
+:func:`register_for_tests`.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
@@ -40,7 +46,7 @@ from dataclasses import dataclass, field
 
 __all__ = ["MethodSpec", "PerBackend", "PeftMapping", "Example", "CompareRow", "SpecError",
            "get_method", "method_names", "config_class", "method_for_config", "methods", "compare_rows",
-           "spec_of_layer",
+           "spec_of_layer", "register_for_tests",
            "BACKENDS", "check_backend", "load_object", "discover", "check_spec"]
 
 BACKENDS = ("numpy", "torch", "cuda", "cupy")
@@ -294,6 +300,7 @@ def _add(spec: MethodSpec, where: str) -> None:
                         "each method has its own config class")
     _METHODS[spec.name] = spec
     _BY_CONFIG[spec.config] = spec
+    return spec
 
 
 def discover(package: str = ADAPTER_PACKAGE) -> dict[str, MethodSpec]:
@@ -326,6 +333,32 @@ def discover(package: str = ADAPTER_PACKAGE) -> dict[str, MethodSpec]:
     if package == ADAPTER_PACKAGE:
         _DISCOVERED = True
     return _METHODS
+
+
+@contextlib.contextmanager
+def register_for_tests(*specs: MethodSpec):
+    """Register ``specs`` for the length of a ``with`` block, then remove them.
+
+    For tests only: a test module defines a method the package does not ship (a LoRA whose
+    ``B`` is shared across layers, to exercise ``SPEC.shared`` before any shipped method uses
+    it) and runs it through ``inject``, ``io`` and the rest exactly as a discovered ``SPEC``.
+    Each spec is checked like a discovered one (its class paths must import, so the test module
+    must be importable by name); a name or config class that is taken is a :class:`SpecError`.
+    Yields the registered specs; on leaving the block the registry is as it was::
+
+        with registry.register_for_tests(SPEC):
+            inject(model, SharedBConfig(r=2), targets="q")
+    """
+    discover()
+    added: list[MethodSpec] = []
+    try:
+        for spec in specs:
+            added.append(_add(spec, f"register_for_tests({getattr(spec, 'name', spec)!r})"))
+        yield tuple(added)
+    finally:
+        for spec in added:
+            _METHODS.pop(spec.name, None)
+            _BY_CONFIG.pop(spec.config, None)
 
 
 def methods() -> dict[str, MethodSpec]:

@@ -113,6 +113,8 @@ def model_backend(model) -> str:
 
 
 def resolve_backend(model, backend) -> str:
+    """The backend to train ``model`` in: its own (:func:`model_backend`) when ``backend`` is
+    None, else ``backend`` checked against it (shared with ``lowrank_gpu.train``)."""
     actual = model_backend(model)
     if backend is None:
         return actual
@@ -126,6 +128,7 @@ def resolve_backend(model, backend) -> str:
             f"(lowrank_ref.models.load_pretrained(backend={backend!r})) or pass backend={actual!r}"
         )
     return backend
+
 
 
 def model_bytes(model) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch.optim import SGD, Adam, AdamW, Optimizer
 
-from lowrank_ref.optim.schedule import _check_schedule, cosine_schedule
+from lowrank_ref.optim.schedule import check_schedule, cosine_schedule
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "cosine_schedule", "CosineWithWarmup",
            "clip_grad_norm", "state_bytes"]
@@ -29,7 +29,7 @@ class CosineWithWarmup:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.optimizer = optimizer
         base_lr = optimizer.param_groups[0]["lr"] if base_lr is None else base_lr
-        self.total_steps, self.base_lr, self.warmup_steps, self.min_lr = _check_schedule(
+        self.total_steps, self.base_lr, self.warmup_steps, self.min_lr = check_schedule(
             total_steps, base_lr, warmup_steps, min_lr)
         self.step_count = 0
         self._apply()

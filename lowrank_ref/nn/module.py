@@ -102,8 +102,12 @@ class Module:
         if "_params" not in self.__dict__:
             raise RuntimeError(f"{type(self).__name__}.__init__ must call super().__init__() first")
         params, modules = self.__dict__["_params"], self.__dict__["_modules"]
-        params.pop(name, None)
-        modules.pop(name, None)
+        # replacing a parameter or module keeps its place in the order (as torch does), so that
+        # swapping a layer for an adapter and back leaves names and parameters in model order
+        if not isinstance(value, Parameter):
+            params.pop(name, None)
+        if not isinstance(value, Module):
+            modules.pop(name, None)
         if isinstance(value, Parameter):
             params[name] = value
         elif isinstance(value, Module):

@@ -19,7 +19,7 @@ import math
 
 from lowrank_ref.optim.optimizer import check_lr
 
-__all__ = ["cosine_schedule", "CosineWithWarmup"]
+__all__ = ["cosine_schedule", "CosineWithWarmup", "check_schedule"]
 
 
 def _check_int(v, name: str, minimum: int) -> int:
@@ -31,7 +31,9 @@ def _check_int(v, name: str, minimum: int) -> int:
     return v
 
 
-def _check_schedule(total_steps, base_lr, warmup_steps, min_lr):
+def check_schedule(total_steps, base_lr, warmup_steps, min_lr):
+    """The schedule's arguments, checked (named in errors) and converted: ``(total_steps, base_lr,
+    warmup_steps, min_lr)``; shared with ``lowrank_gpu.optim``'s scheduler."""
     total_steps = _check_int(total_steps, "total_steps", 1)
     warmup_steps = _check_int(warmup_steps, "warmup_steps", 0)
     if warmup_steps > total_steps:
@@ -47,7 +49,7 @@ def cosine_schedule(step: int, total_steps: int, base_lr: float, warmup_steps: i
                     min_lr: float = 0.0) -> float:
     """The learning rate at ``step`` (0-based): linear warmup, cosine to ``min_lr`` at ``total_steps``."""
     step = _check_int(step, "step", 0)
-    total_steps, base_lr, warmup_steps, min_lr = _check_schedule(total_steps, base_lr, warmup_steps, min_lr)
+    total_steps, base_lr, warmup_steps, min_lr = check_schedule(total_steps, base_lr, warmup_steps, min_lr)
     if step < warmup_steps:
         return base_lr * step / warmup_steps  # η₀ t / T_w
     if step >= total_steps:
@@ -72,7 +74,7 @@ class CosineWithWarmup:
             raise TypeError(f"optimizer must have a settable .lr, got {type(optimizer).__name__}")
         self.optimizer = optimizer
         base_lr = optimizer.lr if base_lr is None else base_lr
-        self.total_steps, self.base_lr, self.warmup_steps, self.min_lr = _check_schedule(
+        self.total_steps, self.base_lr, self.warmup_steps, self.min_lr = check_schedule(
             total_steps, base_lr, warmup_steps, min_lr)
         self.step_count = 0
         self._apply()
