@@ -61,6 +61,7 @@ class AdapterLinear(nn.Module):
         self.base.requires_grad_(False)
         self.config = self.check_config(config)
         self._w0_backup: torch.Tensor | None = None
+        self._b0_backup: torch.Tensor | None = None  # the base bias, kept while merged
 
     @property
     def r(self) -> int:
@@ -88,6 +89,12 @@ class AdapterLinear(nn.Module):
         W0 = self.base.weight
         return (W0.double() + self._delta_weight_f64()).to(W0.dtype)
 
+    @torch.no_grad()
+    def merged_bias(self) -> torch.Tensor | None:
+        """The bias of the plain Linear that reproduces the adapted layer (``None`` without one):
+        the base bias unless the method overrides it (IA³'s output scaling: ``l ⊙ b``)."""
+        return None if self.base.bias is None else self.base.bias.detach()
+
     def _delta_weight_f64(self) -> torch.Tensor:
         """``ΔW`` in float64 for merging; LoRA-style methods form ``s B A`` in float64 (from bf16
         factors too), so the merged weight is rounded once, into the base dtype."""
@@ -104,8 +111,14 @@ class AdapterLinear(nn.Module):
         W = self.merged_weight()
         if not torch.isfinite(W).all():
             raise ValueError("merged weight must be finite; it holds NaN or inf")
+        b = None if self.base.bias is None else self.merged_bias()
+        if b is not None and not torch.isfinite(b).all():
+            raise ValueError("merged bias must be finite; it holds NaN or inf")
         self._w0_backup = self.base.weight.data.clone()
         self.base.weight.data.copy_(W)
+        if b is not None:
+            self._b0_backup = self.base.bias.data.clone()
+            self.base.bias.data.copy_(b)
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -113,6 +126,9 @@ class AdapterLinear(nn.Module):
             raise ValueError(f"{type(self).__name__} is not merged; there is nothing to unmerge")
         self.base.weight.data.copy_(self._w0_backup)
         self._w0_backup = None
+        if self._b0_backup is not None:
+            self.base.bias.data.copy_(self._b0_backup)
+            self._b0_backup = None
 
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -2,7 +2,8 @@ r"""What every adapted linear layer shares: a frozen base, an explicit merge, a 
 
 An adapter wraps a frozen :class:`~lowrank_ref.nn.Linear` (``W0 (out, in)``, ``b (out,)``) and
 adds a learned update. Subclasses give ``delta_weight()`` (or override ``merged_weight()`` when the
-merged weight is not ``W0 + ΔW``, as in DoRA) and the unmerged ``_forward``/``_backward``.
+merged weight is not ``W0 + ΔW``, as in DoRA, and ``merged_bias()`` when merging changes the
+bias, as in IA³) and the unmerged ``_forward``/``_backward``.
 
 Merging is an explicit call, never a side effect of ``eval()``. ``merge()`` keeps the exact bits of
 ``W0`` and ``unmerge()`` puts them back, so any number of cycles returns ``W0`` bit for bit
@@ -75,6 +76,7 @@ class AdapterLinear(Module):
         base.requires_grad_(False)  # the pretrained weights are frozen
         self.config = self.check_config(config)
         self._w0_backup: np.ndarray | None = None
+        self._b0_backup: np.ndarray | None = None  # the base bias, kept while merged
 
     @property
     def r(self) -> int:
@@ -107,6 +109,13 @@ class AdapterLinear(Module):
         W0 = self.base.weight.data
         return (W0.astype(np.float64) + self._delta_weight_f64()).astype(W0.dtype)
 
+    def merged_bias(self) -> np.ndarray | None:
+        """The bias of the plain Linear that reproduces the adapted layer (``None`` without one).
+
+        Default: the base bias itself; a method whose update also changes the bias (IA³'s output
+        scaling, ``l ⊙ b``) overrides it. ``merge()`` installs it, ``unmerge()`` restores ``b``."""
+        return None if self.base.bias is None else self.base.bias.data
+
     def _delta_weight_f64(self) -> np.ndarray:
         """``ΔW`` in float64 for merging. Methods whose factors are in a low precision override it
         to form the product in float64, so the merged weight is rounded once, not twice."""
@@ -123,15 +132,24 @@ class AdapterLinear(Module):
             raise ValueError(f"{type(self).__name__} is already merged; call unmerge() first")
         W = self.merged_weight()
         check_finite("merged weight", W)
+        b = None if self.base.bias is None else self.merged_bias()
+        if b is not None:
+            check_finite("merged bias", b)
         self._w0_backup = self.base.weight.data
         self.base.weight.data = W
+        if b is not None:
+            self._b0_backup = self.base.bias.data
+            self.base.bias.data = b
 
     def unmerge(self) -> None:
-        """Restore ``W0`` exactly (the bits kept at ``merge()``)."""
+        """Restore ``W0`` (and ``b``) exactly (the bits kept at ``merge()``)."""
         if not self.merged:
             raise ValueError(f"{type(self).__name__} is not merged; there is nothing to unmerge")
         self.base.weight.data = self._w0_backup
         self._w0_backup = None
+        if self._b0_backup is not None:
+            self.base.bias.data = self._b0_backup
+            self._b0_backup = None
 
     # the computation ----------------------------------------------------------------------
     def forward(self, x: np.ndarray) -> np.ndarray:
