@@ -9,6 +9,7 @@
 
 from lowrank_ref import adapters, nn, registry
 from lowrank_ref.adapters.dora import DoRAConfig
+from lowrank_ref.adapters.ia3 import IA3Config
 from lowrank_ref.adapters.lora import LoRAConfig
 from lowrank_ref.adapters.qlora import QLoRAConfig, QLoRAInt4Config
 from lowrank_ref.api import adapt
@@ -16,7 +17,8 @@ from lowrank_ref.gradcheck import gradcheck
 
 __version__ = "0.1.0"
 
-__all__ = ["nn", "adapters", "registry", "adapt", "gradcheck", "LoRAConfig", "DoRAConfig", "QLoRAConfig", "QLoRAInt4Config"]
+__all__ = ["nn", "adapters", "registry", "adapt", "gradcheck", "LoRAConfig", "DoRAConfig", "QLoRAConfig", "QLoRAInt4Config",
+           "IA3Config"]
 
 
 def __getattr__(name):  # lazy sub-packages that later issues fill in

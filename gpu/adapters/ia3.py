@@ -1,0 +1,57 @@
+r"""IA³ in PyTorch: the twin of :mod:`lowrank_ref.adapters.ia3`, backward by autograd.
+
+``y = (x W0ᵀ + b) ⊙ l`` with ``l (out,)``, or (``feedforward=True``) ``y = (x ⊙ l) W0ᵀ + b`` with
+``l (in,)``; ``l = 1`` at init. Same config, same names and shapes; wraps any ``torch.nn.Linear``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lowrank_gpu.adapters.base import AdapterLinear
+from lowrank_ref.adapters.ia3 import IA3Config
+
+__all__ = ["IA3Linear"]
+
+
+class IA3Linear(AdapterLinear):
+    CONFIG = IA3Config
+
+    def __init__(self, base: nn.Linear, config: IA3Config | None = None, rng=None):
+        config = self.check_config(config)
+        super().__init__(base, config)
+        W = base.weight
+        n = self.in_features if config.feedforward else self.out_features
+        self.l = nn.Parameter(torch.ones(n, dtype=W.dtype, device=W.device))  # l = 1: the base layer
+
+    @property
+    def feedforward(self) -> bool:
+        return self.config.feedforward
+
+    def _base_weight(self) -> torch.Tensor:
+        return self._w0_backup if self.merged else self.base.weight
+
+    def delta_weight(self) -> torch.Tensor:
+        W0, l1 = self._base_weight(), self.l - 1
+        return W0 * l1 if self.feedforward else W0 * l1[:, None]  # W0 diag(l−1) or diag(l−1) W0
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        W0 = self._base_weight()
+        l64 = self.l.detach().double()
+        return (W0.double() * (l64 if self.feedforward else l64[:, None])).to(W0.dtype)
+
+    @torch.no_grad()
+    def merged_bias(self) -> torch.Tensor | None:
+        if self.base.bias is None:
+            return None
+        b0 = self._b0_backup if self.merged else self.base.bias.detach()
+        if self.feedforward:
+            return b0
+        return (b0.double() * self.l.detach().double()).to(b0.dtype)  # b' = l ⊙ b
+
+    def _forward(self, x):
+        if self.feedforward:
+            return self.base(x * self.l)  # (x ⊙ l) W0ᵀ + b
+        return self.base(x) * self.l  # (x W0ᵀ + b) ⊙ l
