@@ -44,8 +44,8 @@ class IA3Config:
         feedforward: ``False``: scale the layer's output, ``l (out,)`` (the paper's keys and
             values); ``True``: scale its input, ``l (in,)`` (the paper's feed-forward
             activations, i.e. the input of the feed-forward's second linear layer). One model
-            mixes both through per-layer overrides: ``inject(..., overrides={"proj":
-            {"feedforward": True}})``; PEFT says the same with ``feedforward_modules``.
+            mixes both through per-layer overrides: ``inject(..., overrides={"feedforward":
+            {"proj": True}})``; PEFT says the same with ``feedforward_modules``.
     """
 
     feedforward: bool = False
@@ -237,6 +237,6 @@ SPEC = MethodSpec(
         # which are the input of the MLP's second layer (proj); PEFT's llama defaults are the same
         # (k_proj, v_proj, down_proj with down_proj in feedforward_modules)
         "ia3": CompareRow(IA3Config(), targets=("k", "v", "proj"), lr=1e-1, order=35,
-                          kwargs={"overrides": {"proj": {"feedforward": True}}}),
+                          kwargs={"overrides": {"feedforward": {"proj": True}}}),
     },
 )
