@@ -290,3 +290,49 @@ def with_layout(x: np.ndarray, layout: str) -> np.ndarray:
         v = x
     np.testing.assert_array_equal(v, x)
     return v
+
+
+# --- whole-model modes (full, BitFit): a small GPT -------------------------------------------
+IDX = np.random.default_rng(5).integers(0, 11, (2, 6))  # (B, T) token ids
+
+
+GPT_CFG = dict(vocab_size=11, block_size=6, n_layer=1, n_head=2, d_model=8)
+
+
+def gpt_in(backend: str):
+    """A small float64 GPT (the same weights each call) as a NumPy or a torch model."""
+    from lowrank_ref.nn.gpt import GPT, GPTConfig
+
+    model = GPT(GPTConfig(**GPT_CFG), rng=np.random.default_rng(0), dtype=np.float64)
+    if backend == "numpy":
+        return model
+    from lowrank_gpu.nn.gpt import from_numpy
+
+    return from_numpy(model)
+
+
+def model_params(model) -> dict:
+    """``{name: parameter}`` of a NumPy or torch model."""
+    if hasattr(model, "named_parameters"):
+        return dict(model.named_parameters())
+    return model.parameters()
+
+
+def model_trainable(model) -> set:
+    if hasattr(model, "named_parameters"):
+        return {n for n, p in model.named_parameters() if p.requires_grad}
+    return set(model.trainable_parameters())
+
+
+def perturb_trainable(model, rng, scale: float = 0.1) -> list:
+    """Move every trainable tensor by noise (as training would); returns their names, sorted."""
+    names = sorted(model_trainable(model))
+    params = model_params(model)
+    for n in names:
+        p = params[n]
+        if hasattr(p, "detach"):
+            with torch().no_grad():
+                p.add_(torch().from_numpy(scale * rng.standard_normal(tuple(p.shape))).to(p.dtype))
+        else:
+            p.data = p.data + scale * rng.standard_normal(p.shape)
+    return names
