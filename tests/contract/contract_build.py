@@ -198,26 +198,21 @@ def _arrays_of(obj, prefix: str = "", depth: int = 0) -> dict:
     out = {}
     if depth > 4:
         return out
-    for k, v in vars(obj).items():
-        if k == "_cache" or v is None:
+    items = list(vars(obj).items())
+    for k, v in items:
+        if isinstance(v, dict):  # a Module's own registries (_params, _modules), or a dict of arrays
+            items += [(f"{k}.{kk}", vv) for kk, vv in v.items()]
+    for k, v in items:
+        if k == "_cache" or k.startswith("_cache.") or v is None or isinstance(v, dict):
             continue
         name = f"{prefix}{k}"
         if isinstance(v, Parameter):
             out[name] = to_np(v.data)
         elif isinstance(v, (np.ndarray, np.generic)) or hasattr(v, "__cuda_array_interface__"):
             out[name] = to_np(v)
-        elif isinstance(v, dict):
-            for kk, vv in v.items():
-                if hasattr(vv, "__dict__") or isinstance(vv, (np.ndarray, Parameter)):
-                    out.update(_arrays_of(_Holder(vv), f"{name}.{kk}", depth + 1))
         elif hasattr(v, "__dict__") and not isinstance(v, type) and not callable(v):
             out.update(_arrays_of(v, f"{name}.", depth + 1))
     return out
-
-
-class _Holder:
-    def __init__(self, v):
-        self.v = v
 
 
 def assert_same_bits(after: dict, before: dict, what: str = "base") -> None:

@@ -91,6 +91,30 @@ def test_factorised_forward_equals_the_dense_delta_weight(method, backend):
     assert_close(Wm, W0 + dW, f"{method} merged_weight vs W0 + ΔW", *_tol(str(Wm.dtype)))
 
 
+def _shift_adapter_tensors(case, by: float) -> dict:
+    """Add ``by`` to every adapter tensor in place, behind the layer's back (no load, no checks);
+    returns the original values for :func:`_restore_adapter_tensors`."""
+    saved = {}
+    for n, p in case.layer.adapter_parameters().items():
+        if case.torch_family:
+            saved[n] = p.detach().clone()
+            with torch().no_grad():
+                p.add_(by)
+        else:
+            saved[n] = p.data
+            p.data = p.data + by
+    return saved
+
+
+def _restore_adapter_tensors(case, saved: dict) -> None:
+    for n, p in case.layer.adapter_parameters().items():
+        if case.torch_family:
+            with torch().no_grad():
+                p.copy_(saved[n])
+        else:
+            p.data = saved[n]
+
+
 @METHODS
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_merged_equals_unmerged_and_merge_is_explicit(method, backend):
@@ -102,7 +126,12 @@ def test_merged_equals_unmerged_and_merge_is_explicit(method, backend):
     assert not case.layer.merged  # eval() does not merge
     case.layer.merge()
     assert case.layer.merged
-    assert_close(case.forward(x), y, f"{method} merged vs unmerged", *_tol(case.dtype, 10))
+    y_merged = case.forward(x)
+    assert_close(y_merged, y, f"{method} merged vs unmerged", *_tol(case.dtype, 10))
+    # merged means folded: the forward no longer reads the adapter's tensors
+    saved = _shift_adapter_tensors(case, 1.0)
+    np.testing.assert_array_equal(case.forward(x), y_merged)
+    _restore_adapter_tensors(case, saved)
     case.layer.unmerge()
     assert not case.layer.merged
     np.testing.assert_array_equal(case.forward(x), y)  # unmerged again: the same bits as before
@@ -215,6 +244,7 @@ def test_only_the_adapter_tensors_change_over_three_adamw_steps(method, backend)
     adapter = set(layer.adapter_parameters())
     assert case.trainable_names() == adapter
     base0, state0 = case.base_state(), case.adapter_state()
+    assert layer.num_trainable_parameters() == sum(int(np.prod(tuple(p.shape))) for p in layer.adapter_parameters().values())
     if case.backend in TORCH_FAMILY:
         opt = torch().optim.AdamW(layer.parameters(), lr=0.05)
         params = list(layer.parameters())
