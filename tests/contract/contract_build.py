@@ -27,7 +27,7 @@ TORCH_FAMILY = ("torch", "cuda")  # the mirror's classes (torch on the CPU or a 
 
 
 def _param(backend):
-    marks = {"cuda": [requires_cuda], "cupy": [requires_cupy]}.get(backend, [])
+    marks = {"cuda": [requires_cuda, pytest.mark.gpu], "cupy": [requires_cupy, pytest.mark.gpu]}.get(backend, [])
     return pytest.param(backend, id=backend, marks=marks)
 
 
