@@ -322,3 +322,19 @@ def test_a_failed_construction_leaves_the_base_untouched(method, backend, how):
     # and the base still builds a working layer
     layer = cls(base, ex.config, **ex.kwargs)
     assert layer.in_features == case.in_features
+
+
+# --- the contract's own bookkeeping ----------------------------------------------------------
+def test_every_registered_method_is_covered_and_every_known_gap_is_current():
+    """The parametrisation comes from the registry, and no KNOWN_GAPS entry can outlive its
+    method or name a test that does not exist (a strict xfail that never runs would rot)."""
+    from contract_build import GAP_TESTS, KNOWN_GAPS, MODEL_METHODS
+
+    from lowrank_ref import registry
+
+    assert sorted(LAYER_METHODS + MODEL_METHODS) == sorted(registry.method_names())
+    assert LAYER_METHODS, "no layer method registered"
+    for test, method, backend in KNOWN_GAPS:
+        assert test in GAP_TESTS, f"KNOWN_GAPS names an unknown test {test!r}"
+        assert method in LAYER_METHODS, f"KNOWN_GAPS names {method!r}, not a registered layer method"
+        assert backend in ("numpy", "torch", "cuda", "cupy"), backend
