@@ -344,7 +344,9 @@ SPEC = MethodSpec(
     file_metadata=scaling_metadata,
     peft=PeftMapping("LORA", {"A": "lora_A.weight", "B": "lora_B.weight", "m": "lora_magnitude_vector"},
                      claims=lambda c: bool(c.get("use_dora", False))),
-    example=lambda: Example(6, 5, DoRAConfig(r=3, alpha=6.0)),
+    # the exact gradient (detach_norm=False): the contract's gradcheck differentiates the forward,
+    # in which the norm is not a constant (the detached default is checked in tests/adapters/test_dora.py)
+    example=lambda: Example(6, 5, DoRAConfig(r=3, alpha=6.0, detach_norm=False)),
     compare={
         # LoRA's row plus a magnitude per output row (detached norm, as in the paper's §4.3)
         "dora": CompareRow(DoRAConfig(r=8, alpha=16), targets=("q", "v"), lr=1e-2, order=30),

@@ -274,22 +274,6 @@ def test_merge_unmerge(rng):
     assert_close(layer.forward(x), y, "y after unmerge", rtol=0, atol=0)
 
 
-def test_only_adapter_tensors_train(rng):
-    layer, W, b = make_layer(rng)
-    opt = lr.optim.SGD(layer.trainable_parameters(), lr=0.1)
-    before = {k: getattr(layer, k).data.copy() for k in ("A", "B", "m")}
-    for _ in range(3):
-        x = rng.standard_normal((4, 7))
-        layer.forward(x)
-        layer.backward(rng.standard_normal((4, 5)))
-        assert layer.base.weight.grad is None and layer.base.bias.grad is None
-        opt.step()
-        opt.zero_grad()
-    assert np.array_equal(layer.base.weight.data, W) and np.array_equal(layer.base.bias.data, b)
-    for k, v in before.items():
-        assert not np.allclose(getattr(layer, k).data, v), k
-
-
 # -- zero-norm rows (the rule: g_j = 0, the row outputs its bias and gets no gradient) ------------
 def test_zero_row_of_the_base_weight(rng):
     W = rng.standard_normal((4, 6))
@@ -593,18 +577,10 @@ def test_cuda_matches_numpy(rng):
 
 
 # -- adapter files ---------------------------------------------------------------------------
-def test_save_then_load_in_a_fresh_layer(rng, tmp_path):
-    from lowrank_ref import io
-
-    layer, W, b = make_layer(rng, detach_norm=False)
-    path = io.save_adapter(layer, tmp_path / "dora.safetensors")
-    fresh = lr.adapters.DoRALinear(lr.nn.Linear.from_arrays(W, b), layer.config, rng=np.random.default_rng(99))
-    x = rng.standard_normal((3, 7))
-    assert not np.allclose(fresh.forward(x), layer.forward(x))
-    io.load_adapter(fresh, path)
-    assert_close(fresh.forward(x), layer.forward(x), "y after load", 0, 0)
+def test_an_adapter_state_with_m_of_the_wrong_shape_is_refused(rng):
+    layer, _, _ = make_layer(rng, detach_norm=False)
     with pytest.raises(ValueError, match="'m' has shape"):
-        fresh.load_adapter_state(dict(layer.adapter_state(), m=np.ones(4)))
+        layer.load_adapter_state(dict(layer.adapter_state(), m=np.ones(4)))
 
 
 def test_int_seed_rng_gives_the_same_layer():
