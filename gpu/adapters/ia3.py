@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lowrank_gpu.adapters.base import AdapterLinear
+from lowrank_gpu.nn.convert import generator_from
 from lowrank_ref.adapters.ia3 import IA3Config
 
 __all__ = ["IA3Linear"]
@@ -21,6 +22,7 @@ class IA3Linear(AdapterLinear):
     def __init__(self, base: nn.Linear, config: IA3Config | None = None, rng=None):
         config = self.check_config(config)
         super().__init__(base, config)
+        generator_from(rng, device="cpu")  # no randomness in IA³'s init; the rng is checked like every method's
         W = base.weight
         n = self.in_features if config.feedforward else self.out_features
         self.l = nn.Parameter(torch.ones(n, dtype=W.dtype, device=W.device))  # l = 1: the base layer

@@ -136,6 +136,8 @@ class IA3Linear(AdapterLinear):
     def __init__(self, base, config: IA3Config | None = None, rng=None):
         config = self.check_config(config)
         super().__init__(base, config)
+        # no randomness in IA³'s init; the rng is checked like every method's, and kept
+        self.rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
         n = self.in_features if config.feedforward else self.out_features
         self.l = Parameter(np.ones(n, dtype=base.weight.data.dtype))  # l = 1: starts as the base layer
 

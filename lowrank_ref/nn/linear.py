@@ -17,7 +17,7 @@ import numpy as np
 
 from lowrank_ref.nn.module import Module, Parameter, array_module, check_finite
 
-__all__ = ["Linear", "Dropout", "linear_forward", "linear_backward", "check_last_dim", "check_dy"]
+__all__ = ["Linear", "Dropout", "linear_forward", "linear_backward", "check_last_dim", "check_dy", "ShapeError"]
 
 
 def check_last_dim(x: np.ndarray, expected: int, name: str = "x") -> np.ndarray:
@@ -31,10 +31,16 @@ def check_last_dim(x: np.ndarray, expected: int, name: str = "x") -> np.ndarray:
     return x
 
 
+class ShapeError(ValueError, RuntimeError):
+    """A gradient ``dy`` whose shape is not the forward output's. A ``ValueError`` (bad input) and
+    a ``RuntimeError``, which is what PyTorch's autograd raises for the same mistake, so the same
+    bad input gives the same kind of error in both backends."""
+
+
 def check_dy(dy, shape: tuple, owner: str) -> None:
     """``dy`` must have the shape of the forward output; checked before the cache is used up."""
     if tuple(getattr(dy, "shape", ())) != tuple(shape):
-        raise ValueError(f"{owner}.backward: dy must have shape {tuple(shape)} (the forward output), "
+        raise ShapeError(f"{owner}.backward: dy must have shape {tuple(shape)} (the forward output), "
                          f"got {tuple(getattr(dy, 'shape', ()))}")
 
 

@@ -47,11 +47,6 @@ KNOWN_GAPS = {
     **{(test, m, "numpy"): _7A + "QLoRALinear.backward does not check dy: NumPy's matmul error, "
        "and the forward cache is lost" for m in ("qlora", "lora_int4") for test in ("wrong_shape_dy", "bad_input_dy")},
     **{("merged_training", m, "torch"): "torch merged-training StateError: issue-7a" for m in LAYER_METHODS},
-    # torch's autograd engine checks the gradient's shape itself and raises RuntimeError before any
-    # layer code runs; NumPy raises ValueError naming dy. Not fixable in a layer: needs a decision on
-    # the contract (e.g. NumPy's error being both a ValueError and a RuntimeError, like StateError).
-    **{("bad_input_dy", m, "torch"): "torch autograd raises RuntimeError for a gradient of the wrong shape "
-       "(NumPy: ValueError naming dy); a contract decision, not a layer fix" for m in LAYER_METHODS},
     **{("bad_input_0d", m, "torch"): _7A_TORCH + "a 0-d x gives IndexError in the torch layer"
        for m in LAYER_METHODS},
     **{("bad_input_int", m, "torch"): _7A_TORCH + "an integer x reaches torch's matmul (RuntimeError)"

@@ -284,13 +284,23 @@ def _base_flags_and_bits(base, torch_family):
 
 
 def _sabotaged(config):
-    """The example's config with ``r = -1``, past its own checks: a failure late in the
-    constructor (allocating the factors), after the base has been frozen."""
-    import copy
+    """A config of the example's class whose fields cannot be read: the constructor passes the
+    type check, freezes the base, then fails as soon as the method reads a field (a failure late
+    in the constructor, for any method, whatever its fields are)."""
+    import dataclasses
 
-    cfg = copy.copy(config)
-    object.__setattr__(cfg, "r", -1)
-    return cfg
+    names = {f.name for f in dataclasses.fields(config)}
+
+    class Sabotaged(type(config)):
+        def __getattribute__(self, name):
+            if name in names:
+                raise RuntimeError(f"sabotaged config: reading {name!r}")
+            return object.__getattribute__(self, name)
+
+        def __repr__(self):
+            return "Sabotaged()"
+
+    return object.__new__(Sabotaged)  # no __init__: nothing is read yet
 
 
 FAILURES = {
