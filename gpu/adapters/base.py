@@ -31,6 +31,7 @@ from torch import nn
 
 from lowrank_gpu.nn.checks import check_finite, check_input, check_linear
 from lowrank_gpu.quant.linear import QuantizedLinear
+from lowrank_ref.nn.checks import state_message
 from lowrank_ref.nn.module import StateError
 
 __all__ = ["AdapterLinear", "check_base"]
@@ -76,7 +77,7 @@ class _RefuseBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        raise StateError(f"{ctx.owner} is merged (inference only): unmerge() before training")
+        raise StateError(state_message("merged training", ctx.owner))
 
 
 class AdapterLinear(nn.Module):
@@ -177,7 +178,7 @@ class AdapterLinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         if self.merged:
-            raise ValueError(f"{type(self).__name__} is already merged; call unmerge() first")
+            raise ValueError(state_message("already merged", type(self).__name__))
         W = self.merged_weight()
         check_finite("merged weight", W)
         if self.quantized:
@@ -189,7 +190,7 @@ class AdapterLinear(nn.Module):
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
-            raise ValueError(f"{type(self).__name__} is not merged; there is nothing to unmerge")
+            raise ValueError(state_message("not merged", type(self).__name__))
         if self.quantized:
             self._merged_W = None
         else:
@@ -236,7 +237,7 @@ class AdapterLinear(nn.Module):
         """Copy ``state`` (numpy arrays or tensors; the names and shapes of :meth:`adapter_state`)
         into the layer, in each parameter's dtype and device; checks everything first."""
         if self.merged:
-            raise ValueError(f"{type(self).__name__} is merged: unmerge() before loading adapter weights")
+            raise ValueError(state_message("merged loading", type(self).__name__))
         own = self.adapter_parameters()
         if set(state) != set(own):
             raise ValueError(f"adapter state names {sorted(state)} do not match {sorted(own)}")

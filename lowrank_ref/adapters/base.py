@@ -34,6 +34,7 @@ import functools
 
 import numpy as np
 
+from lowrank_ref.nn.checks import state_message
 from lowrank_ref.nn.linear import Linear, check_dy, check_last_dim, check_linear, linear_forward
 from lowrank_ref.nn.module import Module, StateError, check_finite
 from lowrank_ref.quant.linear import QuantizedLinear, weight_array
@@ -173,7 +174,7 @@ class AdapterLinear(Module):
         as it is and the merged weight is kept as a float array beside it (4 bytes per weight
         while merged; re-quantising it is :func:`lowrank_ref.adapters.qlora.requantize_merged`)."""
         if self.merged:
-            raise ValueError(f"{type(self).__name__} is already merged; call unmerge() first")
+            raise ValueError(state_message("already merged", type(self).__name__))
         W = self.merged_weight()
         check_finite("merged weight", W)
         if self.quantized:
@@ -185,7 +186,7 @@ class AdapterLinear(Module):
     def unmerge(self) -> None:
         """Restore ``W0`` exactly (the bits kept at ``merge()``; a 4-bit base was never changed)."""
         if not self.merged:
-            raise ValueError(f"{type(self).__name__} is not merged; there is nothing to unmerge")
+            raise ValueError(state_message("not merged", type(self).__name__))
         if self.quantized:
             self._merged_W = None
         else:
@@ -208,7 +209,7 @@ class AdapterLinear(Module):
             check_dy(dy, self._out_shape, type(self).__name__)
         if self.merged:
             self._pop_cache()
-            raise StateError(f"{type(self).__name__} is merged (inference only): unmerge() before training")
+            raise StateError(state_message("merged training", type(self).__name__))
         return self._backward(dy)
 
     def _forward(self, x):
@@ -234,7 +235,7 @@ class AdapterLinear(Module):
         """Copy ``state`` (the names and shapes of :meth:`adapter_state`) into the layer, cast to
         each tensor's dtype; every name and shape is checked before anything changes."""
         if self.merged:
-            raise ValueError(f"{type(self).__name__} is merged: unmerge() before loading adapter weights")
+            raise ValueError(state_message("merged loading", type(self).__name__))
         own = self.adapter_parameters()
         if set(state) != set(own):
             raise ValueError(f"adapter state names {sorted(state)} do not match {sorted(own)}")

@@ -91,10 +91,11 @@ def lora_forward(x, params, cfg: LoRAConfig, mask=None):
     xd = x2 if mask is None else x2 * mask.reshape(x2.shape)  # x̃ = x ⊙ M
     h = xd @ A.T  # (N, r)
     y = x2 @ W.T  # (N, out)
+    del W  # a dequantised W̃0 is freed here, before the adapter branch
     if b is not None:
         y += b  # in place: no second (N, out) array
     y += (s * h) @ B.T  # + s x̃ Aᵀ Bᵀ, scaled on the small (N, r) side
-    return y.reshape(*lead, W.shape[0]), (x2, xd, h, Wq, A, B, s, mask, lead)
+    return y.reshape(*lead, y.shape[-1]), (x2, xd, h, Wq, A, B, s, mask, lead)
 
 
 def lora_backward(dy, cache):

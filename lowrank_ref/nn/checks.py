@@ -18,12 +18,23 @@ a bias not real floating                             ``TypeError``   ``base bias
 a bias not of shape ``(out,)``                       ``ValueError``  ``base bias must have ...``
 NaN or inf                                           ``ValueError``  ``<name> must be finite...``
 ==================================================  ==============  ============================
+
+The adapters' state errors are worded here too (:func:`state_message`): merging twice and
+unmerging an unmerged layer (``ValueError``), training a merged layer (``StateError``, a
+``ValueError``), loading adapter weights into a merged layer (``ValueError``).
 """
 
 from __future__ import annotations
 
 __all__ = ["dtype_name", "check_input_shape", "check_dy_shape", "check_weight_shape", "check_bias_shape",
-           "nonfinite_error"]
+           "nonfinite_error", "state_message"]
+
+_STATE_MESSAGES = {
+    "already merged": "{owner} is already merged; call unmerge() first",
+    "not merged": "{owner} is not merged; there is nothing to unmerge",
+    "merged training": "{owner} is merged (inference only): unmerge() before training",
+    "merged loading": "{owner} is merged: unmerge() before loading adapter weights",
+}
 
 
 def dtype_name(dtype) -> str:
@@ -67,3 +78,9 @@ def check_bias_shape(shape, floating: bool, dtype, out_features: int, name: str 
 def nonfinite_error(name: str, bad: int) -> ValueError:
     """The error for ``bad`` NaN or inf values in ``name`` (raised by the caller)."""
     return ValueError(f"{name} must be finite; it holds {bad} NaN or inf value(s)")
+
+
+def state_message(kind: str, owner: str) -> str:
+    """The words of a life-cycle error: ``kind`` is ``"already merged"``, ``"not merged"``,
+    ``"merged training"`` or ``"merged loading"``; ``owner`` the layer's class name."""
+    return _STATE_MESSAGES[kind].format(owner=owner)

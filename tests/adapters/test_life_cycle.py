@@ -145,6 +145,15 @@ def test_a_bad_x_gives_the_same_error_in_both_backends(method, case):
     assert re.search(words, str(en)), str(en)
 
 
+@pytest.mark.parametrize("method", ["lora", "qdora"])
+def test_an_x_that_is_not_an_array_of_floats_is_a_type_error_in_both_backends(method):
+    n, t = _pair(method)
+    with pytest.raises(TypeError, match="x must be a floating array"):
+        n.forward("not an array")
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        t("not an array")
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_merging_twice_and_unmerging_an_unmerged_layer(method):
     for layer in _pair(method):
@@ -157,6 +166,20 @@ def test_merging_twice_and_unmerging_an_unmerged_layer(method):
         assert not layer.merged
     n, t = _pair(method)
     assert str(_error(n.unmerge)) == str(_error(t.unmerge))
+    n.merge()
+    t.merge()
+    assert str(_error(n.merge)) == str(_error(t.merge))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_loading_adapter_weights_into_a_merged_layer_is_refused_alike(method):
+    n, t = _pair(method)
+    n.merge()
+    t.merge()
+    en = _error(lambda: n.load_adapter_state(n.adapter_state()))
+    et = _error(lambda: t.load_adapter_state(t.adapter_state()))
+    assert type(en) is type(et) is ValueError
+    assert str(en) == str(et) and "unmerge() before loading" in str(en)
 
 
 @pytest.mark.parametrize("method", METHODS)
