@@ -173,13 +173,16 @@ def test_torch_qdora_matches_numpy_and_keeps_its_storage():
 
 
 def test_torch_qdora_gradcheck_in_float64():
-    _, tl = torch_pair(15)
-    tl = tl.to(torch.float64)
-    tl.config = lr.DoRAConfig(r=R, alpha=2.0 * R, detach_norm=False)  # the exact gradient
+    import lowrank_gpu as lg
+
+    g = torch.Generator().manual_seed(15)
+    lin = torch.nn.Linear(16, 4)  # small: every entry of x, A, B, m is perturbed
+    cfg = lr.DoRAConfig(r=2, alpha=4.0, detach_norm=False)  # the exact gradient, through the norm too
+    tl = lg.adapters.DoRALinear(lg.quant.QuantizedLinear.from_linear(lin, BS, True), cfg, rng=0).to(torch.float64)
+    with torch.no_grad():
+        tl.B.copy_(torch.randn(tl.B.shape, generator=g, dtype=torch.float64) * 0.3)  # non-zero B
+        tl.m.mul_(1 + 0.1 * torch.randn(tl.m.shape, generator=g, dtype=torch.float64))
     assert tl.w0().dtype == torch.float64
-    x = torch.randn(2, IN, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, A, B, m: _call(tl, x, A, B, m), (x, tl.A, tl.B, tl.m))
-
-
-def _call(layer, x, A, B, m):
-    return layer(x)  # A, B, m are the layer's own parameters: gradcheck perturbs them in place
+    x = torch.randn(2, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    # A, B, m are the layer's own parameters: gradcheck perturbs them in place
+    assert torch.autograd.gradcheck(lambda x, A, B, m: tl(x), (x, tl.A, tl.B, tl.m))
