@@ -4,8 +4,12 @@
     layer = lg.adapters.LoRALinear(torch_linear, lr.LoRAConfig(r=8, alpha=16))
 """
 
-from lowrank_gpu import adapters, nn
+from lowrank_gpu import adapters, nn, quant
 from lowrank_ref import DoRAConfig, LoRAConfig, QLoRAConfig, QLoRAInt4Config
+
+# as in lowrank_ref: `lg.quant.QLoRALinear` names the adapter (gpu/adapters/qlora.py); quant/
+# itself imports nothing from adapters/
+quant.QLoRALinear = adapters.QLoRALinear
 
 __all__ = ["adapters", "nn", "LoRAConfig", "DoRAConfig", "QLoRAConfig", "QLoRAInt4Config"]
 

@@ -7,7 +7,7 @@
 ``import lowrank_ref`` imports NumPy and SciPy only; torch and cupy load when a backend asks.
 """
 
-from lowrank_ref import adapters, nn, registry
+from lowrank_ref import adapters, nn, quant, registry
 from lowrank_ref.adapters.dora import DoRAConfig
 from lowrank_ref.adapters.ia3 import IA3Config
 from lowrank_ref.adapters.lora import LoRAConfig
@@ -16,6 +16,11 @@ from lowrank_ref.api import adapt
 from lowrank_ref.gradcheck import gradcheck
 
 __version__ = "0.1.0"
+
+# DESIGN's `lr.quant.QLoRALinear(base, cfg, blocksize=64, double_quant=True)`: the layer lives in
+# adapters/qlora.py (LoRA over quant.QuantizedLinear), and quant/ imports nothing from adapters/,
+# so the package names it there once both are loaded
+quant.QLoRALinear = adapters.QLoRALinear
 
 __all__ = ["nn", "adapters", "registry", "adapt", "gradcheck", "LoRAConfig", "DoRAConfig", "QLoRAConfig", "QLoRAInt4Config",
            "IA3Config"]

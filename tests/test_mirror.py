@@ -1,8 +1,8 @@
 """The two backends expose the same surface: the same public adapter classes, constructor
 parameters, and public methods/properties (with the same parameter names). Generic: every class
 either ``__all__`` lists is checked, so a new method is covered the day it is exported. Classes
-defined under ``quant`` (QLoRALinear lives in ``lowrank_ref.quant.qlora``) count as the
-package's own, and ``lowrank_ref.quant`` / ``lowrank_gpu.quant`` are compared the same way."""
+defined under ``quant`` (the 4-bit base, ``QuantizedLinear``) count as the package's own, and
+``lowrank_ref.quant`` / ``lowrank_gpu.quant`` are compared the same way."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ KNOWN_DIFFERENCES = {
                                          "data_ptr and _version, so in-place edits invalidate it by "
                                          "themselves and there is nothing to clear by hand",
 }
-# Where each backend's own classes live: the adapters, and the quant modules (QLoRALinear,
-# NF4Linear are defined in lowrank_ref.quant.qlora / lowrank_gpu.quant.qlora).
+# Where each backend's own classes live: the adapters, and the quant modules (QuantizedLinear,
+# alias NF4Linear, is defined in lowrank_ref.quant.linear / lowrank_gpu.quant.linear).
 REF_PACKAGES = ("lowrank_ref.adapters", "lowrank_ref.quant")
 GPU_PACKAGES = ("lowrank_gpu.adapters", "lowrank_gpu.quant")
 
@@ -121,18 +121,21 @@ def test_the_collector_sees_names_a_subclass_adds():
 
 
 def test_quant_classes_are_collected_as_own():
-    """QLoRALinear is defined in the quant modules; its own names must be compared, not skipped."""
+    """QLoRALinear is an adapter (LoRA over a 4-bit base); its own names must be compared, and
+    the 4-bit base it stands on is defined in the quant modules of each backend."""
     for cls, pkgs in ((REF["QLoRALinear"], REF_PACKAGES), (GPU["QLoRALinear"], GPU_PACKAGES)):
-        assert cls.__module__.split(".")[1] == "quant", cls.__module__
+        assert cls.__module__.split(".")[1] == "adapters", cls.__module__
         own = _own_public_names(cls, pkgs)
         assert {"memory_bytes", "dequantized_weight", "blocksize", "double_quant"} <= own, cls
-    # the adapters-only prefix would have missed them: the widening is what covers QLoRA
-    assert "memory_bytes" not in _own_public_names(REF["QLoRALinear"], "lowrank_ref.adapters")
+    for q in (ref_quant.QuantizedLinear, gpu_quant.QuantizedLinear):
+        assert q.__module__.split(".")[1] == "quant", q.__module__
+        assert {"from_linear", "dequantized_weight", "forward"} <= _own_public_names(q, ("lowrank_ref.quant",
+                                                                                       "lowrank_gpu.quant"))
 
 
 # DESIGN.md's quant surface: "the mirror: same names"
-QUANT_NAMES = ("NF4Tensor", "quantize_nf4", "quantize_fp4", "quantize_4bit", "nf4_table", "QLoRALinear",
-               "NF4Linear")
+QUANT_NAMES = ("Quant4Tensor", "NF4Tensor", "quantize_nf4", "quantize_fp4", "quantize_4bit", "nf4_table",
+               "QuantizedLinear", "NF4Linear")
 
 
 @pytest.mark.parametrize("name", QUANT_NAMES)
@@ -141,15 +144,23 @@ def test_quant_names_in_both_backends(name):
     assert name in gpu_quant.__all__ and hasattr(gpu_quant, name), f"lowrank_gpu.quant lacks {name}"
 
 
+def test_the_qlora_layer_is_named_under_quant_in_both_backends():
+    """DESIGN.md's ``lr.quant.QLoRALinear``: the adapter itself, named there by the package."""
+    assert ref_quant.QLoRALinear is ref_adapters.QLoRALinear
+    assert gpu_quant.QLoRALinear is gpu_adapters.QLoRALinear
+    assert ref_quant.NF4Tensor is ref_quant.Quant4Tensor and ref_quant.NF4Linear is ref_quant.QuantizedLinear
+    assert gpu_quant.NF4Tensor is gpu_quant.Quant4Tensor and gpu_quant.NF4Linear is gpu_quant.QuantizedLinear
+
+
 @pytest.mark.parametrize("name", ["quantize_nf4", "quantize_fp4", "quantize_4bit"])
 def test_quant_functions_take_the_same_parameters(name):
     ref, gpu = _params(getattr(ref_quant, name)), _params(getattr(gpu_quant, name))
     assert ref == gpu, f"{name}: numpy {ref} vs torch {gpu}"
 
 
-@pytest.mark.parametrize("name", ["QLoRALinear", "NF4Linear"])
+@pytest.mark.parametrize("name", ["QLoRALinear", "QuantizedLinear"])
 def test_quant_layers_take_the_same_constructor_parameters(name):
     ref, gpu = getattr(ref_quant, name), getattr(gpu_quant, name)
     assert _params(ref.__init__) == _params(gpu.__init__)
-    if name == "NF4Linear":
+    if name == "QuantizedLinear":
         assert _params(ref.from_linear) == _params(gpu.from_linear)

@@ -67,8 +67,8 @@ class DoRALinear(AdapterLinear):
     def __init__(self, base: nn.Linear, config: DoRAConfig | None = None, rng=None):
         config = self.check_config(config)
         super().__init__(base, config)
-        W = base.weight
-        r, dtype, device = config.r, W.dtype, W.device
+        W = self.w0()  # the float weight, or W̃0 dequantised (QDoRA: m starts at ‖W̃0_j‖)
+        r, dtype, device = config.r, self.weight_dtype, self._base_device()
         g = generator_from(rng, device="cpu")
         A = init_lora_A(r, self.in_features, config.init, g)  # as LoRALinear: kaiming or gaussian
         self.A = nn.Parameter(A.to(device=device, dtype=dtype))  # (r, in)
@@ -83,16 +83,14 @@ class DoRALinear(AdapterLinear):
         self.norm_method = "factored"
         self._w0_sq_cache = (None, None, None)
 
-    def _w0(self) -> torch.Tensor:
-        return self._w0_backup if self.merged else self.base.weight
-
     def _w0_sq(self) -> torch.Tensor:
         """``‖W0_j‖²``, cached while the frozen base weight keeps its storage and version.
 
         The key is ``(data_ptr, _version, dtype)`` and the tensor object: an in-place edit bumps
         ``_version`` and a new tensor changes the object, so either recomputes; unlike the NumPy
-        layer, no ``clear_norm_cache()`` is needed."""
-        W0 = self._w0()
+        layer, no ``clear_norm_cache()`` is needed. (A 4-bit base is dequantised afresh for
+        each call, so its ``‖W̃0_j‖²`` is recomputed each time.)"""
+        W0 = self.w0()
         key = (W0.data_ptr(), W0._version, W0.dtype)
         k, ref, val = self._w0_sq_cache
         if k == key and ref is W0 and not W0.requires_grad:
@@ -103,7 +101,7 @@ class DoRALinear(AdapterLinear):
 
     def weight_norm(self) -> torch.Tensor:
         """``n = ‖W0 + s B A‖`` row-wise (out,), differentiable in ``A``, ``B``."""
-        return dora_row_norm(self._w0().detach(), self.A, self.B, self.scaling,
+        return dora_row_norm(self.w0().detach(), self.A, self.B, self.scaling,
                              w0_sq=self._w0_sq(), method=self.norm_method)
 
     def _row_scale(self, n):
@@ -115,7 +113,7 @@ class DoRALinear(AdapterLinear):
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        W0 = self._w0()
+        W0 = self.w0()
         V = W0.double() + self.scaling * (self.B.double() @ self.A.double())  # (out, in)
         n = torch.linalg.vector_norm(V, dim=1)
         live = n > 0
@@ -124,11 +122,11 @@ class DoRALinear(AdapterLinear):
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
-        W0 = self._w0()
+        W0 = self.w0()
         return (self.merged_weight().double() - W0.double()).to(W0.dtype)
 
     def _forward(self, x):
-        W0 = self.base.weight
+        W0 = self.w0()  # the float weight, or W̃0 rebuilt from 4 bits for this call
         n = self.weight_norm()
         if self.config.detach_norm:
             n = n.detach()  # §4.3: the norm is a constant for the backward pass

@@ -23,24 +23,20 @@ class IA3Linear(AdapterLinear):
         config = self.check_config(config)
         super().__init__(base, config)
         generator_from(rng, device="cpu")  # no randomness in IA³'s init; the rng is checked like every method's
-        W = base.weight
         n = self.in_features if config.feedforward else self.out_features
-        self.l = nn.Parameter(torch.ones(n, dtype=W.dtype, device=W.device))  # l = 1: the base layer
+        self.l = nn.Parameter(torch.ones(n, dtype=self.weight_dtype, device=self._base_device()))  # l = 1: the base layer
 
     @property
     def feedforward(self) -> bool:
         return self.config.feedforward
 
-    def _base_weight(self) -> torch.Tensor:
-        return self._w0_backup if self.merged else self.base.weight
-
     def delta_weight(self) -> torch.Tensor:
-        W0, l1 = self._base_weight(), self.l - 1
+        W0, l1 = self.w0(), self.l - 1
         return W0 * l1 if self.feedforward else W0 * l1[:, None]  # W0 diag(l−1) or diag(l−1) W0
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        W0 = self._base_weight()
+        W0 = self.w0()
         l64 = self.l.detach().double()
         return (W0.double() * (l64 if self.feedforward else l64[:, None])).to(W0.dtype)
 

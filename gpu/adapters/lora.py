@@ -28,14 +28,18 @@ def init_lora_A(r: int, in_features: int, init: str, generator: torch.Generator)
 
 
 class LoRALinear(AdapterLinear):
+    """A frozen ``torch.nn.Linear`` (or a 4-bit ``QuantizedLinear``: QLoRA) plus ``s · B A``."""
+
     CONFIG = LoRAConfig
 
     def __init__(self, base: nn.Linear, config: LoRAConfig | None = None, rng=None):
         config = self.check_config(config)
         super().__init__(base, config)
-        W = base.weight
-        r, dtype, device = config.r, W.dtype, W.device
+        r, dtype, device = config.r, self.weight_dtype, self._base_device()
         g = generator_from(rng, device="cpu")
+        if config.init == "pissa" and self.quantized:
+            raise ValueError("LoRA on a quantised base supports init 'kaiming' or 'gaussian'; PiSSA on a "
+                             "quantised base needs its residual quantised after the split (not provided)")
         if config.init == "pissa":
             from lowrank_gpu.adapters.pissa import pissa_init
 

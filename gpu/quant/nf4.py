@@ -19,7 +19,8 @@ import torch
 from lowrank_ref.quant import blockwise as ref
 from lowrank_ref.quant.tables import dynamic_map, fp4_codebook, int4_table, midpoints, nf4_table
 
-__all__ = ["TorchNF4Tensor", "NF4Tensor", "quantize_nf4", "quantize_fp4", "quantize_4bit", "nf4_table",
+__all__ = ["TorchQuant4Tensor", "TorchNF4Tensor", "Quant4Tensor", "NF4Tensor", "quantize_nf4", "quantize_fp4",
+           "quantize_4bit", "nf4_table",
            "dequantize_codes", "table_tensor", "quantize_blockwise", "dequantize_blockwise"]
 
 _TABLES = {"nf4": nf4_table, "fp4": fp4_codebook, "int4": int4_table}
@@ -99,8 +100,9 @@ def dequantize_codes(packed: torch.Tensor, absmax: torch.Tensor, table: torch.Te
 
 
 @dataclass(eq=False)
-class TorchNF4Tensor:
-    """The torch twin of :class:`lowrank_ref.quant.NF4Tensor`: the same stored arrays as tensors."""
+class TorchQuant4Tensor:
+    """The torch twin of :class:`lowrank_ref.quant.Quant4Tensor` (NF4, FP4 or int4 codes plus
+    block scales): the same stored arrays as tensors. ``TorchNF4Tensor`` is its earlier name."""
 
     packed: torch.Tensor
     shape: tuple
@@ -149,12 +151,12 @@ class TorchNF4Tensor:
             out = dequantize_codes(self.packed, self.absmax, table, self.numel, self.blocksize)
         return out.view(self.shape).to(dtype)
 
-    def to_numpy(self) -> ref.NF4Tensor:
+    def to_numpy(self) -> ref.Quant4Tensor:
         a = {k: v.detach().cpu().numpy() for k, v in self.arrays().items()}
-        return ref.NF4Tensor.from_arrays(a, self.shape, self.blocksize, self.quant_type)
+        return ref.Quant4Tensor.from_arrays(a, self.shape, self.blocksize, self.quant_type)
 
     @classmethod
-    def from_numpy(cls, q: ref.NF4Tensor, device=None) -> TorchNF4Tensor:
+    def from_numpy(cls, q: ref.Quant4Tensor, device=None) -> TorchQuant4Tensor:
         def t(a):
             return None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(device)
         off = None if q.offset is None else torch.tensor(np.float32(q.offset), device=device)
@@ -162,7 +164,7 @@ class TorchNF4Tensor:
                    t(q.qabsmax), t(q.absmax2), off)
 
 
-def _bnb_dequantize(q: TorchNF4Tensor, table: torch.Tensor):
+def _bnb_dequantize(q: TorchQuant4Tensor, table: torch.Tensor):
     """bitsandbytes' CUDA kernel on our (identical) layout, or None if it is not installed.
 
     Not installed (an ImportError) falls back silently: bitsandbytes is optional. Any other
@@ -197,7 +199,7 @@ def _warn_fallback(e: Exception) -> None:
 
 
 def quantize_4bit(x: torch.Tensor, blocksize: int = 64, double_quant: bool = False,
-                  quant_type: str = "nf4") -> TorchNF4Tensor:
+                  quant_type: str = "nf4") -> TorchQuant4Tensor:
     """Block-wise 4-bit quantisation, the same bytes as the NumPy reference."""
     blocksize = ref.check_blocksize(blocksize)
     if not isinstance(double_quant, bool):
@@ -229,17 +231,18 @@ def quantize_4bit(x: torch.Tensor, blocksize: int = 64, double_quant: bool = Fal
         offset = torch.tensor(np.float32(absmax.double().mean().item()), device=flat.device)
         code = torch.from_numpy(dynamic_map(signed=True)).to(flat.device)
         q, a2 = quantize_blockwise(absmax - offset, code, ref.DQ_BLOCKSIZE)
-        return TorchNF4Tensor(packed, shape, blocksize, quant_type, None, q, a2, offset)
-    return TorchNF4Tensor(packed, shape, blocksize, quant_type, absmax)
+        return TorchQuant4Tensor(packed, shape, blocksize, quant_type, None, q, a2, offset)
+    return TorchQuant4Tensor(packed, shape, blocksize, quant_type, absmax)
 
 
-def quantize_nf4(x: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> TorchNF4Tensor:
+def quantize_nf4(x: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> TorchQuant4Tensor:
     return quantize_4bit(x, blocksize, double_quant, "nf4")
 
 
-def quantize_fp4(x: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> TorchNF4Tensor:
+def quantize_fp4(x: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> TorchQuant4Tensor:
     """FP4 block-wise quantisation (bitsandbytes' ``fp4``), the same bytes as the NumPy reference."""
     return quantize_4bit(x, blocksize, double_quant, "fp4")
 
 
-NF4Tensor = TorchNF4Tensor  # the reference's name (lowrank_ref.quant.NF4Tensor), for the mirror
+Quant4Tensor = TorchQuant4Tensor  # the reference's name (lowrank_ref.quant.Quant4Tensor), for the mirror
+TorchNF4Tensor = NF4Tensor = TorchQuant4Tensor  # the earlier names (the tensor holds FP4 and int4 too)

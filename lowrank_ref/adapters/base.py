@@ -10,6 +10,23 @@ Merging is an explicit call, never a side effect of ``eval()``. ``merge()`` keep
 (subtracting ``ΔW`` again would drift by a rounding error per cycle). The price: one copy of ``W0``
 while merged. While merged the layer is for inference: ``backward`` refuses, so nothing trains a
 weight that the next ``unmerge()`` would throw away.
+
+**The base.** Either a float :class:`~lowrank_ref.nn.Linear` or a frozen 4-bit
+:class:`~lowrank_ref.quant.QuantizedLinear` (QLoRA's base; a DoRA adapter on it is QDoRA). Every
+method reads ``W0`` through one accessor, :meth:`AdapterLinear.w0` (the float weight, or the 4-bit
+weight dequantised for that call), and hands its pure functions :meth:`AdapterLinear.w0_operand`
+(the float array, or the 4-bit tensor itself, which they dequantise per pass with
+:func:`~lowrank_ref.quant.linear.weight_array`, so a cache never holds a float copy). Merging
+into a 4-bit base keeps the merged weight as a float array beside the untouched 4-bit storage;
+``unmerge()`` drops it, so the storage is bit for bit what it was. The compute dtype of a 4-bit
+base is the adapter's own parameters' dtype (float32; ``astype(np.float64)`` for gradcheck).
+
+**What is checked, once for every method** (messages from :mod:`lowrank_ref.nn.checks`, the
+same in the torch mirror): the config's type; the base (type, a real floating non-empty 2-D
+weight, a bias of shape ``(out,)``, all finite); ``x`` (real floating, last axis ``in``);
+``dy`` (the forward output's shape, before the cache is used, so a bad call leaves it usable);
+the state: merging twice or unmerging an unmerged layer is a ``ValueError``, ``backward`` while
+merged or before ``forward`` is a :class:`~lowrank_ref.nn.module.StateError` (a ``ValueError``).
 """
 
 from __future__ import annotations
@@ -18,19 +35,25 @@ import functools
 
 import numpy as np
 
-from lowrank_ref.nn.linear import Linear, check_dy, check_last_dim, linear_forward
+from lowrank_ref.nn.checks import state_message
+from lowrank_ref.nn.linear import Linear, check_dy, check_last_dim, check_linear, linear_forward
 from lowrank_ref.nn.module import Module, StateError, check_finite
+from lowrank_ref.quant.linear import QuantizedLinear, weight_array
 
 __all__ = ["AdapterLinear", "check_base"]
 
 
-def check_base(base) -> Linear:
+def check_base(base) -> Linear | QuantizedLinear:
+    """``base`` if it is a valid float ``Linear`` (:func:`~lowrank_ref.nn.linear.check_linear`)
+    or a 4-bit ``QuantizedLinear``; a ``TypeError``/``ValueError`` naming what is wrong."""
+    if isinstance(base, QuantizedLinear):
+        if base.bias is not None:
+            check_finite("base bias", base.bias.data)
+        return base
     if not isinstance(base, Linear):
-        raise TypeError(f"base must be a lowrank_ref.nn.Linear, got {type(base).__name__}")
-    check_finite("base weight", base.weight.data)
-    if base.bias is not None:
-        check_finite("base bias", base.bias.data)
-    return base
+        raise TypeError(f"base must be a lowrank_ref.nn.Linear or a lowrank_ref.quant.QuantizedLinear, "
+                        f"got {type(base).__name__}")
+    return check_linear(base, "base")
 
 
 def _keep_base_on_failure(init):
@@ -70,13 +93,40 @@ class AdapterLinear(Module):
             raise TypeError(f"config must be a {cls.CONFIG.__name__}, got {type(config).__name__}")
         return config
 
-    def __init__(self, base: Linear, config):
+    def __init__(self, base: Linear | QuantizedLinear, config):
         super().__init__()
         self.base = check_base(base)
         base.requires_grad_(False)  # the pretrained weights are frozen
         self.config = self.check_config(config)
-        self._w0_backup: np.ndarray | None = None
+        self._w0_backup: np.ndarray | None = None  # a float base, while merged: W0's own bits
+        self._merged_W: np.ndarray | None = None  # a 4-bit base, while merged: the float merged weight
         self._b0_backup: np.ndarray | None = None  # the base bias, kept while merged
+
+    # the base weight ----------------------------------------------------------------------
+    @property
+    def quantized(self) -> bool:
+        """Whether the base weight is stored in 4 bits (a ``QuantizedLinear``)."""
+        return isinstance(self.base, QuantizedLinear)
+
+    @property
+    def weight_dtype(self):
+        """The dtype ``W0`` is computed in: the float base's, or for a 4-bit base the adapter's
+        own parameters' (float32 unless cast)."""
+        if not self.quantized:
+            return self.base.weight.data.dtype
+        return next((p.data.dtype for p in self._params.values()), np.dtype(np.float32))
+
+    def w0_operand(self):
+        """``W0`` as the pure functions take it: the float array (its kept bits while merged),
+        or the 4-bit tensor, which they dequantise per pass."""
+        if self.quantized:
+            return self.base.qweight
+        return self.base.weight.data if self._w0_backup is None else self._w0_backup
+
+    def w0(self) -> np.ndarray:
+        """``W0`` (out, in) as a float array: the base weight (the kept bits while merged), or the
+        4-bit weight dequantised in :attr:`weight_dtype` (rebuilt on each call, never stored)."""
+        return weight_array(self.w0_operand(), self.weight_dtype)
 
     @property
     def r(self) -> int:
@@ -106,7 +156,7 @@ class AdapterLinear(Module):
         """The weight that reproduces the adapted layer as a plain Linear: ``W0 + ΔW``.
 
         Summed in float64, rounded once to the base dtype."""
-        W0 = self.base.weight.data
+        W0 = self.w0()
         return (W0.astype(np.float64) + self._delta_weight_f64()).astype(W0.dtype)
 
     def merged_bias(self) -> np.ndarray | None:
@@ -124,29 +174,40 @@ class AdapterLinear(Module):
     # merging ------------------------------------------------------------------------------
     @property
     def merged(self) -> bool:
-        return self._w0_backup is not None
+        return self._w0_backup is not None or self._merged_W is not None
 
     def merge(self) -> None:
-        """Fold the update into the base weight: afterwards ``forward`` is one plain matmul."""
+        """Fold the update into the base weight: afterwards ``forward`` is one plain matmul.
+
+        A float base keeps ``W0``'s bits aside and takes the merged weight; a 4-bit base is left
+        as it is and the merged weight is kept as a float array beside it (4 bytes per weight
+        while merged; re-quantising it is :func:`lowrank_ref.adapters.qlora.requantize_merged`)."""
         if self.merged:
-            raise ValueError(f"{type(self).__name__} is already merged; call unmerge() first")
+            raise ValueError(state_message("already merged", type(self).__name__))
         W = self.merged_weight()
         check_finite("merged weight", W)
         b = None if self.base.bias is None else self.merged_bias()
         if b is not None:
             check_finite("merged bias", b)
-        self._w0_backup = self.base.weight.data
-        self.base.weight.data = W
+        if self.quantized:
+            self._merged_W = W
+        else:
+            self._w0_backup = self.base.weight.data
+            self.base.weight.data = W
         if b is not None:
             self._b0_backup = self.base.bias.data
             self.base.bias.data = b
 
     def unmerge(self) -> None:
-        """Restore ``W0`` (and ``b``) exactly (the bits kept at ``merge()``)."""
+        """Restore ``W0`` (and ``b``) exactly (the bits kept at ``merge()``; a 4-bit base's storage
+        was never changed)."""
         if not self.merged:
-            raise ValueError(f"{type(self).__name__} is not merged; there is nothing to unmerge")
-        self.base.weight.data = self._w0_backup
-        self._w0_backup = None
+            raise ValueError(state_message("not merged", type(self).__name__))
+        if self.quantized:
+            self._merged_W = None
+        else:
+            self.base.weight.data = self._w0_backup
+            self._w0_backup = None
         if self._b0_backup is not None:
             self.base.bias.data = self._b0_backup
             self._b0_backup = None
@@ -158,7 +219,8 @@ class AdapterLinear(Module):
         if self.merged:
             self._cache = ("merged",)
             b = None if self.base.bias is None else self.base.bias.data
-            return linear_forward(x, self.base.weight.data, b)
+            W = self._merged_W.astype(x.dtype, copy=False) if self.quantized else self.base.weight.data
+            return linear_forward(x, W, b)
         return self._forward(x)
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
@@ -166,7 +228,7 @@ class AdapterLinear(Module):
             check_dy(dy, self._out_shape, type(self).__name__)
         if self.merged:
             self._pop_cache()
-            raise StateError(f"{type(self).__name__} is merged (inference only): unmerge() before training")
+            raise StateError(state_message("merged training", type(self).__name__))
         return self._backward(dy)
 
     def _forward(self, x):
@@ -192,7 +254,7 @@ class AdapterLinear(Module):
         """Copy ``state`` (the names and shapes of :meth:`adapter_state`) into the layer, cast to
         each tensor's dtype; every name and shape is checked before anything changes."""
         if self.merged:
-            raise ValueError(f"{type(self).__name__} is merged: unmerge() before loading adapter weights")
+            raise ValueError(state_message("merged loading", type(self).__name__))
         own = self.adapter_parameters()
         if set(state) != set(own):
             raise ValueError(f"adapter state names {sorted(state)} do not match {sorted(own)}")

@@ -79,6 +79,7 @@ from lowrank_ref.adapters.base import AdapterLinear
 from lowrank_ref.adapters.lora import init_lora_A
 from lowrank_ref.config import ScaledLowRankConfig, check_bool, scaling_metadata
 from lowrank_ref.nn.module import Parameter, array_module
+from lowrank_ref.quant.linear import weight_array
 from lowrank_ref.registry import CompareRow, Example, MethodSpec, PeftMapping
 
 DORA_INITS = ("kaiming", "gaussian")
@@ -149,7 +150,7 @@ def dora_forward(x, params, cfg: DoRAConfig, mask=None, method="factored"):
     Args:
         x: ``(..., in)``.
         params: ``{"W": W0 (out, in), "b": (out,) or None, "A": (r, in), "B": (out, r),
-            "m": (out,)}``, optionally ``"w0_sq"``: the cached ``‖W0_j‖²`` (out,), and ``"n"``:
+            "m": (out,)}`` (``W0`` may be a 4-bit tensor, dequantised per pass: QDoRA), optionally ``"w0_sq"``: the cached ``‖W0_j‖²`` (out,), and ``"n"``:
             a norm to use as a given constant instead of computing it (with ``detach_norm=True``
             the backward is then the exact gradient of this function: that is how it is checked).
         cfg: gives ``s`` and ``detach_norm``.
@@ -158,7 +159,8 @@ def dora_forward(x, params, cfg: DoRAConfig, mask=None, method="factored"):
     Returns:
         ``(y (..., out), cache)``.
     """
-    W, b, A, B, m = params["W"], params["b"], params["A"], params["B"], params["m"]
+    Wq, b, A, B, m = params["W"], params["b"], params["A"], params["B"], params["m"]
+    W = weight_array(Wq, x.dtype)  # W0, or W̃0 rebuilt from 4 bits (transient)
     s = cfg.scaling
     if params.get("n") is not None:  # a given norm, held constant (how the detached case is gradchecked)
         n, W0At = params["n"], None
@@ -182,7 +184,7 @@ def dora_forward(x, params, cfg: DoRAConfig, mask=None, method="factored"):
     if b is not None:
         y += b  # the bias is not rescaled
     y = y.reshape(*lead, W.shape[0])  # (..., out)
-    return y, (lead, xd, mask, h, z, g, n, W0At, W, A, B, m, s, cfg.detach_norm)
+    return y, (lead, xd, mask, h, z, g, n, W0At, Wq, A, B, m, s, cfg.detach_norm)
 
 
 def dora_backward(dy, cache):
@@ -190,7 +192,8 @@ def dora_backward(dy, cache):
 
     The formulas are in the module docstring; ``detach_norm`` (from the cache) drops the path
     through ``n``."""
-    lead, xd2, mask, h2, z2, g, n, W0At, W, A, B, m, s, detach = cache  # 2-D: (N, ·)
+    lead, xd2, mask, h2, z2, g, n, W0At, Wq, A, B, m, s, detach = cache  # 2-D: (N, ·)
+    W = weight_array(Wq, dy.dtype)  # W̃0 rebuilt again (4-bit base)
     dy2 = dy.reshape(-1, dy.shape[-1])  # (N, out)
     live = n > 0
     dg = np.einsum("no,no->o", dy2, z2)  # ḡ = Σ_N ȳ ⊙ z   (out,)
@@ -245,8 +248,8 @@ class DoRALinear(AdapterLinear):
         rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)  # None / int seed
         self.rng = rng
         self.norm_method = "factored"
-        r, dtype = config.r, base.weight.data.dtype
-        W0 = base.weight.data
+        r, dtype = config.r, self.weight_dtype
+        W0 = self.w0()  # the float weight, or W̃0 dequantised (QDoRA: m starts at ‖W̃0_j‖)
         self.A = Parameter(init_lora_A(r, self.in_features, config.init, rng, dtype))  # (r, in)
         self.B = Parameter(np.zeros((self.out_features, r), dtype=dtype))  # (out, r); B = 0
         w0_sq = np.einsum("oi,oi->o", W0.astype(np.float64), W0.astype(np.float64))
@@ -257,33 +260,30 @@ class DoRALinear(AdapterLinear):
                 "DoRA's direction is undefined there, so those rows keep their bias and never train "
                 "(use LoRA for such a layer)", RuntimeWarning, stacklevel=2)
         self.m = Parameter(np.sqrt(w0_sq).astype(dtype))  # (out,) m = ‖W0_j‖: starts as the identity
-        object.__setattr__(self, "_w0_sq_cache", (None, None))
+        object.__setattr__(self, "_w0_sq_cache", (None, None, None))
 
     # W0 and its cached row norms ----------------------------------------------------------
-    def _w0(self) -> np.ndarray:
-        """``W0``: the base weight, or the bits kept aside while merged."""
-        return self._w0_backup if self.merged else self.base.weight.data
-
     def _w0_sq(self) -> np.ndarray:
-        r"""``‖W0_j‖²`` (out,), cached while ``W0`` is the same frozen array.
+        r"""``‖W0_j‖²`` (out,), cached while ``W0`` is the same frozen array (or 4-bit tensor).
 
-        The cache is keyed on the array object: assigning a new ``base.weight.data`` (loading,
-        PiSSA, ``astype``) recomputes it. After editing a frozen ``W0`` *in place*, call
-        :meth:`clear_norm_cache`."""
-        W0 = self._w0()
-        ref, val = self._w0_sq_cache
-        if ref is W0 and not self.base.weight.trainable:
+        The cache is keyed on the array object and the compute dtype: assigning a new
+        ``base.weight.data`` (loading, PiSSA, ``astype``) recomputes it. After editing a frozen
+        ``W0`` *in place*, call :meth:`clear_norm_cache`."""
+        key, dtype = self.w0_operand(), self.weight_dtype
+        ref, ref_dtype, val = self._w0_sq_cache
+        if ref is key and ref_dtype == dtype and (self.quantized or not self.base.weight.trainable):
             return val
+        W0 = self.w0()
         val = np.einsum("oi,oi->o", W0, W0)
-        object.__setattr__(self, "_w0_sq_cache", (W0, val))
+        object.__setattr__(self, "_w0_sq_cache", (key, dtype, val))
         return val
 
     def clear_norm_cache(self) -> None:
-        object.__setattr__(self, "_w0_sq_cache", (None, None))
+        object.__setattr__(self, "_w0_sq_cache", (None, None, None))
 
     def weight_norm(self) -> np.ndarray:
         r"""``n_j = ‖W0_j + s (B A)_j‖`` (out,): the row norms of the direction matrix ``V``."""
-        n, _ = dora_row_norm(self._w0(), self.A.data, self.B.data, self.scaling,
+        n, _ = dora_row_norm(self.w0(), self.A.data, self.B.data, self.scaling,
                              w0_sq=self._w0_sq(), method=self.norm_method)
         return n
 
@@ -296,7 +296,7 @@ class DoRALinear(AdapterLinear):
     # the dense view -----------------------------------------------------------------------
     def merged_weight(self) -> np.ndarray:
         r"""``W' = diag(m/n) (W0 + s B A)`` (out, in): computed in float64, rounded once."""
-        W0 = self._w0()
+        W0 = self.w0()
         A, B = self.A.data.astype(np.float64), self.B.data.astype(np.float64)
         V = W0.astype(np.float64) + self.scaling * (B @ A)  # (out, in)
         n = np.sqrt(np.einsum("oi,oi->o", V, V))
@@ -306,13 +306,13 @@ class DoRALinear(AdapterLinear):
 
     def delta_weight(self) -> np.ndarray:
         r"""``ΔW = W' − W0`` (out, in): what merging adds to ``W0`` (not ``s B A``)."""
-        W0 = self._w0()
+        W0 = self.w0()
         return (self.merged_weight().astype(np.float64) - W0.astype(np.float64)).astype(W0.dtype)
 
     # the computation ----------------------------------------------------------------------
     def _params_dict(self):
         b = None if self.base.bias is None else self.base.bias.data
-        return {"W": self.base.weight.data, "b": b, "A": self.A.data, "B": self.B.data,
+        return {"W": self.w0_operand(), "b": b, "A": self.A.data, "B": self.B.data,
                 "m": self.m.data, "w0_sq": self._w0_sq()}
 
     def _forward(self, x):

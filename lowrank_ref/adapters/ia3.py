@@ -139,7 +139,7 @@ class IA3Linear(AdapterLinear):
         # no randomness in IA³'s init; the rng is checked like every method's, and kept
         self.rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
         n = self.in_features if config.feedforward else self.out_features
-        self.l = Parameter(np.ones(n, dtype=base.weight.data.dtype))  # l = 1: starts as the base layer
+        self.l = Parameter(np.ones(n, dtype=self.weight_dtype))  # l = 1: starts as the base layer
 
     @property
     def feedforward(self) -> bool:
@@ -147,12 +147,12 @@ class IA3Linear(AdapterLinear):
 
     def delta_weight(self) -> np.ndarray:
         r"""ΔW = diag(l − 1) W0 (rows), or W0 diag(l − 1) (columns, feed-forward); (out, in)."""
-        W0, l1 = self._base_weight(), self.l.data - 1
+        W0, l1 = self.w0(), self.l.data - 1
         return W0 * l1 if self.feedforward else W0 * l1[:, None]
 
     def merged_weight(self) -> np.ndarray:
         r"""W' = diag(l) W0 (rows scaled), or W0 diag(l) (columns), in float64, rounded once."""
-        W0 = self._base_weight()
+        W0 = self.w0()
         l64 = self.l.data.astype(np.float64)
         W = W0.astype(np.float64) * (l64 if self.feedforward else l64[:, None])
         return W.astype(W0.dtype)
@@ -167,13 +167,9 @@ class IA3Linear(AdapterLinear):
             return b0
         return (b0.astype(np.float64) * self.l.data.astype(np.float64)).astype(b0.dtype)
 
-    def _base_weight(self) -> np.ndarray:
-        """``W0`` (the kept bits while merged: the merged weight is not the base)."""
-        return self._w0_backup if self.merged else self.base.weight.data
-
     def _forward(self, x):
         b = None if self.base.bias is None else self.base.bias.data
-        y, self._cache = ia3_forward(x, {"W": self.base.weight.data, "b": b, "l": self.l.data}, self.config)
+        y, self._cache = ia3_forward(x, {"W": self.w0(), "b": b, "l": self.l.data}, self.config)
         return y
 
     def _backward(self, dy):

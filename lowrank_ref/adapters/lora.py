@@ -38,6 +38,7 @@ import numpy as np
 from lowrank_ref.adapters.base import AdapterLinear
 from lowrank_ref.config import ScaledLowRankConfig, scaling_metadata
 from lowrank_ref.nn.module import Parameter, array_module
+from lowrank_ref.quant.linear import weight_array
 from lowrank_ref.registry import CompareRow, Example, MethodSpec, PeftMapping
 
 __all__ = ["LoRAConfig", "LoRALinear", "lora_forward", "lora_backward", "init_lora_A", "SPEC"]
@@ -72,13 +73,16 @@ def lora_forward(x, params, cfg: LoRAConfig, mask=None):
 
     Args:
         x: ``(..., in)``.
-        params: ``{"W": W0 (out, in), "b": (out,) or None, "A": (r, in), "B": (out, r)}``.
+        params: ``{"W": W0 (out, in), "b": (out,) or None, "A": (r, in), "B": (out, r)}``; ``W0``
+            may be a 4-bit tensor (a ``Quant4Tensor``: QLoRA), dequantised here for this call
+            and again in the backward, so the cache holds the 4-bit tensor, not a float copy.
         cfg: gives ``s`` (``cfg.scaling``).
         mask: the inverted-dropout mask shaped like ``x`` (already divided by ``1-p``), or None.
     Returns:
         ``(y (..., out), cache)``.
     """
-    W, b, A, B = params["W"], params["b"], params["A"], params["B"]
+    Wq, b, A, B = params["W"], params["b"], params["A"], params["B"]
+    W = weight_array(Wq, x.dtype)  # W0, or W̃0 rebuilt from 4 bits (transient)
     s = cfg.scaling
     lead = x.shape[:-1]
     # Every product on 2-D rows (N, in): NumPy's stacked matmul of (B, T, in) with a transposed
@@ -87,15 +91,17 @@ def lora_forward(x, params, cfg: LoRAConfig, mask=None):
     xd = x2 if mask is None else x2 * mask.reshape(x2.shape)  # x̃ = x ⊙ M
     h = xd @ A.T  # (N, r)
     y = x2 @ W.T  # (N, out)
+    del W  # a dequantised W̃0 is freed here, before the adapter branch
     if b is not None:
         y += b  # in place: no second (N, out) array
     y += (s * h) @ B.T  # + s x̃ Aᵀ Bᵀ, scaled on the small (N, r) side
-    return y.reshape(*lead, W.shape[0]), (x2, xd, h, W, A, B, s, mask, lead)
+    return y.reshape(*lead, y.shape[-1]), (x2, xd, h, Wq, A, B, s, mask, lead)
 
 
 def lora_backward(dy, cache):
     r"""Return ``(x̄, grads)``; grads: ``A``, ``B`` arrays, ``W`` and ``b`` None (frozen)."""
-    x2, xd, h, W, A, B, s, mask, lead = cache
+    x2, xd, h, Wq, A, B, s, mask, lead = cache
+    W = weight_array(Wq, dy.dtype)  # W̃0 is rebuilt again for x̄ (4-bit base)
     dy2 = dy.reshape(-1, dy.shape[-1])  # (N, out)
     dB = dy2.T @ h  # (out, r)
     dB *= s  # B̄ = s ȳᵀ h
@@ -123,7 +129,9 @@ class LoRALinear(AdapterLinear):
     """A frozen :class:`~lowrank_ref.nn.Linear` plus ``s · B A``. Trainable: ``A``, ``B``.
 
     Args:
-        base: the pretrained layer (frozen by this constructor).
+        base: the pretrained layer (frozen by this constructor): a float ``Linear``, or a 4-bit
+            :class:`~lowrank_ref.quant.QuantizedLinear` (that is QLoRA; ``A`` and ``B`` are then
+            float32, the compute dtype).
         config: a :class:`~lowrank_ref.config.LoRAConfig`.
         rng: a ``numpy.random.Generator`` for the init and the dropout masks.
     """
@@ -135,7 +143,10 @@ class LoRALinear(AdapterLinear):
         super().__init__(base, config)
         rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)  # None / int seed
         self.rng = rng
-        r, dtype = config.r, base.weight.data.dtype
+        r, dtype = config.r, self.weight_dtype
+        if config.init == "pissa" and self.quantized:
+            raise ValueError("LoRA on a quantised base supports init 'kaiming' or 'gaussian'; PiSSA on a "
+                             "quantised base needs its residual quantised after the split (not provided)")
         if config.init == "pissa":
             from lowrank_ref.adapters.pissa import pissa_init
 
@@ -155,7 +166,7 @@ class LoRALinear(AdapterLinear):
 
     def _params_dict(self):
         b = None if self.base.bias is None else self.base.bias.data
-        return {"W": self.base.weight.data, "b": b, "A": self.A.data, "B": self.B.data}
+        return {"W": self.w0_operand(), "b": b, "A": self.A.data, "B": self.B.data}
 
     def _forward(self, x):
         mask = None

@@ -167,9 +167,9 @@ def lora_vs_qlora_memory(steps: int = 3, targets="all", r: int = 8, seed: int = 
 def merge_requant_table(scales=(1e-3, 1e-2, 1e-1, 1.0), out: int = 256, inp: int = 256, r: int = 8,
                         seed: int = 0) -> list[dict]:
     """What re-quantising a merged QLoRA layer costs, as the update grows (``B ~ scale·N(0,1)``)."""
+    from lowrank_ref.adapters.qlora import QLoRALinear, merge_requant_error
     from lowrank_ref.config import LoRAConfig
     from lowrank_ref.nn.linear import Linear
-    from lowrank_ref.quant.qlora import QLoRALinear, merge_requant_error
 
     rng = np.random.default_rng(seed)
     W = (rng.standard_normal((out, inp)) * 0.02).astype(np.float32)
@@ -187,9 +187,9 @@ def dequant_timing(out: int = 1024, inp: int = 1024, n_tokens: int = 64, repeats
     """Seconds (best of ``repeats``) for: dequantising an ``(out, in)`` NF4 weight, copying a
     float32 weight of that size (the floor), and a forward of LoRA vs QLoRA on ``n_tokens`` rows."""
     from lowrank_ref.adapters.lora import LoRALinear
+    from lowrank_ref.adapters.qlora import QLoRALinear
     from lowrank_ref.config import LoRAConfig
     from lowrank_ref.nn.linear import Linear
-    from lowrank_ref.quant.qlora import QLoRALinear
 
     rng = np.random.default_rng(0)
     W = (rng.standard_normal((out, inp)) * 0.02).astype(np.float32)

@@ -15,33 +15,47 @@ from __future__ import annotations
 
 import numpy as np
 
+from lowrank_ref.nn.checks import (
+    ShapeError,
+    check_bias_shape,
+    check_dy_shape,
+    check_input_shape,
+    check_weight_shape,
+)
 from lowrank_ref.nn.module import Module, Parameter, array_module, check_finite
 
-__all__ = ["Linear", "Dropout", "linear_forward", "linear_backward", "check_last_dim", "check_dy", "ShapeError"]
+__all__ = ["Linear", "Dropout", "linear_forward", "linear_backward", "check_last_dim", "check_dy", "check_linear",
+           "ShapeError"]
 
 
 def check_last_dim(x: np.ndarray, expected: int, name: str = "x") -> np.ndarray:
     """Turn ``x`` into a floating array whose last axis has ``expected`` entries, or raise."""
     if array_module(x) is np:  # a CuPy array stays on its device
         x = np.asarray(x)
-    if not np.issubdtype(x.dtype, np.floating):
-        raise TypeError(f"{name} must be a floating array, got dtype {x.dtype}")
-    if x.ndim < 1 or x.shape[-1] != expected:
-        raise ValueError(f"{name} must have last dimension {expected} (in_features), got shape {x.shape}")
+    check_input_shape(x.shape, bool(np.issubdtype(x.dtype, np.floating)), x.dtype, expected, name)
     return x
-
-
-class ShapeError(ValueError, RuntimeError):
-    """A gradient ``dy`` whose shape is not the forward output's. A ``ValueError`` (bad input) and
-    a ``RuntimeError``, which is what PyTorch's autograd raises for the same mistake, so the same
-    bad input gives the same kind of error in both backends."""
 
 
 def check_dy(dy, shape: tuple, owner: str) -> None:
     """``dy`` must have the shape of the forward output; checked before the cache is used up."""
-    if tuple(getattr(dy, "shape", ())) != tuple(shape):
-        raise ShapeError(f"{owner}.backward: dy must have shape {tuple(shape)} (the forward output), "
-                         f"got {tuple(getattr(dy, 'shape', ()))}")
+    check_dy_shape(getattr(dy, "shape", ()), shape, owner)
+
+
+def check_linear(base, name: str = "base") -> Linear:
+    """``base`` as a valid :class:`Linear`: real floating, a non-empty 2-D weight, a bias of shape
+    ``(out,)`` or None, every value finite. The checks ``Linear.from_arrays`` makes, run again on
+    a layer that may have been edited since (the torch twin runs the same ones on a
+    ``torch.nn.Linear``)."""
+    if not isinstance(base, Linear):
+        raise TypeError(f"{name} must be a lowrank_ref.nn.Linear, got {type(base).__name__}")
+    W = base.weight.data
+    check_weight_shape(W.shape, bool(np.issubdtype(W.dtype, np.floating)), W.dtype, f"{name} weight")
+    check_finite(f"{name} weight", W)
+    if base.bias is not None:
+        b = base.bias.data
+        check_bias_shape(b.shape, bool(np.issubdtype(b.dtype, np.floating)), b.dtype, W.shape[0], f"{name} bias")
+        check_finite(f"{name} bias", b)
+    return base
 
 
 def linear_forward(x: np.ndarray, W: np.ndarray, b: np.ndarray | None) -> np.ndarray:
@@ -84,10 +98,7 @@ class Linear(Module):
     def from_arrays(cls, weight, bias=None) -> Linear:
         """Build a Linear from a weight ``(out, in)`` and an optional bias ``(out,)`` (copied)."""
         W = np.asarray(weight)
-        if not np.issubdtype(W.dtype, np.floating):
-            raise TypeError(f"weight must be a floating array, got dtype {W.dtype}")
-        if W.ndim != 2 or 0 in W.shape:
-            raise ValueError(f"weight must be a non-empty 2-D array (out, in), got shape {W.shape}")
+        check_weight_shape(W.shape, bool(np.issubdtype(W.dtype, np.floating)), W.dtype, "weight")
         check_finite("weight", W)
         layer = cls.__new__(cls)
         Module.__init__(layer)
@@ -96,10 +107,7 @@ class Linear(Module):
             layer.bias = None
         else:
             b = np.asarray(bias)
-            if not np.issubdtype(b.dtype, np.floating):
-                raise TypeError(f"bias must be a floating array, got dtype {b.dtype}")
-            if b.shape != (W.shape[0],):
-                raise ValueError(f"bias must have shape ({W.shape[0]},) to match weight, got {b.shape}")
+            check_bias_shape(b.shape, bool(np.issubdtype(b.dtype, np.floating)), b.dtype, W.shape[0], "bias")
             check_finite("bias", b)
             layer.bias = Parameter(b.astype(W.dtype, copy=True))
         return layer

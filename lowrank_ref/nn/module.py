@@ -19,6 +19,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from lowrank_ref.nn.checks import nonfinite_error
+
 __all__ = ["Parameter", "Module", "ModuleList", "StateError", "check_finite", "array_module"]
 
 
@@ -41,8 +43,7 @@ def array_module(a):
 def check_finite(name: str, array: np.ndarray) -> None:
     """Raise ``ValueError`` naming ``name`` if ``array`` holds NaN or inf."""
     if not np.all(np.isfinite(array)):
-        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
-        raise ValueError(f"{name} must be finite; it holds {bad} NaN or inf value(s)")
+        raise nonfinite_error(name, int(np.size(array) - np.count_nonzero(np.isfinite(array))))
 
 
 class Parameter:

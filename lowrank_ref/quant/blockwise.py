@@ -41,7 +41,7 @@ import numpy as np
 from lowrank_ref.quant.tables import dynamic_map, fp4_codebook, int4_table, midpoints, nf4_table
 
 __all__ = [
-    "NF4Tensor", "quantize_4bit", "quantize_nf4", "quantize_fp4", "pack_nibbles", "unpack_nibbles",
+    "Quant4Tensor", "NF4Tensor", "quantize_4bit", "quantize_nf4", "quantize_fp4", "pack_nibbles", "unpack_nibbles",
     "quantize_blockwise", "dequantize_blockwise", "check_blocksize", "as_float_input",
     "DQ_BLOCKSIZE",
 ]
@@ -179,8 +179,9 @@ def _codebook(quant_type: str) -> np.ndarray:
 
 
 @dataclass(eq=False)
-class NF4Tensor:
-    r"""A tensor stored in 4 bits per value plus block scales (NF4 or FP4 levels).
+class Quant4Tensor:
+    r"""A tensor stored in 4 bits per value plus block scales: NF4, FP4 or int4 levels
+    (:attr:`quant_type`). ``NF4Tensor`` is the same class under its earlier name.
 
     Stored arrays (nothing else is kept):
         packed: uint8 ``(ceil(n/2),)``, two codes per byte, first element in the high nibble.
@@ -289,7 +290,7 @@ class NF4Tensor:
 
     # -- rebuilding from stored arrays ----------------------------------------------------
     @classmethod
-    def from_arrays(cls, arrays: dict, shape, blocksize: int, quant_type: str = "nf4") -> NF4Tensor:
+    def from_arrays(cls, arrays: dict, shape, blocksize: int, quant_type: str = "nf4") -> Quant4Tensor:
         """Rebuild from :meth:`arrays` output (e.g. read from a file), checking every size first."""
         shape = tuple(int(s) for s in shape)
         if any(s <= 0 for s in shape):  # () is a scalar: one value
@@ -343,7 +344,7 @@ class NF4Tensor:
         return str(path)
 
     @classmethod
-    def load(cls, path) -> NF4Tensor:
+    def load(cls, path) -> Quant4Tensor:
         """Read a file written by :meth:`save`; every size is checked against the shape first."""
         import json
 
@@ -363,8 +364,11 @@ class NF4Tensor:
 
     def __repr__(self) -> str:
         dq = ", double_quant" if self.double_quant else ""
-        return (f"NF4Tensor(shape={self.shape}, {self.quant_type}, blocksize={self.blocksize}{dq}, "
+        return (f"Quant4Tensor(shape={self.shape}, {self.quant_type}, blocksize={self.blocksize}{dq}, "
                 f"{self.bits_per_param:.3f} bits/param)")
+
+
+NF4Tensor = Quant4Tensor  # the earlier name (it holds FP4 and int4 too); notebooks and files use it
 
 
 def _quantize_absmax_double(absmax: np.ndarray):
@@ -379,7 +383,7 @@ def _quantize_absmax_double(absmax: np.ndarray):
     return q, a2, offset
 
 
-def quantize_4bit(x, blocksize: int = 64, double_quant: bool = False, quant_type: str = "nf4") -> NF4Tensor:
+def quantize_4bit(x, blocksize: int = 64, double_quant: bool = False, quant_type: str = "nf4") -> Quant4Tensor:
     r"""Block-wise absmax 4-bit quantisation of ``x`` (any shape, flattened row-major).
 
     Args:
@@ -434,15 +438,15 @@ def quantize_4bit(x, blocksize: int = 64, double_quant: bool = False, quant_type
     packed = (codes[0::2] << 4) | codes[1::2]  # first element in the high nibble
     if double_quant:
         q, a2, off = _quantize_absmax_double(absmax)
-        return NF4Tensor(packed, shape, blocksize, quant_type, None, q, a2, off)
-    return NF4Tensor(packed, shape, blocksize, quant_type, absmax)
+        return Quant4Tensor(packed, shape, blocksize, quant_type, None, q, a2, off)
+    return Quant4Tensor(packed, shape, blocksize, quant_type, absmax)
 
 
-def quantize_nf4(x, blocksize: int = 64, double_quant: bool = False) -> NF4Tensor:
+def quantize_nf4(x, blocksize: int = 64, double_quant: bool = False) -> Quant4Tensor:
     """NF4 block-wise quantisation (QLoRA's storage type). See :func:`quantize_4bit`."""
     return quantize_4bit(x, blocksize=blocksize, double_quant=double_quant, quant_type="nf4")
 
 
-def quantize_fp4(x, blocksize: int = 64, double_quant: bool = False) -> NF4Tensor:
+def quantize_fp4(x, blocksize: int = 64, double_quant: bool = False) -> Quant4Tensor:
     """FP4 block-wise quantisation (bitsandbytes' ``fp4``), for comparison with NF4."""
     return quantize_4bit(x, blocksize=blocksize, double_quant=double_quant, quant_type="fp4")

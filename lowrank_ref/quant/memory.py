@@ -89,18 +89,21 @@ def full_finetune_bytes(n_params: int) -> float:
 def optimizer_state_by_rank(ranks=(1, 2, 4, 8, 16, 32), d_in: int = 64, d_out: int = 64,
                             n_layers: int = 4, seed: int = 0) -> list[dict]:
     """Measured optimizer-state bytes of LoRA layers as the rank grows: SGD, SGD with momentum,
-    Adam, 8-bit Adam (``state_bytes()`` after one step, i.e. the arrays that exist)."""
-    from lowrank_ref.adapters.lora import LoRALinear
-    from lowrank_ref.config import LoRAConfig
-    from lowrank_ref.nn.linear import Linear
+    Adam, 8-bit Adam (``state_bytes()`` after one step, i.e. the arrays that exist).
+
+    The state depends only on the trainable tensors, so each layer is its LoRA factors as float32
+    Parameters, ``A (r, in)`` and ``B (out, r)`` (this package sits under the adapters and does
+    not build their layers)."""
+    from lowrank_ref.nn.module import Parameter
     from lowrank_ref.optim import SGD, Adam, Adam8bit
 
     rows = []
     rng = np.random.default_rng(seed)
     for r in ranks:
-        layers = [LoRALinear(Linear(d_in, d_out, rng=rng), LoRAConfig(r=r, alpha=2 * r), rng=rng)
-                  for _ in range(n_layers)]
-        params = {f"{i}.{n}": p for i, layer in enumerate(layers) for n, p in layer.trainable_parameters().items()}
+        params = {}
+        for i in range(n_layers):
+            params[f"{i}.A"] = Parameter(rng.uniform(-1, 1, (r, d_in)).astype(np.float32))  # (r, in)
+            params[f"{i}.B"] = Parameter(rng.uniform(-1, 1, (d_out, r)).astype(np.float32))  # (out, r)
         row = {"r": int(r), "trainable": sum(p.size for p in params.values())}
         for key, make in (("sgd", lambda ps: SGD(ps, lr=0.1)),
                           ("sgd_momentum", lambda ps: SGD(ps, lr=0.1, momentum=0.9)),

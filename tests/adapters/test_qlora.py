@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import lowrank_gpu as lg
 import lowrank_ref as lr
-from lowrank_ref.quant.qlora import merge_requant_error, requantize_merged
+from lowrank_ref.adapters.qlora import merge_requant_error, requantize_merged
 
 
 def make(out=6, inp=40, r=3, bias=True, seed=0, bs=8, dq=True, alpha=6.0):
@@ -120,8 +120,8 @@ def test_bits_and_memory():
 # --- dropout on the LoRA branch -------------------------------------------------------------
 def test_gradcheck_with_a_fixed_dropout_mask():
     """qlora_forward/qlora_backward with a mask M: x̄ = ȳ W̃0 + (h̄ A) ⊙ M, Ā = h̄ᵀ (x ⊙ M)."""
+    from lowrank_ref.adapters.qlora import qlora_backward, qlora_forward
     from lowrank_ref.gradcheck import check_gradients
-    from lowrank_ref.quant.qlora import qlora_backward, qlora_forward
 
     rng = np.random.default_rng(11)
     W = rng.standard_normal((5, 24)).astype(np.float32)
@@ -135,15 +135,20 @@ def test_gradcheck_with_a_fixed_dropout_mask():
     s = 1.7
     w = rng.standard_normal((2, 4, 5))
 
-    def loss():
-        return float(np.sum(qlora_forward(x, q, b, A, B, s, mask)[0] * w))
+    cfg = lr.LoRAConfig(r=3, alpha=3 * s)  # s = alpha / r
 
-    _, cache = qlora_forward(x, q, b, A, B, s, mask)
+    def fwd(x, A, B, mask):
+        return qlora_forward(x, {"W": q, "b": b, "A": A, "B": B}, cfg, mask)
+
+    def loss():
+        return float(np.sum(fwd(x, A, B, mask)[0] * w))
+
+    _, cache = fwd(x, A, B, mask)
     dx, grads = qlora_backward(w, cache)
     report = check_gradients(loss, {"x": x, "A": A, "B": B}, {"x": dx, **grads})
     assert report.ok, str(report)
     # the mask matters: without it in the backward, x̄ would differ where M = 0
-    _, cache0 = qlora_forward(x, q, b, A, B, s, None)
+    _, cache0 = fwd(x, A, B, None)
     assert not np.allclose(qlora_backward(w, cache0)[0], dx)
 
 

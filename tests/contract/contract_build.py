@@ -38,20 +38,9 @@ TORCH_BACKENDS = [_param(b) for b in TORCH_FAMILY]
 # Backend agreement / self-consistency tolerances (rtol, atol), by the dtype computed in.
 TOL = {"float64": (1e-10, 1e-12), "float32": (1e-4, 1e-5)}
 
-_7A = "issue-7a (QLoRA as LoRA over a quantised base, one life-cycle base): "
-_7A_TORCH = "issue-7a (torch parity of validation): "
 # (test, method, backend) -> why it fails today. Strict: the day it passes, the entry must go.
-KNOWN_GAPS = {
-    **{("backward_while_merged", m, "numpy"): _7A + "QLoRALinear.backward raises a plain RuntimeError, "
-       "not StateError" for m in ("qlora", "lora_int4")},
-    **{(test, m, "numpy"): _7A + "QLoRALinear.backward does not check dy: NumPy's matmul error, "
-       "and the forward cache is lost" for m in ("qlora", "lora_int4") for test in ("wrong_shape_dy", "bad_input_dy")},
-    **{("merged_training", m, "torch"): "torch merged-training StateError: issue-7a" for m in LAYER_METHODS},
-    **{("bad_input_0d", m, "torch"): _7A_TORCH + "a 0-d x gives IndexError in the torch layer"
-       for m in LAYER_METHODS},
-    **{("bad_input_int", m, "torch"): _7A_TORCH + "an integer x reaches torch's matmul (RuntimeError)"
-       for m in LAYER_METHODS},
-}
+# Empty: every gap the contract tests found was closed (the life cycle written once, issue 7).
+KNOWN_GAPS: dict = {}
 
 
 # the tests that consult KNOWN_GAPS (the first item of its keys)
