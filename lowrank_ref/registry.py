@@ -14,6 +14,7 @@ field              what it says                                                 
 ``torch``          ``"lowrank_gpu.adapters.<m>:Class"`` (a string: nothing imports torch) api, inject, io
 ``overridable``    config fields that per-layer overrides may change (``("r", "alpha")``) inject
 ``file_metadata``  ``config -> {str: JSON scalar}`` stored per layer in adapter files     io
+``shapes``         ``(config, in, out) -> {name: shape}`` of the file's tensors (optional)   io
 ``peft``           a :class:`PeftMapping` where PEFT has the method                       io (PEFT)
 ``example``        ``() -> Example``: a small base shape + config for the contract tests  tests/contract
 ``shared``         :class:`PerBackend` builders of state shared across layers             inject, io
@@ -132,6 +133,10 @@ class MethodSpec:
     description: str = ""
     overridable: tuple = ()
     file_metadata: Callable | None = None
+    # (config, in_features, out_features) -> {math name: shape tuple} of the layer's adapter_state():
+    # lets io check a file's tensors against the model before it builds (allocates) anything.
+    # Optional: without it io bounds the config's integer fields by the file's and the base's sizes.
+    shapes: Callable | None = None
     peft: PeftMapping | None = None
     example: Callable | None = None
     shared: PerBackend | None = None
@@ -276,6 +281,8 @@ def check_spec(spec, where: str = "SPEC") -> MethodSpec:
             _check_path(pb.numpy, f"{attr}.numpy", where, import_it=True)
         if pb.torch is not None:
             _check_path(pb.torch, f"{attr}.torch", where, import_it=False)
+    if spec.shapes is not None and not callable(spec.shapes):
+        raise SpecError(f"{where}: shapes of {spec.name!r} must be a callable (config, in, out) -> {{name: shape}}")
     if spec.peft is not None and not isinstance(spec.peft, PeftMapping):
         raise SpecError(f"{where}: peft of {spec.name!r} must be a PeftMapping")
     if not isinstance(spec.compare, dict) or not all(isinstance(v, CompareRow) for v in spec.compare.values()):
