@@ -27,6 +27,26 @@ Safetensors only, never pickle: a file is data and cannot run code when it is op
 Loading checks everything (the file parses, the format, the methods, every key, shape, dtype,
 NaN/inf) *before* it changes the model, and raises ``ValueError`` saying what is wrong.
 
+**Files are untrusted.** :func:`read_safetensors` reads the container by hand: the 8-byte header
+length is checked against the file size (and a cap), the JSON header's nesting depth is counted
+before it is parsed (every JSON read from a file, ``layers`` and ``adapter_config.json``
+included, is depth-bounded: a ``ValueError``, never a ``RecursionError``), and every tensor's
+dtype, shape and byte range is checked before one byte of data is read. What the metadata claims
+(a rank of 20,000,000 in a 2 KB file) is checked against the tensors and the model's layer before
+any adapter is built (:func:`check_sizes`, exact where the method's ``SPEC.shapes`` says what its
+layer holds); values that the model's dtype cannot hold (a float64 ``1e300`` into float32) are
+refused rather than loaded as inf (:func:`check_fits`); saving NaN or inf is refused at save time.
+
+**PEFT folders** (``PeftModel.save_pretrained``: ``adapter_config.json`` +
+``adapter_model.safetensors``), written once from the ``SPEC``\ s: :func:`load_peft` picks the
+method whose ``SPEC.peft.peft_type`` is the folder's and whose ``claims`` accepts its config, builds
+each layer's config with ``SPEC.peft.from_peft``, selects the layers with PEFT's own
+``target_modules`` / ``exclude_modules`` rules (:func:`peft_matches`), and loads the tensors
+(through ``SPEC.peft.tensors`` and ``from_peft_tensor``); :func:`save_peft` writes the folder back
+(``SPEC.peft.to_peft``); :func:`peft_state_dict` gives the tensors or their gradients under PEFT's
+keys. A field of ``adapter_config.json`` that neither io nor the method's mapping understands, and
+that asks for something (not null/false/empty), is refused with the list of what is supported.
+
 Both backends: NumPy models/layers (``lowrank_ref``) and PyTorch models/layers
 (``lowrank_gpu``); tensors pass through NumPy, so a file written from one loads into the other.
 bfloat16 tensors are stored as float32 (NumPy has no bfloat16) and cast back on loading.
@@ -45,6 +65,8 @@ from lowrank_ref import registry
 from lowrank_ref.config import config_from_dict, config_to_dict
 
 __all__ = ["save_adapter", "load_adapter", "read_adapter_metadata", "peft_key",
+           "load_peft", "save_peft", "peft_state_dict", "read_safetensors", "parse_json",
+           "check_sizes", "check_fits", "peft_matches", "peft_pattern", "peft_uniform", "peft_default_and_pattern",
            "FORMAT_NAME", "FORMAT_VERSION", "KEY_PREFIX"]
 
 FORMAT_NAME = "lowrank-ref-adapter"
@@ -213,30 +235,34 @@ def save_adapter(model_or_layer, path, metadata: dict | None = None) -> str:
 
 
 # --- untrusted bytes: the safetensors container and JSON, read with bounds ----------------------
-MAX_HEADER_BYTES = 64 << 20  # a safetensors header (JSON) larger than this is refused unread
+MAX_HEADER_BYTES = 32 << 20  # a safetensors header (JSON) larger than this is refused unread
 MAX_CONFIG_BYTES = 1 << 20  # adapter_config.json larger than this is refused unread
 MAX_JSON_DEPTH = 32  # nesting of any JSON read from a file: deeper is a ValueError, never a RecursionError
 
 # safetensors dtype names -> NumPy dtype (little-endian); BF16 is read as its 16 bits, then widened
 _ST_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
               "I16": "<i2", "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
-_STRING = None  # compiled lazily: a JSON string literal
-
-
 def _json_depth(text: str) -> int:
-    """The deepest nesting of ``[``/``{`` in JSON ``text``, counted without parsing it (string
-    literals are skipped), so that a hostile file cannot make the parser recurse."""
-    global _STRING
-    import re
-
-    if _STRING is None:
-        _STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
-    brackets = re.sub(r"[^\[\]{}]", "", _STRING.sub("", text))
-    if not brackets:
+    """The deepest nesting of ``[``/``{`` in JSON ``text``, counted without parsing it (brackets
+    inside string literals do not count), in linear time: a hostile file can make the parser
+    neither recurse nor, with a crafted string, spend quadratic time here."""
+    b = np.frombuffer(text.encode("utf-8", "surrogatepass"), dtype=np.uint8)  # ASCII bytes stay themselves
+    quotes = np.flatnonzero(b == ord('"'))
+    slashes = np.flatnonzero(b == ord("\\"))
+    if slashes.size and quotes.size:  # a quote after an odd run of backslashes is escaped
+        new_run = np.concatenate(([True], np.diff(slashes) != 1))
+        run_start = slashes[new_run][np.cumsum(new_run) - 1]  # where each backslash's run begins
+        j = np.searchsorted(slashes, quotes - 1)
+        hit = (j < slashes.size) & (slashes[np.minimum(j, slashes.size - 1)] == quotes - 1)
+        run = np.where(hit, quotes - run_start[np.minimum(j, slashes.size - 1)], 0)
+        quotes = quotes[run % 2 == 0]
+    brackets = np.flatnonzero((b == ord("[")) | (b == ord("{")) | (b == ord("]")) | (b == ord("}")))
+    brackets = brackets[np.searchsorted(quotes, brackets) % 2 == 0]  # outside strings: even quotes before
+    if brackets.size == 0:
         return 0
-    steps = np.frombuffer(brackets.encode("ascii"), dtype=np.uint8)
-    depth = np.cumsum(np.where((steps == ord("[")) | (steps == ord("{")), 1, -1))
-    return int(depth.max())
+    kind = b[brackets]
+    steps = np.where((kind == ord("[")) | (kind == ord("{")), 1, -1)
+    return int(max(0, np.cumsum(steps).max()))
 
 
 def parse_json(text, what: str, max_depth: int = MAX_JSON_DEPTH):

@@ -71,14 +71,24 @@ class PeftMapping:
         tensors: math name -> PEFT key suffix (``{"A": "lora_A.weight"}``); PEFT's saved files drop
             the adapter name, which is how they are read and written here.
         to_peft: ``(configs: {layer path: config}) -> dict``, the method-specific fields of
-            ``adapter_config.json`` for these layers (``r``, ``lora_alpha``, ``rank_pattern``...).
-        from_peft: ``(peft_config: dict, path: str) -> config``, the config of layer ``path``.
+            ``adapter_config.json`` for these layers (``r``, ``lora_alpha``, ``rank_pattern``...);
+            a ``ValueError`` for what PEFT cannot express (io adds ``peft_type``,
+            ``target_modules`` (the full layer names) and the informative fields). ``None``: the
+            method is not saved as a PEFT folder.
+        from_peft: ``(peft_config: dict, path: str) -> config``, the config of layer ``path``;
+            the dict is untrusted (a ``ValueError``/``TypeError`` for a bad or unsupported value;
+            io names the file and the layer). ``None``: PEFT folders do not load as this method.
+            Helpers for both in :mod:`lowrank_ref.io`: ``peft_matches(path, modules)`` (PEFT's
+            ``target_modules`` rule, e.g. for IA³'s ``feedforward_modules``), ``peft_pattern``
+            (``rank_pattern``'s rule), ``peft_uniform``, ``peft_default_and_pattern``.
         claims: ``(peft_config: dict) -> bool``: does this method read that folder (LoRA and DoRA
             share ``peft_type = "LORA"``; ``use_dora`` decides). Default: every folder of its type.
         to_peft_tensor / from_peft_tensor: ``(math name, array, config) -> array`` for tensors whose
             shape differs in PEFT (IA³'s ``(out, 1)`` vector). Default: unchanged.
-        options: ``adapter_config.json`` fields this mapping understands beyond the common ones;
-            any other field with a non-default value is refused with a list of what is supported.
+        options: ``adapter_config.json`` fields this mapping understands beyond the common ones
+            (``io.PEFT_COMMON``: ``peft_type``, ``target_modules``, ``exclude_modules``, ``task_type``...);
+            any other field whose value asks for something (not null, false, ``{}``, ``[]``, ``""``)
+            is refused with a list of what is supported.
     """
 
     peft_type: str

@@ -317,10 +317,18 @@ BAD = {
 }
 
 
+@pytest.fixture(scope="module")
+def lora_folder(tmp_path_factory):
+    """One good PEFT LoRA folder, built once; each test edits its own copy."""
+    return _peft_folder(tmp_path_factory.mktemp("good"), "lora")[1]
+
+
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_peft_folders_are_refused_with_the_model_unchanged(tmp_path, case, backend):
-    _, folder = _peft_folder(tmp_path, "lora")
+def test_bad_peft_folders_are_refused_with_the_model_unchanged(tmp_path, lora_folder, case, backend):
+    import shutil
+
+    folder = shutil.copytree(lora_folder, tmp_path / "bad")
     edit, match = BAD[case]
     edit(folder)
     model = _model(backend)
