@@ -62,7 +62,7 @@ def _backward(model, logits):
 # PEFT configs (kwargs of peft.LoraConfig) and the same adapters built our way (for save_peft)
 PEFT_CASES = {
     "lora": dict(r=2, lora_alpha=4, target_modules=["q", "v", "fc"]),
-    "rslora": dict(r=4, lora_alpha=6, use_rslora=True, target_modules=["q", "v"]),
+    "rslora": dict(r=4, lora_alpha=6, use_rslora=True, target_modules=["q", "v"], rank_pattern={"blocks.1.attn.v": 2}),
     "dora": dict(r=2, lora_alpha=5, use_dora=True, target_modules=["q", "v", "fc"]),
     "patterns": dict(r=2, lora_alpha=4, target_modules=r".*\.(q|v|proj)",
                      rank_pattern={"blocks.1.attn.q": 3, "proj": 1}, alpha_pattern={"v": 7}),
@@ -165,6 +165,21 @@ def test_save_peft_loads_in_peft_with_the_same_outputs(tmp_path, case, backend):
     other = _model("torch" if backend == "numpy" else "numpy")
     load_peft(other, folder)
     assert_close(_forward(other), mine, f"{case}: save_peft({backend}) -> load_peft(other backend)", RTOL, ATOL)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_dropout_and_fan_in_fan_out_are_read_as_peft_reads_them(tmp_path, backend):
+    """``lora_dropout`` becomes the layers' dropout; ``fan_in_fan_out=true`` changes nothing on
+    ``(out, in)`` linear layers (PEFT turns it off for them itself): the outputs in eval mode are
+    PeftModel.from_pretrained's on the same folder."""
+    _, folder = _peft_folder(tmp_path, "dora")
+    _edit_config(folder, lora_dropout=0.25, fan_in_fan_out=True)
+    theirs = peft.PeftModel.from_pretrained(from_numpy(_np_gpt()), str(folder)).eval()(torch.tensor(IDX))
+    ours = _model(backend)
+    info = load_peft(ours, folder)
+    assert {c.dropout for c in info["configs"].values()} == {0.25}
+    ours.eval()
+    assert_close(_forward(ours), theirs, f"{backend}: dropout/fan_in_fan_out folder", RTOL, ATOL)
 
 
 # --- a Hugging Face model, loaded in ours (lowrank_gpu, torch) and in PEFT ---------------------
@@ -425,3 +440,15 @@ def test_peft_state_dict_grads_need_a_backward(backend):
     with pytest.raises(ValueError, match="has no gradient"):
         peft_state_dict(model, grads=True)
     assert all(k.startswith("base_model.model.blocks.") for k in peft_state_dict(model))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_a_folder_for_another_model_size_is_refused_unchanged(tmp_path, lora_folder, backend):
+    wide = GPT(GPTConfig(vocab_size=13, block_size=8, n_layer=2, n_head=2, d_model=16), rng=np.random.default_rng(0),
+               dtype=np.float64)
+    model = wide if backend == "numpy" else from_numpy(wide)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"layer 'blocks.0.attn.q' \(16x16\).*A is \(2, 8\) in the file, the config "
+                                         r"needs \(2, 16\)"):
+        load_peft(model, lora_folder)
+    _assert_same(model, before)
