@@ -382,10 +382,6 @@ def _parse_header(header: dict, path) -> tuple[dict, dict]:
                 or not isinstance(m["tensors"], dict) or not isinstance(m["config"], dict) \
                 or not isinstance(m["method"], str):
             raise ValueError(f"{path!r}: layer {p!r} metadata needs 'method', 'config' and 'tensors'")
-        for k, v in m["config"].items():
-            if v is not None and not isinstance(v, (bool, int, float, str)):
-                raise ValueError(f"{path!r}: layer {p!r} config field {k!r} must be a JSON scalar, "
-                                 f"got {type(v).__name__}")
         for n, t in m["tensors"].items():
             ok = (isinstance(t, dict) and isinstance(t.get("key"), str) and isinstance(t.get("dtype"), str)
                   and _dims(t.get("shape")))

@@ -161,7 +161,8 @@ def test_deeply_nested_metadata_is_a_value_error_not_a_recursion_error(tmp_path,
 
 @pytest.mark.parametrize("text, match", [
     ('{"blocks.0.attn.q": NaN}', "not JSON"),  # NaN is not JSON
-    ('{"blocks.0.attn.q": {"method": "lora", "config": {"r": [2]}, "tensors": {}}}', "JSON scalar"),
+    ('{"blocks.0.attn.q": {"method": "lora", "config": {"config_class": "LoRAConfig", "r": [2]}, '
+     '"tensors": {}}}', "bad config.*r must be a positive integer"),
     ('{"blocks.0.attn.q": {"method": 3, "config": {}, "tensors": {}}}', "needs 'method'"),
     ('{"blocks.0.attn.q": {"method": "lora", "config": {}, "tensors": {"A": {"key": "k", "dtype": "float64",'
      ' "shape": [true, 8]}}}}', "needs key, shape, dtype"),
