@@ -209,6 +209,8 @@ def save_adapter(model_or_layer, path, metadata: dict | None = None) -> str:
         user = json.dumps(metadata if metadata is not None else {}, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError, RecursionError) as e:
         raise TypeError(f"metadata must be JSON-serialisable: {e}") from None
+    if _json_depth(user) > MAX_JSON_DEPTH:  # what loading would refuse is refused now
+        raise ValueError(f"metadata nests {_json_depth(user)} levels deep; files keep at most {MAX_JSON_DEPTH}")
     tensors: dict[str, np.ndarray] = {}
     layers_meta = {p: _layer_meta(p, layer, backend, tensors) for p, layer in layers.items()}
     header = {

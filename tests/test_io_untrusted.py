@@ -285,3 +285,14 @@ def test_metadata_read_back_is_checked_too(tmp_path):
     bad = _rewrite(good, tmp_path / "bad.safetensors", layers_text="[" * 50 + "]" * 50)
     with pytest.raises(ValueError, match="nests 50 levels"):
         read_adapter_metadata(bad)
+
+
+def test_metadata_too_deep_to_load_is_refused_at_save(tmp_path):
+    deep: list = []
+    for _ in range(40):
+        deep = [deep]
+    with pytest.raises(ValueError, match="metadata nests 42 levels deep; files keep at most 32"):
+        save_adapter(_adapted(), tmp_path / "a.safetensors", metadata={"d": deep})
+    assert list(tmp_path.iterdir()) == []
+    save_adapter(_adapted(), tmp_path / "b.safetensors", metadata={"d": [[[1]]]})
+    assert read_adapter_metadata(tmp_path / "b.safetensors")["user"] == {"d": [[[1]]]}
