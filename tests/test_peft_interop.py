@@ -21,7 +21,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from helpers import TOL, assert_close
+from helpers import TOL, assert_close, requires_cuda
 
 import lowrank_ref as lr
 from lowrank_ref.inject import inject
@@ -452,3 +452,18 @@ def test_a_folder_for_another_model_size_is_refused_unchanged(tmp_path, lora_fol
                                          r"needs \(2, 16\)"):
         load_peft(model, lora_folder)
     _assert_same(model, before)
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_cuda_model_loads_and_saves_peft_folders(tmp_path, lora_folder):
+    pm = peft.PeftModel.from_pretrained(from_numpy(_np_gpt()), str(lora_folder)).eval()
+    theirs = pm(torch.tensor(IDX))
+    model = from_numpy(_np_gpt(), device="cuda")
+    load_peft(model, lora_folder)
+    assert all(p.is_cuda for p in model.parameters())
+    mine = model(torch.tensor(IDX, device="cuda"))
+    assert_close(mine, theirs, "cuda model from a PEFT folder", RTOL, ATOL)
+    save_peft(model, tmp_path / "out")
+    back = peft.PeftModel.from_pretrained(from_numpy(_np_gpt()), str(tmp_path / "out")).eval()
+    assert_close(back(torch.tensor(IDX)), mine, "PEFT loads save_peft of a cuda model", RTOL, ATOL)
