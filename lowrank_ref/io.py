@@ -83,7 +83,7 @@ def peft_key(path: str, method, name: str) -> str:
 
 
 # --- the two backends, seen through one small interface --------------------------------------
-def _backend(obj) -> str:
+def _backend(obj, what: str = "model_or_layer") -> str:
     from lowrank_ref.nn.module import Module
 
     if isinstance(obj, Module):
@@ -93,7 +93,7 @@ def _backend(obj) -> str:
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(obj, torch.nn.Module):
         return "torch"
-    raise TypeError(f"model_or_layer must be a lowrank_ref.nn.Module or a torch.nn.Module, got {type(obj).__name__}")
+    raise TypeError(f"{what} must be a lowrank_ref.nn.Module or a torch.nn.Module, got {type(obj).__name__}")
 
 
 def _adapters(obj, backend: str) -> dict:
@@ -735,8 +735,14 @@ def _linear_modules(model, backend: str) -> dict:
     return every, linear
 
 
+def _folder(folder) -> str:
+    if not isinstance(folder, (str, os.PathLike)):
+        raise TypeError(f"folder must be a path (str or os.PathLike), got {type(folder).__name__}")
+    return os.fspath(folder)
+
+
 def _read_peft_config(folder) -> tuple[str, dict]:
-    folder = os.fspath(folder)
+    folder = _folder(folder)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"no PEFT folder at {folder!r}")
     path = os.path.join(folder, PEFT_CONFIG_NAME)
@@ -837,7 +843,7 @@ def load_peft(model, folder) -> dict:
     holds adapters on exactly those layers, with the same configs, just gets the weights.
 
     Returns ``{"method": name, "configs": {path: config}, "peft_config": dict}``."""
-    backend = _backend(model)
+    backend = _backend(model, "model")
     where, cfg = _read_peft_config(folder)
     spec = _peft_spec(cfg, where)
     modules, linear = _linear_modules(model, backend)
@@ -919,7 +925,7 @@ def peft_state_dict(model, grads: bool = False) -> dict:
     keys of PEFT's ``adapter_model.safetensors`` (``base_model.model.<path>.lora_A.weight``) and
     in PEFT's shapes; with ``grads=True`` the gradients of the trainable ones instead (a tensor
     with no gradient yet is an error: run a backward pass first)."""
-    backend = _backend(model)
+    backend = _backend(model, "model")
     layers, specs = _peft_layers(model, backend, "state")
     out = {}
     for p, layer in layers.items():
@@ -946,7 +952,8 @@ def save_peft(model, folder) -> str:
     method with a PEFT mapping; ``target_modules`` lists the adapted layers by full name.
     Adapters holding NaN or inf are refused; nothing is written unless everything checks out.
     Returns ``folder``."""
-    backend = _backend(model)
+    backend = _backend(model, "model")
+    folder = _folder(folder)
     layers, specs = _peft_layers(model, backend, "save")
     if "" in layers:
         raise ValueError("model is a single adapter layer: a PEFT folder describes layers of a model by name")
@@ -967,7 +974,6 @@ def save_peft(model, folder) -> str:
     text = json.dumps(config, indent=2, sort_keys=True, allow_nan=False)
     from safetensors.numpy import save_file
 
-    folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
     tmp = []
     try:

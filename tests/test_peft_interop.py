@@ -467,3 +467,16 @@ def test_cuda_model_loads_and_saves_peft_folders(tmp_path, lora_folder):
     save_peft(model, tmp_path / "out")
     back = peft.PeftModel.from_pretrained(from_numpy(_np_gpt()), str(tmp_path / "out")).eval()
     assert_close(back(torch.tensor(IDX)), mine, "PEFT loads save_peft of a cuda model", RTOL, ATOL)
+
+
+def test_arguments_of_the_wrong_type_are_type_errors(tmp_path, lora_folder):
+    with pytest.raises(TypeError, match="model must be a lowrank_ref.nn.Module or a torch.nn.Module"):
+        load_peft({"q": 1}, lora_folder)
+    with pytest.raises(TypeError, match="folder must be a path"):
+        load_peft(_np_gpt(), 3)
+    with pytest.raises(TypeError, match="folder must be a path"):
+        save_peft(_our_adapted("numpy", "lora"), None)
+    with pytest.raises(TypeError, match="model must be"):
+        peft_state_dict([1, 2])
+    with pytest.raises(FileNotFoundError, match="no PEFT folder"):
+        load_peft(_np_gpt(), tmp_path / "nowhere")
