@@ -659,7 +659,7 @@ def _check_targets(targets, what: str):
 
 
 def peft_matches(name: str, targets) -> bool:
-    """Does PEFT's ``target_modules`` (or ``exclude_modules``, ``feedforward_modules``) select the
+    """Does PEFT's ``target_modules`` (or ``exclude_modules``) select the
     module called ``name``? A string is a regular expression that must match the whole name; a
     list matches a name equal to an entry or ending in ``"." + entry`` (PEFT's rule,
     ``peft.tuners.tuners_utils.check_target_module_exists``)."""

@@ -79,7 +79,7 @@ class PeftMapping:
             the dict is untrusted (a ``ValueError``/``TypeError`` for a bad or unsupported value;
             io names the file and the layer). ``None``: PEFT folders do not load as this method.
             Helpers for both in :mod:`lowrank_ref.io`: ``peft_matches(path, modules)`` (PEFT's
-            ``target_modules`` rule, e.g. for IA³'s ``feedforward_modules``), ``peft_pattern``
+            ``target_modules`` rule; IA³'s ``feedforward_modules`` has its own, a plain suffix), ``peft_pattern``
             (``rank_pattern``'s rule), ``peft_uniform``, ``peft_default_and_pattern``.
         claims: ``(peft_config: dict) -> bool``: does this method read that folder (LoRA and DoRA
             share ``peft_type = "LORA"``; ``use_dora`` decides). Default: every folder of its type.
