@@ -15,6 +15,7 @@ field              what it says                                                 
 ``overridable``    config fields that per-layer overrides may change (``("r", "alpha")``) inject
                    via ``inject(overrides={field: {pattern: value}})``; others: error
 ``file_metadata``  ``config -> {str: JSON scalar}`` stored per layer in adapter files     io
+``shapes``         ``(config, in, out) -> {name: shape}`` of the file's tensors (optional)   io
 ``peft``           a :class:`PeftMapping` where PEFT has the method                       io (PEFT)
 ``example``        ``() -> Example``: a small base shape + config for the contract tests  tests/contract
 ``shared``         :class:`PerBackend` builders of state shared across layers,            inject, io
@@ -77,14 +78,24 @@ class PeftMapping:
         tensors: math name -> PEFT key suffix (``{"A": "lora_A.weight"}``); PEFT's saved files drop
             the adapter name, which is how they are read and written here.
         to_peft: ``(configs: {layer path: config}) -> dict``, the method-specific fields of
-            ``adapter_config.json`` for these layers (``r``, ``lora_alpha``, ``rank_pattern``...).
-        from_peft: ``(peft_config: dict, path: str) -> config``, the config of layer ``path``.
+            ``adapter_config.json`` for these layers (``r``, ``lora_alpha``, ``rank_pattern``...);
+            a ``ValueError`` for what PEFT cannot express (io adds ``peft_type``,
+            ``target_modules`` (the full layer names) and the informative fields). ``None``: the
+            method is not saved as a PEFT folder.
+        from_peft: ``(peft_config: dict, path: str) -> config``, the config of layer ``path``;
+            the dict is untrusted (a ``ValueError``/``TypeError`` for a bad or unsupported value;
+            io names the file and the layer). ``None``: PEFT folders do not load as this method.
+            Helpers for both in :mod:`lowrank_ref.io`: ``peft_matches(path, modules)`` (PEFT's
+            ``target_modules`` rule; IA³'s ``feedforward_modules`` has its own, a plain suffix), ``peft_pattern``
+            (``rank_pattern``'s rule), ``peft_uniform``, ``peft_default_and_pattern``.
         claims: ``(peft_config: dict) -> bool``: does this method read that folder (LoRA and DoRA
             share ``peft_type = "LORA"``; ``use_dora`` decides). Default: every folder of its type.
         to_peft_tensor / from_peft_tensor: ``(math name, array, config) -> array`` for tensors whose
             shape differs in PEFT (IA³'s ``(out, 1)`` vector). Default: unchanged.
-        options: ``adapter_config.json`` fields this mapping understands beyond the common ones;
-            any other field with a non-default value is refused with a list of what is supported.
+        options: ``adapter_config.json`` fields this mapping understands beyond the common ones
+            (``io.PEFT_COMMON``: ``peft_type``, ``target_modules``, ``exclude_modules``, ``task_type``...);
+            any other field whose value asks for something (not null, false, ``{}``, ``[]``, ``""``)
+            is refused with a list of what is supported.
     """
 
     peft_type: str
@@ -139,6 +150,10 @@ class MethodSpec:
     description: str = ""
     overridable: tuple = ()
     file_metadata: Callable | None = None
+    # (config, in_features, out_features) -> {math name: shape tuple} of the layer's adapter_state():
+    # lets io check a file's tensors against the model before it builds (allocates) anything.
+    # Optional: without it io bounds the config's integer fields by the file's and the base's sizes.
+    shapes: Callable | None = None
     peft: PeftMapping | None = None
     example: Callable | None = None
     shared: PerBackend | None = None
@@ -283,6 +298,8 @@ def check_spec(spec, where: str = "SPEC") -> MethodSpec:
             _check_path(pb.numpy, f"{attr}.numpy", where, import_it=True)
         if pb.torch is not None:
             _check_path(pb.torch, f"{attr}.torch", where, import_it=False)
+    if spec.shapes is not None and not callable(spec.shapes):
+        raise SpecError(f"{where}: shapes of {spec.name!r} must be a callable (config, in, out) -> {{name: shape}}")
     if spec.peft is not None and not isinstance(spec.peft, PeftMapping):
         raise SpecError(f"{where}: peft of {spec.name!r} must be a PeftMapping")
     if not isinstance(spec.compare, dict) or not all(isinstance(v, CompareRow) for v in spec.compare.values()):

@@ -76,7 +76,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from lowrank_ref.adapters.base import AdapterLinear
-from lowrank_ref.adapters.lora import init_lora_A
+from lowrank_ref.adapters.lora import (
+    PEFT_OPTIONS,
+    init_lora_A,
+    lora_from_peft,
+    lora_shapes,
+    lora_to_peft,
+)
 from lowrank_ref.config import ScaledLowRankConfig, check_bool, scaling_metadata
 from lowrank_ref.nn.module import Parameter, array_module
 from lowrank_ref.quant.linear import weight_array
@@ -334,6 +340,15 @@ class DoRALinear(AdapterLinear):
         return dx
 
 
+def _dora_to_peft(configs: dict) -> dict:
+    """LoRA's fields plus ``use_dora``; PEFT's DoRA always detaches the norm (as §4.3 does)."""
+    exact = sorted(p for p, c in configs.items() if not c.detach_norm)
+    if exact:
+        raise ValueError(f"layers {exact} have detach_norm=False; PEFT's DoRA always detaches the norm, so "
+                         "its folder would train another method (supported: detach_norm=True)")
+    return {**lora_to_peft(configs), "use_dora": True}
+
+
 SPEC = MethodSpec(
     name="dora",
     config=DoRAConfig,
@@ -342,8 +357,10 @@ SPEC = MethodSpec(
     description="DoRA, Liu et al. 2024: W' = m ⊙ (W0 + s B A) / ‖W0 + s B A‖ row-wise",
     overridable=("r", "alpha"),
     file_metadata=scaling_metadata,
+    shapes=lambda cfg, fin, fout: {**lora_shapes(cfg, fin, fout), "m": (fout,)},
     peft=PeftMapping("LORA", {"A": "lora_A.weight", "B": "lora_B.weight", "m": "lora_magnitude_vector"},
-                     claims=lambda c: bool(c.get("use_dora", False))),
+                     to_peft=_dora_to_peft, options=PEFT_OPTIONS, claims=lambda c: bool(c.get("use_dora", False)),
+                     from_peft=lambda c, path: lora_from_peft(c, path, DoRAConfig, detach_norm=True)),
     # the exact gradient (detach_norm=False): the contract's gradcheck differentiates the forward,
     # in which the norm is not a constant (the detached default is checked in tests/adapters/test_dora.py)
     example=lambda: Example(6, 5, DoRAConfig(r=3, alpha=6.0, detach_norm=False)),

@@ -186,6 +186,58 @@ class LoRALinear(AdapterLinear):
         return dx
 
 
+# --- PEFT's LoRA folders (adapter_config.json; peft.tuners.lora.LoraConfig's field names) ---------
+# PEFT's defaults where a field is absent: r = 8, lora_alpha = 8, lora_dropout = 0, use_rslora False.
+PEFT_OPTIONS = ("r", "lora_alpha", "use_rslora", "lora_dropout", "init_lora_weights", "use_dora", "rank_pattern",
+                "alpha_pattern", "fan_in_fan_out", "bias", "lora_bias", "use_qalora", "qalora_group_size",
+                "megatron_core")
+
+
+def lora_to_peft(configs: dict) -> dict:
+    """The LoRA fields of ``adapter_config.json`` for layers ``{path: LoRAConfig}``: the most
+    common ``r`` and ``alpha``, the other layers' in ``rank_pattern`` / ``alpha_pattern``."""
+    from lowrank_ref.io import peft_default_and_pattern, peft_uniform
+
+    init = peft_uniform(configs, "init")
+    if init not in ("kaiming", "gaussian"):
+        raise ValueError(f"init={init!r} has no PEFT folder here (PEFT's own {init} init rewrites the base "
+                         "weight); supported: 'kaiming', 'gaussian'")
+    r, rank_pattern = peft_default_and_pattern(configs, "r")
+    alpha, alpha_pattern = peft_default_and_pattern(configs, "alpha")
+    return {"r": r, "lora_alpha": alpha, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+            "use_rslora": peft_uniform(configs, "rslora"), "lora_dropout": peft_uniform(configs, "dropout"),
+            "init_lora_weights": True if init == "kaiming" else "gaussian", "use_dora": False,
+            "bias": "none", "fan_in_fan_out": False}
+
+
+def lora_from_peft(c: dict, path: str, config_class=LoRAConfig, **extra):
+    """The config of layer ``path`` from PEFT's LoRA fields ``c`` (``fan_in_fan_out`` changes
+    nothing here: PEFT keeps ``lora_A`` (r, in) and ``lora_B`` (out, r) either way, and every
+    layer here is a ``(out, in)`` linear layer, for which PEFT turns the flag off itself)."""
+    from lowrank_ref.io import peft_pattern
+
+    if c.get("bias", "none") != "none":
+        raise ValueError(f"bias={c['bias']!r} is not supported (the base biases stay frozen); supported: 'none'")
+    for flag in ("lora_bias", "use_qalora", "use_dora", "use_rslora", "fan_in_fan_out"):
+        if not isinstance(c.get(flag, False), bool):
+            raise ValueError(f"{flag} must be true or false, got {c[flag]!r}")
+    for flag in ("lora_bias", "use_qalora"):
+        if c.get(flag):
+            raise ValueError(f"{flag}=true is not supported; supported: false")
+    init = c.get("init_lora_weights", True)
+    if not isinstance(init, bool) and init != "gaussian":
+        raise ValueError(f"init_lora_weights={init!r} is not supported; supported: true, false, 'gaussian'")
+    return config_class(r=peft_pattern(c.get("rank_pattern"), path, c.get("r", 8), "rank_pattern"),
+                        alpha=peft_pattern(c.get("alpha_pattern"), path, c.get("lora_alpha", 8), "alpha_pattern"),
+                        dropout=c.get("lora_dropout", 0.0), rslora=c.get("use_rslora", False),
+                        init="gaussian" if init == "gaussian" else "kaiming", **extra)
+
+
+def lora_shapes(cfg, in_features: int, out_features: int) -> dict:
+    """A (r, in), B (out, r): what a LoRA layer's file holds."""
+    return {"A": (cfg.r, in_features), "B": (out_features, cfg.r)}
+
+
 SPEC = MethodSpec(
     name="lora",
     config=LoRAConfig,
@@ -194,7 +246,9 @@ SPEC = MethodSpec(
     description="LoRA, Hu et al. 2021: ΔW = (α/r) B A",
     overridable=("r", "alpha"),
     file_metadata=scaling_metadata,
+    shapes=lora_shapes,
     peft=PeftMapping("LORA", {"A": "lora_A.weight", "B": "lora_B.weight"},
+                     to_peft=lora_to_peft, from_peft=lora_from_peft, options=PEFT_OPTIONS,
                      claims=lambda c: not c.get("use_dora", False)),
     example=lambda: Example(6, 5, LoRAConfig(r=3, alpha=6.0)),
     compare={
