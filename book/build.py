@@ -314,6 +314,8 @@ class Linker:
                 raise BookError(f"{self.repo_page}: `{code}`: {e}") from None
             self.book.sources.add(rel)
             return self._rel(source_page(rel), f"L-{line}")
+        if code in self.book.pages:  # `notebooks/01-lora.ipynb`: a page of the book
+            return self._rel(self.book.pages[code])
         if PATH_RE.match(code) and not code.startswith("lowrank_ref/assets"):
             path = code.rstrip("/")
             full = self.book.root / path
