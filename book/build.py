@@ -53,6 +53,7 @@ INLINE_RE = re.compile(
     r"(?P<link>(?P<bang>!?)\[(?P<text>[^\]\n]*)\]\((?P<target>[^)\s]+)(?P<title>\s+\"[^\"\n]*\")?\))"
     r"|(?P<code>`(?P<code_text>[^`\n]+)`)"
 )
+REFDEF_RE = re.compile(r"^(?P<head> {0,3}\[[^\]\n]+\]:[ \t]*)(?P<target><[^>\n]+>|\S+)", re.M)  # [id]: target
 DOTTED_RE = re.compile(r"^(lowrank_ref|lowrank_gpu)(\.[A-Za-z_][A-Za-z0-9_]*)+(\(\))?$")
 PATH_RE = re.compile(r"^(lowrank_ref|gpu)/[A-Za-z0-9_/.-]*$")
 MATHJAX_DIST = "django-static-mathjax"  # MathJax 3, packaged on PyPI
@@ -330,8 +331,14 @@ class Linker:
     def markdown(self, text: str) -> str:
         out = []
         for is_code, chunk in _split_fences(text):
-            out.append(chunk if is_code else INLINE_RE.sub(self._inline, chunk))
+            if not is_code:
+                chunk = REFDEF_RE.sub(self._refdef, INLINE_RE.sub(self._inline, chunk))
+            out.append(chunk)
         return "".join(out)
+
+    def _refdef(self, m: re.Match) -> str:
+        target = m.group("target").strip("<>")
+        return m.group("head") + self.target(target, f"[...]: {target}")
 
     def _inline(self, m: re.Match) -> str:
         if m.group("link"):

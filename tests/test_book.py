@@ -172,6 +172,10 @@ def test_the_syllabus_is_the_home_page_and_the_readme_a_page(tmp_path):
 def test_a_link_to_a_missing_page_fails_naming_page_and_link(tmp_path):
     root = fake_repo(tmp_path, {"01-fake.md": CHAPTER + "\nSee [chapter 2](02-gone.md#intro).\n"})
     _fails(root, "chapters/01-fake.md", "(02-gone.md#intro)", "does not exist")
+    root = fake_repo(tmp_path / "b", {"01-fake.md": CHAPTER + "\nSee [chapter 2][c2].\n\n[c2]: 02-gone.md\n"})
+    _fails(root, "chapters/01-fake.md", "02-gone.md", "does not exist")
+    root = fake_repo(tmp_path / "c", {"01-fake.md": CHAPTER + "\n![a figure](figures/gone.png)\n"})
+    _fails(root, "chapters/01-fake.md", "(figures/gone.png)", "does not exist")
 
 
 def test_a_chapter_without_its_derives_line_fails(tmp_path):
