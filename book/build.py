@@ -395,14 +395,26 @@ def insert_after_title(text: str, block: str) -> str:
 
 
 def notebook(book: Book, rel: str) -> str:
-    """The notebook as committed, its markdown cells' links rewritten to the book's pages."""
+    """The notebook as committed, its markdown cells' links rewritten to the book's pages, and a
+    line under its title that links back to its chapter."""
     nb = json.loads((book.root / rel).read_text(encoding="utf-8"))
     linker = Linker(book, rel, html=True)
-    for cell in nb.get("cells", []):
+    cells = nb.get("cells", [])
+    for cell in cells:
         if cell.get("cell_type") == "markdown":
             src = cell["source"]
             text = "".join(src) if isinstance(src, list) else src
             cell["source"] = linker.markdown(text)
+    chapter = next((c for c in book.chapters if rel in c.notebooks + c.exercises + c.solutions), None)
+    if chapter is not None:
+        links = [f"[the chapter]({linker._rel(chapter.path)})"]
+        links += [f"[{label}]({linker._rel(nb_)})" for label, files in
+                  (("the notebook", chapter.notebooks), ("the exercises", chapter.exercises),
+                   ("the solutions", chapter.solutions)) for nb_ in files if nb_ != rel]
+        note = {"cell_type": "markdown", "metadata": {}, "source": f"*{chapter.title}*: " + " · ".join(links)}
+        first = cells[0] if cells else {}
+        titled = first.get("cell_type") == "markdown" and str(first.get("source", "")).lstrip().startswith("#")
+        cells.insert(1 if titled else 0, note)
     return json.dumps(nb, ensure_ascii=False, indent=1)
 
 

@@ -210,6 +210,9 @@ def test_derived_functions_link_to_the_line_where_they_are_defined(tmp_path):
     assert "[`lowrank_ref/adapters/lora.py`](../source/lowrank_ref/adapters/lora.py.md)" in staged
     assert "**Notebook:** [01-fake.ipynb](../notebooks/01-fake.ipynb)" in staged
     assert "[`notebooks/01-fake.ipynb`](../notebooks/01-fake.ipynb)" in staged  # a page, named in the prose
+    nb = json.loads((docs / "notebooks" / "01-fake.ipynb").read_text(encoding="utf-8"))
+    assert "[the chapter](../chapters/01-fake.html)" in nb["cells"][1]["source"]  # under its title
+    assert "[the chapter](../chapters/01-fake.html)" in nb["cells"][0]["source"]  # its own link, rewritten
 
 
 # --------------------------------------------------------------------- building into the site
