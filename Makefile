@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # torch is pinned for development and CI (a CPU wheel); the package itself accepts a range.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: demo test lint bench lab pretrain clean
+.PHONY: demo test lint bench lab pretrain book serve-book clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(PY):
 
 $(STAMP): $(PY) pyproject.toml
 	$(PIP) install --quiet $(TORCH_PIN)
-	$(PIP) install --quiet -e '.[dev,notebooks]'
+	$(PIP) install --quiet -e '.[dev,notebooks,docs]'
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
@@ -36,8 +36,19 @@ bench: $(STAMP)
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/ $$([ "$$(id -u)" = 0 ] && echo --allow-root)  # Jupyter refuses root without it
 
+# The book: chapters, notebooks (as committed, never executed here) and the package source, as a
+# static site in site/ (built in a temporary folder, then swapped in), then checked in headless
+# Chromium when it is installed (exit 2: not installed, said why, the site is still built).
+book: $(STAMP)
+	$(PY) book/build.py
+	@$(PY) book/check.py || [ $$? -eq 2 ]
+
+serve-book: book
+	@echo "the book: http://127.0.0.1:8000/index.html (Ctrl-C stops it)"
+	$(PY) -m http.server 8000 --bind 127.0.0.1 --directory site
+
 pretrain: $(STAMP)
 	$(VENV)/bin/lowrank-ref pretrain
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .hypothesis
+	rm -rf $(VENV) runs site .pytest_cache .hypothesis
