@@ -26,6 +26,7 @@ import numpy as np
 from lowrank_ref.adapters.base import AdapterLinear
 from lowrank_ref.adapters.lora import LoRALinear, init_lora_A
 from lowrank_ref.config import DoRAConfig, LoRAConfig
+from lowrank_ref.experiments.modes import quick_mode
 from lowrank_ref.nn.module import Parameter
 
 __all__ = ["DoubleLoRALinear", "magnitude_direction", "quick_mode", "base_model", "finetune",
@@ -130,11 +131,6 @@ def magnitude_direction(W0: np.ndarray, W: np.ndarray):
 
 
 # -- the runs on the built-in task -----------------------------------------------------------------
-def quick_mode() -> bool:
-    """``LOWRANK_REF_QUICK=1`` (set by the notebook tests): shrink every run to a smoke test."""
-    return os.environ.get("LOWRANK_REF_QUICK", "") not in ("", "0")
-
-
 def base_model(quick: bool | None = None):
     """The package's pre-trained small GPT (NumPy, float32): :func:`lowrank_ref.models.load_pretrained`.
 

@@ -34,6 +34,7 @@ import time
 import numpy as np
 
 from lowrank_ref.config import LoRAConfig
+from lowrank_ref.experiments.modes import quick_mode
 
 __all__ = ["BERT_BASE", "bert_base_parameters", "lora_parameters", "bert_lora_counts", "quick_mode",
            "settings", "finetune", "summarize", "rank_alpha_sweep", "scaling_lr_grid", "target_sets",
@@ -96,11 +97,6 @@ def bert_lora_counts(shape: dict | None = None) -> list[dict]:
 
 # -- the runs --------------------------------------------------------------------------------------
 RS_ALPHA = 2.0 * math.sqrt(8.0)  # rsLoRA's alpha that gives s = 2 at r = 8, like alpha = 16 with alpha/r
-
-
-def quick_mode() -> bool:
-    """``LOWRANK_REF_QUICK=1`` (set by the notebook tests): shrink every run to a smoke test."""
-    return os.environ.get("LOWRANK_REF_QUICK", "") not in ("", "0")
 
 
 def settings(quick: bool | None = None) -> dict:
