@@ -1,0 +1,180 @@
+r"""The measured tables in README and the chapters, rendered from the committed result files.
+
+A table in a Markdown file sits between two markers::
+
+    <!-- table: compare (generated from chapters/data/compare.json; edit that, then run
+         python -m lowrank_ref.experiments.doc_tables --write) -->
+    | method | ... |
+    <!-- end table -->
+
+``python -m lowrank_ref.experiments.doc_tables --write`` re-renders every block from its file;
+``--check`` (and ``tests/test_doc_tables.py``) fails if any block differs from what its file
+renders, so a table cannot be edited by hand or go stale after a new run. ``--record DIR``
+copies a fresh ``lowrank-ref compare --out DIR`` into ``chapters/data/compare.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+__all__ = ["ROOT", "DOCS", "render", "blocks", "check", "write", "record_compare"]
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT / "chapters" / "data"
+DOCS = ["README.md", "chapters/02-dora.md", "chapters/03-qlora.md", "chapters/04-compare.md"]
+
+# how README and chapter 04 name each compare row
+LABELS = {
+    "full": "`full` (every weight)",
+    "bitfit": "`bitfit` (biases only)",
+    "lora": "`lora` (q, v; r=8, α=16)",
+    "lora_all": "`lora_all` (every linear layer)",
+    "dora": "`dora` (q, v)",
+    "qlora": "`qlora` (q, v on an NF4 base)",
+    "lora_int4": "`lora_int4` (q, v on an int4 base)",
+}
+
+_BLOCK = re.compile(r"(<!-- table: (?P<name>[\w-]+)[^\n]*?-->\n)(?P<body>.*?)(<!-- end table -->)", re.S)
+
+
+def _human_bytes(n: float) -> str:
+    from lowrank_ref.experiments.compare import _human_bytes as hb
+
+    return hb(n)
+
+
+def load_compare(path: Path | None = None) -> dict:
+    return json.loads((path or DATA / "compare.json").read_text(encoding="utf-8"))
+
+
+def _rows(data: dict, names=None) -> list[dict]:
+    rows = {r["method"]: r for r in data["rows"]}
+    return [rows[n] for n in (names or [r["method"] for r in data["rows"]])]
+
+
+def _about(data: dict) -> str:
+    run = data["run"]
+    return (f"{run['backend']} backend, {run['steps']} steps per method, batch {run['batch_size']} windows "
+            f"of 32 words, seed {run['seed']}; {run['wall_seconds']:.0f} s for all {len(data['rows'])} rows "
+            f"on {run['machine']}, {run['date']}")
+
+
+def _compare_full(data: dict) -> str:
+    head = ("| method | trainable | adapter file | peak memory | ms/step | target before | target after "
+            "| retained after |\n|---|---:|---:|---:|---:|---:|---:|---:|\n")
+    body = "".join(
+        f"| {LABELS.get(r['method'], '`' + r['method'] + '`')} | {r['trainable_params']:,} | "
+        f"{_human_bytes(r['adapter_bytes'])} | {_human_bytes(r['peak_memory_bytes'])} | "
+        f"{1000 * r['seconds_per_step']:.1f} | {r['target_before']:.3f} | {r['target_after']:.3f} | "
+        f"{r['retained_after']:.3f} |\n" for r in _rows(data))
+    return f"*{_about(data)}; the shipped model scores {data['run']['retained_before']:.3f} on held-out base text before fine-tuning.*\n\n" + head + body
+
+
+def _compare_dora(data: dict) -> str:
+    head = ("| method | trainable | adapter file | peak memory | ms/step | dialect acc. before → after "
+            "| base acc. retained |\n|---|---:|---:|---:|---:|---:|---:|\n")
+    names = {"lora": "lora (`q, v`)", "lora_all": "lora_all", "dora": "dora (`q, v`)"}
+    body = "".join(
+        f"| {names[r['method']]} | {r['trainable_params']:,} | {_human_bytes(r['adapter_bytes'])} | "
+        f"{_human_bytes(r['peak_memory_bytes'])} | {1000 * r['seconds_per_step']:.1f} | "
+        f"{r['target_before']:.3f} → {r['target_after']:.3f} | {r['retained_after']:.3f} |\n"
+        for r in _rows(data, list(names)))
+    return f"*{_about(data)}.*\n\n" + head + body
+
+
+def _compare_qlora(data: dict) -> str:
+    head = ("| method | target before | target after | retained after | peak memory | ms/step |\n"
+            "|---|---:|---:|---:|---:|---:|\n")
+    body = "".join(
+        f"| {r['method']} | {r['target_before']:.3f} | {r['target_after']:.3f} | {r['retained_after']:.3f} | "
+        f"{r['peak_memory_bytes'] / 1024:,.0f} KiB | {1000 * r['seconds_per_step']:.1f} |\n"
+        for r in _rows(data, ["lora", "qlora", "lora_int4"]))
+    return f"*{_about(data)}.*\n\n" + head + body
+
+
+RENDERERS = {"compare": _compare_full, "compare-dora": _compare_dora, "compare-qlora": _compare_qlora}
+SOURCES = {"compare": "compare.json", "compare-dora": "compare.json", "compare-qlora": "compare.json"}
+
+
+def render(name: str) -> str:
+    """The Markdown of block ``name``, from its committed result file."""
+    if name not in RENDERERS:
+        raise ValueError(f"unknown table {name!r}; known: {', '.join(RENDERERS)}")
+    return RENDERERS[name](load_compare(DATA / SOURCES[name]))
+
+
+def blocks(text: str) -> list[tuple[str, str]]:
+    """``[(name, body)]`` of every generated block in a Markdown text."""
+    return [(m.group("name"), m.group("body")) for m in _BLOCK.finditer(text)]
+
+
+def _rewrite(text: str) -> str:
+    return _BLOCK.sub(lambda m: m.group(1) + render(m.group("name")) + m.group(4), text)
+
+
+def check(docs=DOCS) -> list[str]:
+    """The blocks (``file: name``) whose text differs from what their result file renders."""
+    bad = []
+    for doc in docs:
+        text = (ROOT / doc).read_text(encoding="utf-8")
+        bad += [f"{doc}: {name}" for name, body in blocks(text) if body != render(name)]
+    return bad
+
+
+def write(docs=DOCS) -> list[str]:
+    """Re-render every block in place; return the files that changed."""
+    changed = []
+    for doc in docs:
+        p = ROOT / doc
+        text = p.read_text(encoding="utf-8")
+        new = _rewrite(text)
+        if new != text:
+            p.write_text(new, encoding="utf-8")
+            changed.append(doc)
+    return changed
+
+
+def record_compare(run_dir, out: Path | None = None) -> Path:
+    """Store a ``lowrank-ref compare --out run_dir`` as the committed ``compare.json``: the rows,
+    the run's settings (histories dropped), the machine and the date."""
+    run_dir = Path(run_dir)
+    rows = json.loads((run_dir / "compare.json").read_text(encoding="utf-8"))
+    hist = json.loads((run_dir / "compare_history.json").read_text(encoding="utf-8"))
+    run = {k: v for k, v in hist.items() if k != "histories"}
+    import numpy as np
+
+    run["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, NumPy {np.__version__}"
+    run["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    out = out or DATA / "compare.json"
+    out.write_text(json.dumps({"run": run, "rows": rows}, indent=1) + "\n", encoding="utf-8")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    g = ap.add_mutually_exclusive_group(required=True)
+    g.add_argument("--check", action="store_true", help="fail if a table differs from its result file")
+    g.add_argument("--write", action="store_true", help="re-render every table in place")
+    g.add_argument("--record", metavar="DIR", help="store a `compare --out DIR` run as chapters/data/compare.json")
+    args = ap.parse_args(argv)
+    if args.record:
+        print(f"wrote {record_compare(args.record)}")
+        return 0
+    if args.write:
+        print("re-rendered:", ", ".join(write()) or "nothing changed")
+        return 0
+    bad = check()
+    for b in bad:
+        print(f"stale table: {b}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
