@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # torch is pinned for development and CI (a CPU wheel); the package itself accepts a range.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: demo test lint bench lab pretrain clean
+.PHONY: demo test lint bench lab pretrain figures tables clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ bench: $(STAMP)
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/ $$([ "$$(id -u)" = 0 ] && echo --allow-root)  # Jupyter refuses root without it
+
+figures: $(STAMP)  # chapters/figures/*.png and the data each is drawn from
+	MPLBACKEND=Agg $(PY) -m lowrank_ref.experiments.figures
+
+tables: $(STAMP)  # README's and the chapters' measured tables, from chapters/data/*.json
+	$(PY) -m lowrank_ref.experiments.doc_tables --write
 
 pretrain: $(STAMP)
 	$(VENV)/bin/lowrank-ref pretrain
