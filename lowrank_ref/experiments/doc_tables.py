@@ -24,6 +24,8 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+
 __all__ = ["ROOT", "DOCS", "render", "blocks", "check", "write", "record_compare"]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,11 +43,13 @@ LABELS = {
     "lora_int4": "`lora_int4` (q, v on an int4 base)",
 }
 
+SWEEP_METHODS = ("full", "lora_all", "lora", "bitfit")  # chapter 04 §7's seed and lr runs
+
 _BLOCK = re.compile(r"(<!-- table: (?P<name>[\w-]+)[^\n]*?-->\n)(?P<body>.*?)(<!-- end table -->)", re.S)
 
 
 def _human_bytes(n: float) -> str:
-    from lowrank_ref.experiments.compare import _human_bytes as hb
+    from lowrank_ref.experiments.compare import _human_bytes as hb  # the CLI's own formatting
 
     return hb(n)
 
@@ -99,8 +103,75 @@ def _compare_qlora(data: dict) -> str:
     return f"*{_about(data)}.*\n\n" + head + body
 
 
-RENDERERS = {"compare": _compare_full, "compare-dora": _compare_dora, "compare-qlora": _compare_qlora}
-SOURCES = {"compare": "compare.json", "compare-dora": "compare.json", "compare-qlora": "compare.json"}
+def _sweep_runs(data: dict) -> list[dict]:
+    """Seed 0 at the table's learning rate (compare.json) plus the committed sweep runs."""
+    sweeps = json.loads((DATA / "04-compare-sweeps.json").read_text(encoding="utf-8"))["runs"]
+    base = [{"seed": 0, "lr_scale": 1.0, **r} for r in _rows(data, list(SWEEP_METHODS))]
+    return base + sweeps
+
+
+def _pair(r: dict) -> str:
+    return f"{r['target_after']:.3f}/{r['retained_after']:.3f}"
+
+
+def _compare_runs(data: dict) -> str:
+    runs = _sweep_runs(data)
+    out = "\n| method | runs (target after / retained after) |\n|---|---|\n"
+    for m in ("full", "lora_all", "lora"):
+        seeds = [r for r in runs if r["method"] == m and r["lr_scale"] == 1.0]
+        lo = next(r for r in runs if r["method"] == m and r["lr_scale"] < 1)
+        hi = next(r for r in runs if r["method"] == m and r["lr_scale"] > 1)
+        out += (f"| `{m}` | seeds: {', '.join(_pair(r) for r in sorted(seeds, key=lambda r: r['seed']))}; "
+                f"lr ÷3: {_pair(lo)}; lr ×3: {_pair(hi)} |\n")
+    others = _rows(data, ["qlora", "lora_int4", "dora"])
+    out += f"| `qlora`, `lora_int4`, `dora` | {', '.join(_pair(r) for r in others)} |\n"
+    seeds = [r for r in runs if r["method"] == "bitfit" and r["lr_scale"] == 1.0]
+    lo = next(r for r in runs if r["method"] == "bitfit" and r["lr_scale"] < 1)
+    hi = next(r for r in runs if r["method"] == "bitfit" and r["lr_scale"] > 1)
+    out += (f"| `bitfit` | seeds: {', '.join(_pair(r) for r in sorted(seeds, key=lambda r: r['seed']))}; "
+            f"lr ÷3: {_pair(lo)}; lr ×3: {_pair(hi)} |\n")
+    return out
+
+
+def _compare_seeds(data: dict) -> str:
+    runs = _sweep_runs(data)
+    out = ("\n| method | target after: mean (min–max) | retained after: mean (min–max) |\n"
+           "|---|---:|---:|\n")
+    for m in SWEEP_METHODS:
+        rs = [r for r in runs if r["method"] == m and r["lr_scale"] == 1.0]
+        cells = []
+        for k in ("target_after", "retained_after"):
+            v = [r[k] for r in rs]
+            cells.append(f"{sum(v) / len(v):.3f} ({min(v):.3f}–{max(v):.3f})")
+        out += f"| `{m}` | {cells[0]} | {cells[1]} |\n"
+    return out
+
+
+def _lr_label(lr: float) -> str:
+    exp = int(np.floor(np.log10(lr) + 1e-9))
+    mant = lr / 10**exp
+    sup = str(exp).translate(str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹"))
+    return f"10{sup}" if abs(mant - 1) < 1e-9 else f"{mant:.2g}·10{sup}"
+
+
+def _compare_lr(data: dict) -> str:
+    from lowrank_ref.experiments.compare import VARIANTS
+
+    runs = _sweep_runs(data)
+    out = "\n| method | lr ÷ 3 | the table's lr | lr × 3 |\n|---|---:|---:|---:|\n"
+    for m in SWEEP_METHODS:
+        base_lr = VARIANTS[m].lr
+        cells = []
+        for cond in (lambda s: s < 1, lambda s: s == 1.0, lambda s: s > 1):
+            r = next(r for r in runs if r["method"] == m and r["seed"] == 0 and cond(r["lr_scale"]))
+            cells.append(f"{_lr_label(base_lr * r['lr_scale'])}: {r['target_after']:.3f} / {r['retained_after']:.3f}")
+        out += f"| `{m}` | {' | '.join(cells)} |\n"
+    return out
+
+
+RENDERERS = {"compare": _compare_full, "compare-dora": _compare_dora, "compare-qlora": _compare_qlora,
+             "compare-runs": _compare_runs, "compare-seeds": _compare_seeds, "compare-lr": _compare_lr}
+SOURCES = {name: "compare.json" for name in RENDERERS}
 
 
 def render(name: str) -> str:
@@ -148,16 +219,12 @@ def record_compare(run_dir, out: Path | None = None) -> Path:
     rows = json.loads((run_dir / "compare.json").read_text(encoding="utf-8"))
     hist = json.loads((run_dir / "compare_history.json").read_text(encoding="utf-8"))
     run = {k: v for k, v in hist.items() if k != "histories"}
-    import numpy as np
 
     run["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, NumPy {np.__version__}"
     run["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     out = out or DATA / "compare.json"
     out.write_text(json.dumps({"run": run, "rows": rows}, indent=1) + "\n", encoding="utf-8")
     return out
-
-
-SWEEP_METHODS = ("full", "lora_all", "lora", "bitfit")
 
 
 def record_sweeps(out: Path | None = None, seeds=(1, 2), lr_scales=(1 / 3, 3.0)) -> Path:
