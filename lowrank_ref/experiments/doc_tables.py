@@ -30,7 +30,7 @@ __all__ = ["ROOT", "DOCS", "render", "blocks", "check", "write", "record_compare
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "chapters" / "data"
-DOCS = ["README.md", "chapters/02-dora.md", "chapters/03-qlora.md", "chapters/04-compare.md"]
+DOCS = ["README.md", "chapters/01-lora.md", "chapters/02-dora.md", "chapters/03-qlora.md", "chapters/04-compare.md"]
 
 # how README and chapter 04 name each compare row
 LABELS = {
@@ -172,6 +172,20 @@ def _compare_lr(data: dict) -> str:
 RENDERERS = {"compare": _compare_full, "compare-dora": _compare_dora, "compare-qlora": _compare_qlora,
              "compare-runs": _compare_runs, "compare-seeds": _compare_seeds, "compare-lr": _compare_lr}
 SOURCES = {name: "compare.json" for name in RENDERERS}
+
+
+def _lora_table(key: str):
+    def render_lora(data: dict) -> str:
+        from lowrank_ref.experiments.lora_experiments import tables
+
+        return "\n" + tables(data)[key].rstrip("\n") + "\n"
+    return render_lora
+
+
+# chapter 01's tables: lora_experiments.tables() of the committed run_all() results
+for _key in ("bert", "baselines", "rank_alpha", "rank_alpha_retained", "scaling_lr", "targets", "init"):
+    RENDERERS[f"lora-{_key.replace('_', '-')}"] = _lora_table(_key)
+    SOURCES[f"lora-{_key.replace('_', '-')}"] = "01-lora-results.json"
 
 
 def render(name: str) -> str:
