@@ -182,6 +182,30 @@ def _lora_table(key: str):
     return render_lora
 
 
+def _forgetting_runs(data: dict) -> str:
+    pre = data["pretrained"]
+    out = ("\n| run | lr | trainable | dialect (learned) | unchanged base text (kept) | all base text (kept) |\n"
+           "|---|---:|---:|---:|---:|---:|\n"
+           f"| before fine-tuning | | | {pre['learned']:.3f} | {pre['kept_unchanged']:.3f} | {pre['kept_all']:.3f} |\n")
+    for r in data["runs"]:
+        name = "full" if r["method"] == "full" else f"LoRA r = {r['r']}, α = {2 * r['r']}"
+        out += (f"| {name} | {r['lr']:g} | {r['trainable_params']:,} | {r['learned']:.3f} | "
+                f"{r['kept_unchanged']:.3f} | {r['kept_all']:.3f} |\n")
+    return out
+
+
+def _forgetting_spectrum(data: dict) -> str:
+    out = ("\n| module | shape | ΔW (full fine-tuning) | W0 | W0 + noise as large as ΔW | Gaussian | ‖ΔW‖/‖W0‖ |\n"
+           "|---|---|---:|---:|---:|---:|---:|\n")
+    for r in data["spectrum"]:
+        out += (f"| `{r['module']}` | {r['shape'][0]}×{r['shape'][1]} | {r['rank90_delta']} | {r['rank90_base']} | "
+                f"{r['rank90_base_plus_noise']} | {r['rank90_gaussian']} | {r['rel_update']:.3f} |\n")
+    return out
+
+
+RENDERERS["forgetting-runs"], SOURCES["forgetting-runs"] = _forgetting_runs, "04-forgetting.json"
+RENDERERS["forgetting-spectrum"], SOURCES["forgetting-spectrum"] = _forgetting_spectrum, "04-forgetting.json"
+
 # chapter 01's tables: lora_experiments.tables() of the committed run_all() results
 for _key in ("bert", "baselines", "rank_alpha", "rank_alpha_retained", "scaling_lr", "targets", "init"):
     RENDERERS[f"lora-{_key.replace('_', '-')}"] = _lora_table(_key)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["FIGURES", "OUT", "central_difference_errors", "plot_eps_curve", "plot_rank_sweep",
-           "plot_nf4_code_usage", "plot_learned_vs_kept", "make", "data_of"]
+           "plot_nf4_code_usage", "plot_learned_vs_kept", "plot_learning_forgetting", "make", "data_of"]
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "chapters" / "figures"
@@ -168,11 +168,47 @@ def plot_learned_vs_kept(d: dict):
     return fig
 
 
+# ---------------------------------------------------------------- 04: learns less, forgets less?
+
+
+def forgetting_data() -> dict:
+    """The committed learning-forgetting grid (``chapters/data/04-forgetting.json``)."""
+    full = json.loads((DATA / "04-forgetting.json").read_text(encoding="utf-8"))
+    keep = ("method", "r", "lr", "learned", "kept_all", "kept_unchanged")
+    return {"pretrained": full["pretrained"], "runs": [{k: r[k] for k in keep} for r in full["runs"]]}
+
+
+def plot_learning_forgetting(d: dict):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    groups = {}
+    for r in d["runs"]:
+        groups.setdefault("full" if r["method"] == "full" else f"LoRA r={r['r']}", []).append(r)
+    for (label, rs), marker in zip(groups.items(), "so^vDP"):
+        rs = sorted(rs, key=lambda r: r["lr"])
+        for ax, key in zip(axes, ("kept_unchanged", "kept_all")):
+            ax.plot([r["learned"] for r in rs], [r[key] for r in rs], marker=marker, label=label)
+    pre = d["pretrained"]
+    for ax, key, title in zip(axes, ("kept_unchanged", "kept_all"),
+                              ("kept: base sentences the dialect leaves unchanged",
+                               "kept: all base text (the dialect contradicts parts)")):
+        ax.axhline(pre[key], color="0.4", ls="--", lw=1, label="before fine-tuning")
+        ax.set_xlabel("dialect accuracy after (learned)")
+        ax.set_ylabel("accuracy after (kept)")
+        ax.set_title(title, fontsize=10)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("learning against forgetting; each line is one method over three learning rates", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 FIGURES = {
     "00-central-difference-error": (central_difference_errors, plot_eps_curve, "00-toolkit"),
     "02-rank-sweep": (rank_sweep_data, plot_rank_sweep, "02-dora"),
     "03-nf4-code-usage": (nf4_code_usage_data, plot_nf4_code_usage, "03-qlora"),
     "04-learned-vs-kept": (compare_data, plot_learned_vs_kept, "04-compare"),
+    "04-learning-forgetting": (forgetting_data, plot_learning_forgetting, "04-compare"),
 }
 
 
