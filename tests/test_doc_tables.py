@@ -15,7 +15,8 @@ def test_every_generated_table_matches_its_result_file():
 def test_the_docs_hold_the_generated_tables():
     names = {doc: [n for n, _ in dt.blocks((dt.ROOT / doc).read_text(encoding="utf-8"))] for doc in dt.DOCS}
     assert names["README.md"] == ["compare"]
-    assert names["chapters/04-compare.md"] == ["compare", "compare-runs", "compare-seeds", "compare-lr"]
+    assert names["chapters/04-compare.md"] == ["compare", "compare-runs", "forgetting-runs", "forgetting-spectrum",
+                                              "compare-seeds", "compare-lr"]
     assert names["chapters/02-dora.md"] == ["compare-dora"]
     assert names["chapters/03-qlora.md"] == ["compare-qlora"]
 
