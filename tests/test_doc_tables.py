@@ -15,6 +15,8 @@ def test_every_generated_table_matches_its_result_file():
 def test_the_docs_hold_the_generated_tables():
     names = {doc: [n for n, _ in dt.blocks((dt.ROOT / doc).read_text(encoding="utf-8"))] for doc in dt.DOCS}
     assert names["README.md"] == ["compare"]
+    assert names["chapters/01-lora.md"] == ["lora-bert", "lora-rank-alpha", "lora-rank-alpha-retained",
+                                           "lora-scaling-lr", "lora-targets", "lora-init", "lora-baselines"]
     assert names["chapters/04-compare.md"] == ["compare", "compare-runs", "forgetting-runs", "forgetting-spectrum",
                                               "compare-seeds", "compare-lr"]
     assert names["chapters/02-dora.md"] == ["compare-dora"]
