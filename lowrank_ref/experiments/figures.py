@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["FIGURES", "OUT", "central_difference_errors", "plot_eps_curve", "plot_rank_sweep",
+__all__ = ["FIGURES", "OUT", "central_difference_errors", "plot_eps_curve", "plot_rank_alpha", "plot_rank_sweep",
            "plot_nf4_code_usage", "plot_learned_vs_kept", "plot_learning_forgetting", "make", "data_of"]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,6 +79,41 @@ def plot_eps_curve(d: dict):
     ax.set_ylim(1e-13, 10)
     ax.set_title("central differences: error vs step")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------- 01: rank and alpha
+
+
+def rank_alpha_data() -> dict:
+    """Chapter 01's committed rank sweep, summarised over seeds (mean, min, max)."""
+    from lowrank_ref.experiments.lora_experiments import summarize
+
+    full = json.loads((DATA / "01-lora-results.json").read_text(encoding="utf-8"))
+    rows = summarize(full["rank_alpha"], ["rule", "r"])
+    keys = [k for k in rows[0] if k in ("rule", "r") or k.startswith(("target_after", "retained_after"))]
+    return {"reference": {k: full["reference"][k] for k in ("target_before", "retained_before")},
+            "rows": [{k: r[k] for k in keys} for r in rows]}
+
+
+def plot_rank_alpha(d: dict):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    rows = d["rows"]
+    for rule in dict.fromkeys(r["rule"] for r in rows):
+        rs = sorted((r for r in rows if r["rule"] == rule), key=lambda r: r["r"])
+        for ax, m in zip(axes, ("target_after", "retained_after")):
+            ax.plot([r["r"] for r in rs], [100 * r[m] for r in rs], marker="o", label=rule)
+    for ax, title, ref in zip(axes, ("held-out dialect (learned)", "held-out base text (kept)"),
+                              ("target_before", "retained_before")):
+        ax.axhline(100 * d["reference"][ref], color="gray", ls=":", label="before fine-tuning")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("rank r")
+        ax.set_ylabel("next-token accuracy, % (mean of 3 seeds)")
+        ax.set_title(title, fontsize=10)
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -205,6 +240,7 @@ def plot_learning_forgetting(d: dict):
 
 FIGURES = {
     "00-central-difference-error": (central_difference_errors, plot_eps_curve, "00-toolkit"),
+    "01-rank-alpha": (rank_alpha_data, plot_rank_alpha, "01-lora"),
     "02-rank-sweep": (rank_sweep_data, plot_rank_sweep, "02-dora"),
     "03-nf4-code-usage": (nf4_code_usage_data, plot_nf4_code_usage, "03-qlora"),
     "04-learned-vs-kept": (compare_data, plot_learned_vs_kept, "04-compare"),
