@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # torch is pinned for development and CI (a CPU wheel); the package itself accepts a range.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: demo test lint bench lab pretrain book serve-book clean
+.PHONY: demo test lint bench lab pretrain figures tables book serve-book clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,12 @@ book: $(STAMP)
 serve-book: book
 	@echo "the book: http://127.0.0.1:8000/index.html (Ctrl-C stops it)"
 	$(PY) -m http.server 8000 --bind 127.0.0.1 --directory site
+
+figures: $(STAMP)  # chapters/figures/*.png and the data each is drawn from
+	MPLBACKEND=Agg $(PY) -m lowrank_ref.experiments.figures
+
+tables: $(STAMP)  # README's and the chapters' measured tables, from chapters/data/*.json
+	$(PY) -m lowrank_ref.experiments.doc_tables --write
 
 pretrain: $(STAMP)
 	$(VENV)/bin/lowrank-ref pretrain

@@ -186,10 +186,19 @@ def lr_at(step: int, steps: int, lr: float, schedule: str, warmup: int, min_lr: 
     return cosine_schedule(step, steps, lr, warmup_steps=warmup, min_lr=min_lr)
 
 
+def _bar_fits_the_output() -> bool:
+    """A live bar only on a terminal or in a Jupyter kernel (a widget): in a log file
+    (``make demo > log 2>&1``) its carriage-return updates would be hundreds of lines."""
+    import sys
+
+    return "ipykernel" in sys.modules or bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
 def progress_bar(steps: int, progress: bool, desc: str):
     from tqdm.auto import tqdm
 
-    return tqdm(range(steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    show = progress and _bar_fits_the_output()  # in a log, callers print one summary line instead
+    return tqdm(range(steps), desc=desc, disable=not show, leave=False, dynamic_ncols=True)
 
 
 # -- training hooks -------------------------------------------------------------------------

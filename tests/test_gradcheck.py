@@ -118,3 +118,41 @@ def test_gradcheck_only_checks_trainable_parameters(rng):
     layer.bias.trainable = False
     report = gradcheck(layer, rng.standard_normal((2, 3)))
     assert report.ok and [r.name for r in report.results] == ["weight", "input"]
+
+
+def test_reported_errors_are_the_worst_entrys_own(rng):
+    """abs and rel describe the entry named, not a tensor-wide maximum: rel is |a - n| over
+    max(|a|, |n|, atol/rtol) at that index."""
+    layer = OneWrongEntry(3, 4, rng=rng, dtype=np.float64)
+    report = gradcheck(layer, rng.standard_normal((2, 3)))
+    for r in report.results:
+        scale = max(abs(r.analytic), abs(r.numeric), 1e-8 / 1e-5)
+        assert r.abs_err == pytest.approx(abs(r.analytic - r.numeric), rel=1e-12, abs=1e-300)
+        assert r.rel_err == pytest.approx(r.abs_err / scale, rel=1e-12, abs=1e-300)
+
+
+def test_exactly_zero_gradient_is_not_reported_as_rel_one():
+    """A softmax cannot feel a shift of all its inputs: the derivative is exactly 0, the central
+    difference is rounding noise. The report judges it by atol and does not claim rel = 1."""
+    z, w, c = np.array([0.2, -1.0, 0.5]), np.array([1.0, 2.0, -0.5]), np.array([0.7])
+
+    def loss():
+        e = np.exp(z + c[0])
+        return float(np.sum(e / e.sum() * w))
+
+    (r,) = check_gradients(loss, {"c": c}, {"c": np.zeros(1)}).results
+    assert r.ok and r.analytic == 0.0 and r.numeric != 0.0  # the noise is there
+    assert r.rel_err == pytest.approx(abs(r.numeric) / 1e-3)  # floor atol/rtol = 1e-3
+    assert r.rel_err < 1e-5
+
+
+def test_key_bias_report_is_small(rng):
+    """The attention's key bias gets exactly zero gradient (chapter 00); its report line must not
+    claim a relative error of 1."""
+    attn = nn.CausalSelfAttention(8, 2, rng=rng, dtype=np.float64)
+    from lowrank_ref.gradcheck import perturb
+
+    perturb(attn, rng)
+    report = gradcheck(attn, rng.standard_normal((2, 3, 8)), params=["k.bias"], check_input=False)
+    (r,) = report.results
+    assert r.ok and abs(r.analytic) < 1e-12 and r.rel_err < 1e-3

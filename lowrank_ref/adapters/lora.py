@@ -20,7 +20,8 @@ Backward, for upstream :math:`\bar y` (leading axes flattened to ``N`` rows) and
     \bar x = \bar y W_0 + (\bar h A) \odot M .
 
 ``W0`` and ``b`` are frozen: they get no gradient (``None``). Cost: the LoRA branch adds
-``2 N r (in + out)`` multiply-adds forward, against ``N in out`` for the base.
+``N r (in + out)`` multiply-adds forward (``2 N r (in + out)`` FLOPs), against ``N in out``
+multiply-adds for the base.
 
 Init: ``B = 0`` so the adapted layer starts equal to the base. ``A`` is Kaiming-uniform with
 ``a = sqrt(5)``, i.e. ``U(-1/sqrt(in), 1/sqrt(in))`` (the reference code, microsoft/LoRA loralib,

@@ -21,7 +21,8 @@ import numpy as np
 from lowrank_ref.adapters.base import AdapterLinear
 from lowrank_ref.adapters.dora import DoRAConfig
 from lowrank_ref.adapters.lora import LoRAConfig, LoRALinear, init_lora_A
-from lowrank_ref.experiments.runner import experiment_main, quick_mode
+from lowrank_ref.experiments.modes import quick_mode
+from lowrank_ref.experiments.runner import experiment_main
 from lowrank_ref.nn.module import Parameter
 
 __all__ = ["DoubleLoRALinear", "magnitude_direction", "quick_mode", "base_model", "finetune",

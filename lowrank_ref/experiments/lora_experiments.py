@@ -31,7 +31,8 @@ import time
 import numpy as np
 
 from lowrank_ref.adapters.lora import LoRAConfig
-from lowrank_ref.experiments.runner import experiment_main, quick_mode
+from lowrank_ref.experiments.modes import quick_mode
+from lowrank_ref.experiments.runner import experiment_main
 
 __all__ = ["BERT_BASE", "bert_base_parameters", "lora_parameters", "bert_lora_counts", "quick_mode",
            "settings", "finetune", "summarize", "rank_alpha_sweep", "scaling_lr_grid", "target_sets",

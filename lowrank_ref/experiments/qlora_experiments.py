@@ -13,7 +13,7 @@ from lowrank_ref import quant
 from lowrank_ref.quant.memory import bits_per_param
 
 __all__ = ["model_linear_weights", "uniform_errors", "error_by_blocksize", "bits_breakdown", "paged_traffic",
-           "lora_vs_qlora_memory", "merge_requant_table", "dequant_timing"]
+           "lora_vs_qlora_memory", "merge_requant_table", "dequant_timing", "nf4_code_usage"]
 
 
 def model_linear_weights(model=None) -> dict[str, np.ndarray]:
@@ -62,6 +62,21 @@ def uniform_errors(weights: dict[str, np.ndarray] | None = None, gaussian_n: int
             rows.append({"data": data, "scheme": scheme, "rel_error": float(np.sqrt(num / den)),
                          "rmse": float(np.sqrt(num / n_values)), "worst_over_half_step": worst})
     return rows
+
+
+def nf4_code_usage(n: int = 1 << 22, blocksize: int = 64, seed: int = 0) -> dict:
+    r"""How often each NF4 code is used on ``n`` draws of N(0, 1) after block-wise absmax.
+
+    Returns ``{"share": (16,) fractions, "entropy_bits": float, "end_share_by_construction":
+    1/blocksize}``: each block's largest magnitude is stored as exactly ±1 (an end code), so at
+    least ``1/blocksize`` of all values sit on the two end codes.
+    """
+    x = np.random.default_rng(seed).standard_normal(n).astype(np.float32)
+    codes = quant.quantize_nf4(x, blocksize=blocksize).codes()
+    share = np.bincount(codes, minlength=16) / codes.size
+    nz = share[share > 0]
+    return {"share": share, "entropy_bits": float(-(nz * np.log2(nz)).sum()),
+            "end_share_by_construction": 1 / blocksize}
 
 
 def _roundtrips(blocksize: int):

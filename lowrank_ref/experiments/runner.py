@@ -8,7 +8,7 @@ once; the chapters' modules (``lora_experiments``, ``dora_experiments``, and lat
 it with their own grids, and record values during training through a training hook
 (``record(model, step)`` every ``record_every`` steps), never through a loop of their own.
 
-``LOWRANK_REF_QUICK=1`` (:func:`quick_mode`, set by the notebook tests) shrinks every experiment
+``LOWRANK_REF_QUICK=1`` (:func:`quick_mode`, from :mod:`lowrank_ref.experiments.modes`) shrinks every experiment
 to a smoke test; :func:`experiment_main` is the shared ``--quick`` / ``--out FILE`` command line.
 """
 
@@ -23,12 +23,9 @@ import time
 
 import numpy as np
 
+from lowrank_ref.experiments.modes import quick_mode
+
 __all__ = ["quick_mode", "finetune", "write_json", "experiment_main", "Recorder"]
-
-
-def quick_mode() -> bool:
-    """``LOWRANK_REF_QUICK=1`` (set by the notebook tests): shrink every run to a smoke test."""
-    return os.environ.get("LOWRANK_REF_QUICK", "") not in ("", "0")
 
 
 class Recorder:

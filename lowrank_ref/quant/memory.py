@@ -29,6 +29,7 @@ __all__ = ["bits_per_param", "LLAMA_65B", "llama_memory", "full_finetune_bytes",
            "optimizer_state_by_rank", "measure_step_memory"]
 
 GB = 1e9
+GIB = 2**30  # a "48 GB" GPU holds 48 GiB (an A6000 or A40: 48 × 2³⁰ bytes)
 
 LLAMA_65B = {"d": 8192, "layers": 80, "ffn": 22016, "vocab": 32000}  # Touvron et al. 2023
 
@@ -56,7 +57,8 @@ def llama_memory(cfg: dict | None = None, r: int = 64, blocksize: int = 64, doub
 
     Returns ``{"params", "base_nf4", "embeddings_bf16", "norms_bf16", "lora_bf16",
     "lora_grads_bf16", "adam_fp32", "total", "headroom_for_activations"}`` (bytes) and
-    ``"lora_params"``.
+    ``"lora_params"``. ``budget_gb`` is the card's size as sold, in GiB (a "48 GB" card holds
+    48 × 2³⁰ bytes), so the headroom is ``budget_gb · 2³⁰ − total``.
     """
     cfg = LLAMA_65B if cfg is None else cfg
     shapes = _linear_shapes(cfg)
@@ -76,14 +78,17 @@ def llama_memory(cfg: dict | None = None, r: int = 64, blocksize: int = 64, doub
         "adam_fp32": 8 * n_lora,  # m and v, float32
     }
     out["total"] = sum(v for k, v in out.items() if k not in ("params", "lora_params"))
-    out["headroom_for_activations"] = budget_gb * GB - out["total"]
+    out["headroom_for_activations"] = budget_gb * GIB - out["total"]
     return out
 
 
-def full_finetune_bytes(n_params: int) -> float:
-    """16-bit full fine-tuning with Adam: bf16 weights (2) + bf16 gradients (2) + float32 m and v
-    (8) = 12 bytes per parameter (no float32 master copy; with one it is 16)."""
-    return 12.0 * n_params
+def full_finetune_bytes(n_params: int, master_weights: bool = True) -> float:
+    """Mixed-precision full fine-tuning with Adam, activations aside: bf16 weights (2) + bf16
+    gradients (2) + float32 m and v (8) + the float32 master copy of the weights that the
+    optimizer updates (4; Micikevicius et al. 2018, arXiv:1710.03740) = 16 bytes per parameter.
+    ``master_weights=False`` drops the master copy: 12 bytes, which is what QLoRA's ">780 GB" for
+    65B counts."""
+    return (16.0 if master_weights else 12.0) * n_params
 
 
 def optimizer_state_by_rank(ranks=(1, 2, 4, 8, 16, 32), d_in: int = 64, d_out: int = 64,

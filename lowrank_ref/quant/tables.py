@@ -7,8 +7,11 @@ value, the index of the nearest level.
 NormalFloat (Dettmers et al. 2023, QLoRA, arXiv:2305.14314, §3)
 ----------------------------------------------------------------
 Pretrained weights are roughly zero-centred normal (chapter 03 shows a histogram). If the levels
-are the quantiles of the normal distribution, every level is used equally often: the data type is
-*information-theoretically optimal* for normal data in the paper's sense. The paper's Eq. 4,
+are the quantiles of the normal distribution, every level would be used equally often on normal
+data scaled to the table's range (the paper calls the data type *information-theoretically
+optimal*). After block-wise absmax they are not: each block's largest value lands on ±1 and the
+rest are scaled by that maximum, so the end codes are rare and the middle ones common (chapter 03,
+§3 measures it). The paper's Eq. 4,
 
 .. math::
     q_i = \tfrac12\Big(Q_X\big(\tfrac{i}{2^k+1}\big) + Q_X\big(\tfrac{i+1}{2^k+1}\big)\Big),
@@ -22,8 +25,8 @@ two probabilities being symmetric about 1/2. But its 16 values split the other w
 8 below zero (one of them the ``-inf``) and 7 above, where NF4 has 7 negative and 8 positive
 levels. So Eq. 4 is neither finite nor the table QLoRA ran with.
 
-What the reference implementation does instead (bitsandbytes ``create_normal_map``, the levels
-QLoRA was run with) is *asymmetric*: quantiles of the normal at evenly spaced probabilities from
+What the paper's §3 prose describes, and the reference implementation does (bitsandbytes
+``create_normal_map``, the levels QLoRA was run with), is *asymmetric*: quantiles of the normal at evenly spaced probabilities from
 ``offset`` down to 1/2,
 
 .. math::

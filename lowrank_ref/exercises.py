@@ -1,0 +1,528 @@
+r"""The checks behind the chapters' exercises (``notebooks/NN-topic-exercises.ipynb``).
+
+Each exercise asks the learner to write one function; its check cell calls ``check_<name>(fn)``,
+which runs ``fn`` on a fixed small problem, compares it with an oracle and prints what is wrong:
+the tensor, the worst entry, mine against expected. The oracle is one of
+
+* central differences of the forward (``lowrank_ref.gradcheck.check_gradients``), for a backward;
+* the package's own layer or function (``LoRALinear``, ``nf4_table``, ``quantize_nf4``, ...);
+* an arithmetic fact stated in the check itself (16 bytes per parameter, ...).
+
+A check never raises: it prints a verdict and returns a :class:`CheckResult` (truthy when it
+passed), so a notebook with unfinished exercises still runs to the end. ``CHECKS`` lists, per
+chapter, the exercise names in order; ``tests/test_exercises.py`` runs every solution in
+``notebooks/solutions/`` through its check and shows that each check fails on the notebook's
+unmodified stub.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["CheckResult", "CHECKS", "check", "compare"]
+
+
+@dataclass
+class CheckResult:
+    """The verdict of one check: ``ok`` and the message that was printed."""
+
+    name: str
+    ok: bool
+    message: str
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def __str__(self) -> str:
+        return f"{'PASS' if self.ok else 'FAIL'} {self.name}: {self.message}"
+
+
+class Mismatch(AssertionError):
+    """Raised inside a check body when the learner's value is wrong; the message says how."""
+
+
+def compare(name: str, mine, expected, rtol: float = 1e-7, atol: float = 1e-10) -> None:
+    """Raise :class:`Mismatch` naming the worst entry unless ``mine ≈ expected`` entrywise."""
+    if mine is None:
+        raise Mismatch(f"{name}: your function returned None (not written yet?)")
+    expected = np.asarray(expected, dtype=np.float64)
+    try:
+        mine = np.asarray(mine, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise Mismatch(f"{name}: cannot read your value as numbers ({e})") from None
+    if mine.shape != expected.shape:
+        raise Mismatch(f"{name}: shape {mine.shape}, expected {expected.shape}")
+    if not np.all(np.isfinite(mine)):
+        raise Mismatch(f"{name}: contains NaN or inf")
+    err = np.abs(mine - expected)
+    allowed = atol + rtol * np.abs(expected)
+    if mine.size and not np.all(err <= allowed):
+        i = np.unravel_index(int(np.argmax(err / allowed)), err.shape)
+        where = tuple(int(k) for k in i)
+        raise Mismatch(f"{name}: worst at {where}: mine={mine[i]:+.8e} expected={expected[i]:+.8e} "
+                       f"(|diff| {err[i]:.2e}; {int(np.sum(err > allowed))} of {err.size} entries off)")
+
+
+def _unpack(out, n: int, what: str):
+    if out is None:
+        raise Mismatch(f"your function returned None (not written yet?); expected {what}")
+    if n == 1:
+        return out
+    if not isinstance(out, (tuple, list)) or len(out) != n:
+        raise Mismatch(f"expected a tuple {what}, got {type(out).__name__}")
+    return tuple(out)
+
+
+def _gradcheck(loss, arrays: dict, analytic: dict, tag: str) -> None:
+    """Central differences (the package's checker) against the learner's gradients."""
+    from lowrank_ref.gradcheck import check_gradients
+
+    for k, v in analytic.items():
+        if v is None:
+            raise Mismatch(f"{k}: your function returned None for this gradient")
+        if np.shape(v) != arrays[k].shape:
+            raise Mismatch(f"{k}: shape {np.shape(v)}, expected {arrays[k].shape} (the shape of {k})")
+    report = check_gradients(loss, arrays, analytic)
+    if not report.ok:
+        bad = "\n  ".join(str(r) for r in report.results if not r.ok)
+        raise Mismatch(f"{tag} disagrees with central differences:\n  {bad}")
+
+
+def check(name: str, fn: Callable, body: Callable[[Callable], str], verbose: bool = True) -> CheckResult:
+    """Run ``body(fn)``; print and return the verdict. ``body`` returns a success message."""
+    if not callable(fn):
+        res = CheckResult(name, False, f"expected a function, got {type(fn).__name__}")
+    else:
+        try:
+            res = CheckResult(name, True, body(fn) or "correct")
+        except NotImplementedError:
+            res = CheckResult(name, False, "not written yet (it raises NotImplementedError)")
+        except Mismatch as e:
+            res = CheckResult(name, False, str(e))
+        except Exception as e:  # the learner's code crashed: say where, keep the notebook going
+            res = CheckResult(name, False, f"your function raised {type(e).__name__}: {e}")
+    if verbose:
+        print(res)
+    return res
+
+
+def _rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+# ---------------------------------------------------------------- chapter 00: the toolkit
+
+
+def _linear_body(fn):
+    rng = _rng(0)
+    x = rng.standard_normal((2, 3, 4))  # (B, T, in): leading axes the gradient must sum over
+    W = rng.standard_normal((5, 4))  # (out, in)
+    b = rng.standard_normal(5)
+    w = rng.standard_normal((2, 3, 5))  # the loss is sum(y ⊙ w), so ȳ = w
+    dx, dW, db = _unpack(fn(w.copy(), x.copy(), W.copy()), 3, "(dx, dW, db)")
+    _gradcheck(lambda: float(np.sum((x @ W.T + b) * w)), {"x": x, "W": W, "b": b},
+               {"x": dx, "W": dW, "b": db}, "linear_backward")
+    return "dx, dW and db agree with central differences in every entry"
+
+
+def check_linear_backward(fn, verbose=True) -> CheckResult:
+    """``fn(dy (..., out), x (..., in), W (out, in)) -> (dx, dW, db)`` for ``y = x Wᵀ + b``."""
+    return check("linear_backward", fn, _linear_body, verbose)
+
+
+def _layernorm_parts(rng):
+    x = rng.standard_normal((2, 3, 6))
+    gamma = 1 + 0.3 * rng.standard_normal(6)  # away from γ = 1, β = 0, where wrong formulas hide
+    beta = 0.3 * rng.standard_normal(6)
+    w = rng.standard_normal((2, 3, 6))
+    return x, gamma, beta, w
+
+
+def _ln_forward(x, gamma, beta, eps=1e-5):
+    mu = x.mean(-1, keepdims=True)
+    rho = 1 / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps)
+    xhat = (x - mu) * rho
+    return xhat * gamma + beta, xhat, rho
+
+
+def _layernorm_body(fn):
+    x, gamma, beta, w = _layernorm_parts(_rng(1))
+    _, xhat, rho = _ln_forward(x, gamma, beta)
+    dx, dg, db = _unpack(fn(w.copy(), xhat, rho, gamma.copy()), 3, "(dx, dgamma, dbeta)")
+    _gradcheck(lambda: float(np.sum(_ln_forward(x, gamma, beta)[0] * w)),
+               {"x": x, "gamma": gamma, "beta": beta}, {"x": dx, "gamma": dg, "beta": db},
+               "layernorm_backward")
+    return "dx, dgamma and dbeta agree with central differences in every entry"
+
+
+def check_layernorm_backward(fn, verbose=True) -> CheckResult:
+    """``fn(dy, xhat, rho, gamma) -> (dx, dgamma, dbeta)`` for ``y = γ ⊙ x̂ + β`` (last axis)."""
+    return check("layernorm_backward", fn, _layernorm_body, verbose)
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _softmax_body(fn):
+    rng = _rng(2)
+    z = rng.standard_normal((3, 5))
+    w = rng.standard_normal((3, 5))
+    dz = _unpack(fn(_softmax(z), w.copy()), 1, "dz")
+    _gradcheck(lambda: float(np.sum(_softmax(z) * w)), {"z": z}, {"z": dz}, "softmax_backward")
+    return "dz agrees with central differences (and you never built the T×T Jacobian, we hope)"
+
+
+def check_softmax_backward(fn, verbose=True) -> CheckResult:
+    """``fn(p (..., T), dp (..., T)) -> dz`` for ``p = softmax(z)`` over the last axis."""
+    return check("softmax_backward", fn, _softmax_body, verbose)
+
+
+def _torch_layernorm_grads(x, gamma, beta, w):
+    """The same LayerNorm through PyTorch's autograd (float64), or None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    xt = torch.tensor(x, requires_grad=True)
+    gt = torch.tensor(gamma, requires_grad=True)
+    bt = torch.tensor(beta, requires_grad=True)
+    y = torch.nn.functional.layer_norm(xt, (x.shape[-1],), gt, bt, eps=1e-5)
+    (y * torch.tensor(w)).sum().backward()
+    return xt.grad.numpy(), gt.grad.numpy(), bt.grad.numpy()
+
+
+def _broken_body(fn):
+    x, gamma, beta, w = _layernorm_parts(_rng(3))
+    _, xhat, rho = _ln_forward(x, gamma, beta)
+    out = _unpack(fn(w.copy(), xhat, rho, gamma.copy()), 3, "(dx, dgamma, dbeta)")
+    try:
+        _gradcheck(lambda: float(np.sum(_ln_forward(x, gamma, beta)[0] * w)),
+                   {"x": x, "gamma": gamma, "beta": beta}, dict(zip(("x", "gamma", "beta"), out)), "")
+        caught_fd = False
+    except Mismatch:
+        caught_fd = True
+    ref = _torch_layernorm_grads(x, gamma, beta, w)
+    if ref is None:
+        caught_torch, torch_note = None, "torch is not installed, so only central differences ran"
+    else:
+        caught_torch = any(not np.allclose(np.asarray(o, float), r, rtol=1e-9, atol=1e-12)
+                           for o, r in zip(out, ref))
+        torch_note = f"autograd {'caught' if caught_torch else 'did NOT catch'} it"
+    if not caught_fd:
+        raise Mismatch("central differences accept this backward: it is still right. Break it "
+                       f"(drop a term of dx) and run the check again; {torch_note}")
+    if caught_torch is False:
+        raise Mismatch("central differences caught it but autograd did not: is your "
+                       "forward the same function as torch's layer_norm?")
+    return f"central differences caught it, {torch_note}: two independent oracles"
+
+
+def check_broken_layernorm(fn, verbose=True) -> CheckResult:
+    """Passes when ``fn`` (a deliberately *broken* LayerNorm backward) is caught by both oracles:
+    central differences and PyTorch's autograd."""
+    return check("broken_layernorm", fn, _broken_body, verbose)
+
+
+# ---------------------------------------------------------------- chapter 01: LoRA
+
+
+def _lora_layer(rng, r=3, alpha=6.0, rslora=False, n_in=5, n_out=4):
+    import lowrank_ref as lr
+
+    base = lr.nn.Linear.from_arrays(rng.standard_normal((n_out, n_in)), rng.standard_normal(n_out))
+    layer = lr.adapters.LoRALinear(base, lr.LoRAConfig(r=r, alpha=alpha, rslora=rslora), rng=rng)
+    layer.astype(np.float64)
+    layer.B.data = rng.standard_normal(layer.B.shape)  # non-zero B: a wrong ΔW cannot hide
+    return layer
+
+
+def _scaling_body(fn):
+    import lowrank_ref as lr
+
+    for r, alpha, rs in [(8, 16, False), (4, 4, False), (16, 16, True), (64, 8, True), (1, 2, False)]:
+        want = lr.LoRAConfig(r=r, alpha=alpha, rslora=rs).scaling
+        compare(f"lora_scaling(alpha={alpha}, r={r}, rslora={rs})", fn(alpha, r, rs), want, rtol=1e-12)
+    return "alpha/r, and alpha/sqrt(r) with rsLoRA, as LoRAConfig.scaling"
+
+
+def check_lora_scaling(fn, verbose=True) -> CheckResult:
+    """``fn(alpha, r, rslora) -> s``."""
+    return check("lora_scaling", fn, _scaling_body, verbose)
+
+
+def _lora_forward_body(fn):
+    rng = _rng(4)
+    layer = _lora_layer(rng)
+    x = rng.standard_normal((2, 3, 5))
+    y = fn(x.copy(), layer.base.weight.data.copy(), layer.base.bias.data.copy(),
+           layer.A.data.copy(), layer.B.data.copy(), layer.scaling)
+    compare("y", y, layer.forward(x))
+    return "equals LoRALinear.forward (r=3, alpha=6, a 3-D input)"
+
+
+def check_lora_forward(fn, verbose=True) -> CheckResult:
+    """``fn(x (..., in), W (out, in), b (out,), A (r, in), B (out, r), s) -> y (..., out)``."""
+    return check("lora_forward", fn, _lora_forward_body, verbose)
+
+
+def _lora_backward_body(fn):
+    rng = _rng(5)
+    x = rng.standard_normal((2, 3, 5))
+    W, b = rng.standard_normal((4, 5)), rng.standard_normal(4)
+    A, B = rng.standard_normal((3, 5)), rng.standard_normal((4, 3))
+    s, w = 2.0, rng.standard_normal((2, 3, 4))
+    dx, dA, dB = _unpack(fn(w.copy(), x.copy(), W.copy(), A.copy(), B.copy(), s), 3, "(dx, dA, dB)")
+    _gradcheck(lambda: float(np.sum((x @ W.T + b + s * (x @ A.T) @ B.T) * w)),
+               {"x": x, "A": A, "B": B}, {"x": dx, "A": dA, "B": dB}, "lora_backward")
+    return "dx, dA and dB agree with central differences in every entry"
+
+
+def check_lora_backward(fn, verbose=True) -> CheckResult:
+    """``fn(dy, x, W, A, B, s) -> (dx, dA, dB)``; ``W`` and ``b`` are frozen."""
+    return check("lora_backward", fn, _lora_backward_body, verbose)
+
+
+def _lora_merge_body(fn):
+    rng = _rng(6)
+    layer = _lora_layer(rng, r=2, alpha=5.0)
+    W = layer.base.weight.data.copy()
+    merged = fn(W.copy(), layer.A.data.copy(), layer.B.data.copy(), layer.scaling)
+    layer.merge()
+    compare("merged W", merged, layer.base.weight.data)
+    return "equals the weight LoRALinear.merge() writes"
+
+
+def check_lora_merge(fn, verbose=True) -> CheckResult:
+    """``fn(W, A, B, s) -> W'``: the merged weight."""
+    return check("lora_merge", fn, _lora_merge_body, verbose)
+
+
+def _lora_count_body(fn):
+    import lowrank_ref as lr
+
+    rng = _rng(7)
+    for n_in, n_out, r in [(5, 4, 3), (64, 64, 8), (64, 256, 4), (768, 768, 1)]:
+        base = lr.nn.Linear(n_in, n_out, rng=rng)
+        layer = lr.adapters.LoRALinear(base, lr.LoRAConfig(r=r, alpha=2 * r), rng=rng)
+        got = fn(n_in, n_out, r)
+        if got != layer.num_trainable_parameters():
+            raise Mismatch(f"lora_params({n_in}, {n_out}, {r}) = {got!r}, expected "
+                           f"{layer.num_trainable_parameters()} (LoRALinear's trainable count)")
+    return "matches LoRALinear.num_trainable_parameters() on four shapes"
+
+
+def check_lora_params(fn, verbose=True) -> CheckResult:
+    """``fn(in_features, out_features, r) -> int``: LoRA's trainable parameters on one layer."""
+    return check("lora_params", fn, _lora_count_body, verbose)
+
+
+# ---------------------------------------------------------------- chapter 02: DoRA
+
+
+def _dora_row_norm_body(fn):
+    import lowrank_ref as lr
+
+    rng = _rng(8)
+    base = lr.nn.Linear.from_arrays(rng.standard_normal((4, 6)), None)  # out=4 ≠ in=6: axes matter
+    layer = lr.adapters.DoRALinear(base, lr.DoRAConfig(r=2, alpha=3.0), rng=rng)
+    layer.astype(np.float64)
+    layer.B.data = rng.standard_normal(layer.B.shape)
+    n = fn(base.weight.data.copy(), layer.A.data.copy(), layer.B.data.copy(), layer.scaling)
+    compare("n", n, layer.weight_norm())
+    return "equals DoRALinear.weight_norm(): one norm per output row, over the input axis"
+
+
+def check_dora_row_norm(fn, verbose=True) -> CheckResult:
+    """``fn(W0 (out, in), A, B, s) -> n (out,)``: ``n_j = ‖W0_j + s (B A)_j‖``."""
+    return check("dora_row_norm", fn, _dora_row_norm_body, verbose)
+
+
+def _dora_weight(V, m, n=None):
+    n = np.sqrt((V * V).sum(1)) if n is None else n
+    return (m / n)[:, None] * V  # W' = diag(m / ‖V_j‖) V
+
+
+def _dora_grad_body(detach):
+    def body(fn):
+        rng = _rng(9 if detach else 10)
+        V = rng.standard_normal((4, 6))
+        m = 1 + rng.random(4)
+        G = rng.standard_normal((4, 6))  # ∂L/∂W' for L = sum(W' ⊙ G)
+        dV, dm = _unpack(fn(G.copy(), V.copy(), m.copy()), 2, "(dV, dm)")
+        n0 = np.sqrt((V * V).sum(1))
+        if detach:  # the norm is a constant n0: only the direct path
+            loss = lambda: float(np.sum(_dora_weight(V, m, n0) * G))  # noqa: E731
+        else:
+            loss = lambda: float(np.sum(_dora_weight(V, m) * G))  # noqa: E731
+        _gradcheck(loss, {"V": V, "m": m}, {"V": dV, "m": dm}, "the DoRA norm gradient")
+        return ("dV and dm agree with central differences" +
+                (" (the norm held constant)" if detach else " (through the norm: the projection term)"))
+    return body
+
+
+def check_dora_norm_backward(fn, verbose=True) -> CheckResult:
+    """``fn(G, V, m) -> (dV, dm)`` for ``W' = diag(m/‖V_j‖) V`` and ``G = ∂L/∂W'`` (exact gradient)."""
+    return check("dora_norm_backward", fn, _dora_grad_body(False), verbose)
+
+
+def check_dora_detached_backward(fn, verbose=True) -> CheckResult:
+    """``fn(G, V, m) -> (dV, dm)`` with the norm ``‖V_j‖`` treated as a constant (``detach_norm``)."""
+    return check("dora_detached_backward", fn, _dora_grad_body(True), verbose)
+
+
+# ---------------------------------------------------------------- chapter 03: quantisation
+
+
+def _nf4_body(fn):
+    from lowrank_ref.quant import nf4_table
+
+    t = fn()
+    compare("NF4 levels", t, nf4_table(), rtol=0, atol=1e-6)
+    return "the 16 levels equal lowrank_ref.quant.nf4_table() to 1e-6 (float32 rounding aside)"
+
+
+def check_nf4_table(fn, verbose=True) -> CheckResult:
+    """``fn() -> 16 sorted levels`` built from normal quantiles (the asymmetric 8 + 7 + 0 recipe)."""
+    return check("nf4_table", fn, _nf4_body, verbose)
+
+
+def _absmax_body(fn):
+    from lowrank_ref.quant import nf4_table, quantize_nf4
+
+    rng = _rng(11)
+    x = rng.standard_normal(64 * 8 + 32).astype(np.float32)  # 8 full blocks and a partial one
+    table = nf4_table()
+    out = _unpack(fn(x.copy(), table.copy(), 64), 2, "(codes, absmax)")
+    codes, absmax = out
+    q = quantize_nf4(x, blocksize=64)
+    compare("absmax", absmax, q.absmax, rtol=1e-6, atol=0)
+    codes = np.asarray(codes)
+    if codes.shape != (x.size,):
+        raise Mismatch(f"codes: shape {codes.shape}, expected {(x.size,)} (one code per value)")
+    want = q.codes().astype(np.int64)
+    off = np.flatnonzero(codes.astype(np.int64) != want)
+    if off.size:
+        # a value on (within rounding of) the midpoint between two levels may go either way
+        u = x / np.repeat(q.absmax, 64)[: x.size]
+        mids = (table[1:] + table[:-1]) / 2
+        near = np.min(np.abs(u[off, None] - mids[None, :]), axis=1) < 1e-6
+        if not np.all(near):
+            i = int(off[~near][0])
+            raise Mismatch(f"codes: {int(np.sum(~near))} of {x.size} differ; first at [{i}]: x={x[i]:+.5f}, "
+                           f"x/absmax={u[i]:+.5f}, mine={int(codes[i])} expected={int(want[i])} "
+                           f"(level {table[want[i]]:+.4f})")
+    return "absmax per block and the nearest-level codes equal quantize_nf4's"
+
+
+def check_absmax_quantize(fn, verbose=True) -> CheckResult:
+    """``fn(x (n,), table (16,), blocksize) -> (codes (n,) ints, absmax (n_blocks,))``."""
+    return check("absmax_quantize", fn, _absmax_body, verbose)
+
+
+def _bits_body(fn):
+    from lowrank_ref.quant import quantize_nf4
+
+    # the arithmetic QLoRA §3 states: 4 + 32/64 = 4.5, and 4 + 8/64 + 32/(64·256) ≈ 4.127
+    compare("bits_per_param(64, False)", fn(64, False, 256), 4.5, rtol=1e-12)
+    compare("bits_per_param(64, True, 256)", fn(64, True, 256), 4 + 8 / 64 + 32 / (64 * 256), rtol=1e-12)
+    x = np.random.default_rng(12).standard_normal(64 * 256 * 4).astype(np.float32)
+    for bs, dq in [(32, False), (128, True), (64, True)]:
+        q = quantize_nf4(x, blocksize=bs, double_quant=dq)
+        compare(f"bits_per_param({bs}, {dq}, 256)", fn(bs, dq, 256), q.bits_per_param, rtol=1e-3)
+    return "matches QLoRA's 4.5 and 4.127, and the bits a real NF4 tensor stores"
+
+
+def check_bits_per_param(fn, verbose=True) -> CheckResult:
+    """``fn(blocksize, double_quant, blocksize2) -> bits per weight`` (large-tensor limit)."""
+    return check("bits_per_param", fn, _bits_body, verbose)
+
+
+def _full_ft_body(fn):
+    # bf16 weight 2 + bf16 gradient 2 + fp32 master weight 4 + Adam's fp32 m and v 8 = 16 bytes
+    for n in (1, 1000, 65_000_000_000):
+        compare(f"full_finetune_bytes({n})", fn(n), 16 * n, rtol=1e-12)
+    return "16 bytes per parameter: 1.04 TB for 65B parameters, before activations"
+
+
+def check_full_finetune_bytes(fn, verbose=True) -> CheckResult:
+    """``fn(n_params) -> bytes`` of mixed-precision full fine-tuning with Adam (no activations)."""
+    return check("full_finetune_bytes", fn, _full_ft_body, verbose)
+
+
+# ---------------------------------------------------------------- chapter 04: the comparison
+
+
+def _gpt_count_body(fn):
+    import lowrank_ref as lr
+    from lowrank_ref.inject import inject
+
+    cases = [(dict(d_model=64, n_layer=2), 8, ("q", "v")),
+             (dict(d_model=32, n_layer=3, mlp_ratio=2), 4, ("q", "k", "v", "o", "fc", "proj")),
+             (dict(d_model=16, n_layer=1), 2, ("fc",))]
+    for kw, r, targets in cases:
+        cfg = lr.nn.GPTConfig(vocab_size=11, block_size=8, n_head=4, **kw)
+        model = lr.nn.GPT(cfg, rng=_rng(13))
+        inject(model, lr.LoRAConfig(r=r, alpha=2 * r), targets=targets, rng=0)
+        want = model.num_trainable_parameters()
+        got = fn(cfg, r, targets)
+        if got != want:
+            raise Mismatch(f"{kw}, r={r}, targets={targets}: yours {got!r}, expected {want} "
+                           "(what inject() makes trainable)")
+    return "matches what inject() makes trainable, on three model sizes and target sets"
+
+
+def check_lora_gpt_params(fn, verbose=True) -> CheckResult:
+    """``fn(cfg: GPTConfig, r, targets) -> int``: LoRA's trainable parameters in the GPT."""
+    return check("lora_gpt_params", fn, _gpt_count_body, verbose)
+
+
+def _adam_bytes_body(fn):
+    import lowrank_ref as lr
+    from lowrank_ref.optim import Adam
+
+    rng = _rng(14)
+    for n_in, n_out in [(5, 4), (16, 3)]:
+        layer = lr.nn.Linear(n_in, n_out, rng=rng)  # float32
+        opt = Adam(layer.parameters())
+        y = layer.forward(rng.standard_normal((2, n_in)).astype(np.float32))
+        layer.backward(np.ones_like(y))
+        opt.step()
+        measured = opt.state_bytes() + sum(p.grad.nbytes for p in layer.parameters().values())
+        n = layer.num_trainable_parameters()
+        compare(f"adam_training_bytes({n})", fn(n), measured, rtol=0, atol=0.5)
+    return "matches the gradient and Adam state a real float32 step allocates"
+
+
+def check_adam_training_bytes(fn, verbose=True) -> CheckResult:
+    """``fn(n_trainable) -> bytes`` of float32 gradients plus Adam's two moments."""
+    return check("adam_training_bytes", fn, _adam_bytes_body, verbose)
+
+
+CHECKS: dict[str, list[tuple[str, Callable]]] = {
+    "00-toolkit": [("linear_backward", check_linear_backward),
+                   ("layernorm_backward", check_layernorm_backward),
+                   ("softmax_backward", check_softmax_backward),
+                   ("broken_layernorm_backward", check_broken_layernorm)],
+    "01-lora": [("lora_scaling", check_lora_scaling), ("lora_forward", check_lora_forward),
+                ("lora_backward", check_lora_backward), ("lora_merge", check_lora_merge),
+                ("lora_params", check_lora_params)],
+    "02-dora": [("dora_row_norm", check_dora_row_norm),
+                ("dora_detached_backward", check_dora_detached_backward),
+                ("dora_norm_backward", check_dora_norm_backward)],
+    "03-qlora": [("nf4_table", check_nf4_table), ("absmax_quantize", check_absmax_quantize),
+                 ("bits_per_param", check_bits_per_param),
+                 ("full_finetune_bytes", check_full_finetune_bytes)],
+    "04-compare": [("lora_gpt_params", check_lora_gpt_params),
+                   ("adam_training_bytes", check_adam_training_bytes)],
+}
+
+
+def show(fn) -> None:
+    """Print a function's source (to look at a solution or a package function from a notebook)."""
+    print(inspect.getsource(fn))
