@@ -28,8 +28,8 @@ def test_every_chapter_is_a_unit_and_every_link_resolves():
 
 
 def test_claims_table_rows_have_a_verdict_and_resolvable_links():
-    text = (ROOT / "chapters" / "claims.md").read_text(encoding="utf-8")
-    assert "(chapters/claims.md)" in (ROOT / "README.md").read_text(encoding="utf-8")
+    text = (ROOT / "chapters" / "90-claims.md").read_text(encoding="utf-8")
+    assert "(chapters/90-claims.md)" in (ROOT / "README.md").read_text(encoding="utf-8")
     table = text.split("## The claims")[1].split("\n## ")[0]
     rows = [ln for ln in table.splitlines() if re.match(r"\| \d+ \|", ln)]
     assert len(rows) >= 21
@@ -50,7 +50,7 @@ def _slug(heading: str) -> str:  # GitHub's anchor for a Markdown heading
 
 
 def test_claims_table_anchors_exist():
-    text = (ROOT / "chapters" / "claims.md").read_text(encoding="utf-8")
+    text = (ROOT / "chapters" / "90-claims.md").read_text(encoding="utf-8")
     for target, anchor in re.findall(r"\]\(([^)#]+)#([^)]+)\)", text):
         doc = (ROOT / "chapters" / target).read_text(encoding="utf-8")
         slugs = {_slug(h) for h in re.findall(r"^#+ (.+)$", doc, re.M)}
