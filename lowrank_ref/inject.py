@@ -46,7 +46,7 @@ import numpy as np
 
 from lowrank_ref.adapters.base import AdapterLinear
 from lowrank_ref.nn.linear import Linear
-from lowrank_ref.nn.module import Module, array_module
+from lowrank_ref.nn.module import Module, array_module, as_rng
 from lowrank_ref.registry import MethodSpec, get_method, load_object, method_for_config, methods
 
 __all__ = ["inject", "InjectResult", "set_trainable", "select_targets", "resolve_overrides",
@@ -197,16 +197,6 @@ def resolve_spec(config, method: str | None) -> MethodSpec:
         raise TypeError(f"config must be a {spec.config.__name__} for method {spec.name!r}, "
                         f"got {type(config).__name__}")
     return spec
-
-
-def as_rng(rng) -> np.random.Generator:
-    """``rng`` as a ``numpy.random.Generator``: ``None`` (fresh entropy), an int seed, or a
-    Generator (returned as it is, so one stream feeds every layer); anything else is a TypeError."""
-    if isinstance(rng, np.random.Generator):
-        return rng
-    if rng is None or (hasattr(rng, "__index__") and not isinstance(rng, bool)):
-        return np.random.default_rng(rng)
-    raise TypeError(f"rng must be None, an int seed or a numpy Generator, got {type(rng).__name__}")
 
 
 def check_trainable_mode(mode) -> str:

@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lowrank_ref.data.batching import check_tokens, eval_windows, get_batch
+from lowrank_ref.nn.module import as_rng
 from lowrank_ref.registry import check_backend
 
 __all__ = ["TrainResult", "train", "evaluate", "model_backend", "model_bytes", "as_rng",
@@ -88,17 +89,6 @@ class TrainResult:
 
 
 # -- small helpers --------------------------------------------------------------------------
-def as_rng(rng) -> np.random.Generator:
-    """A numpy Generator from None (fresh entropy), an int seed, or a Generator."""
-    if isinstance(rng, np.random.Generator):
-        return rng
-    if rng is None:
-        return np.random.default_rng()
-    if isinstance(rng, bool) or not isinstance(rng, (int, np.integer)):
-        raise TypeError(f"rng must be None, an int seed or a numpy.random.Generator, got {type(rng).__name__}")
-    return np.random.default_rng(int(rng))
-
-
 def model_backend(model) -> str:
     """``"numpy"`` for a lowrank_ref Module; ``"torch"``/``"cuda"`` for a torch module by device."""
     from lowrank_ref.nn.module import Module

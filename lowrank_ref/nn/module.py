@@ -21,7 +21,8 @@ import numpy as np
 
 from lowrank_ref.nn.checks import nonfinite_error
 
-__all__ = ["Parameter", "Module", "ModuleList", "StateError", "check_finite", "array_module"]
+__all__ = ["Parameter", "Module", "ModuleList", "StateError", "check_finite", "array_module", "as_rng",
+           "check_condition", "set_condition"]
 
 
 class StateError(RuntimeError, ValueError):
@@ -313,4 +314,15 @@ def set_condition(modules, cond) -> int:
         raise ValueError("cond was given but no layer of the model takes a condition "
                          "(inject a conditional method, or pass cond=None)")
     return n
+
+
+def as_rng(rng) -> np.random.Generator:
+    """``rng`` as a ``numpy.random.Generator``: ``None`` (fresh entropy), an int seed, or a
+    Generator (returned as it is, so one stream can feed several layers); anything else is a
+    ``TypeError``. The one conversion that inject, the training loops and the layers share."""
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if rng is None or (hasattr(rng, "__index__") and not isinstance(rng, (bool, np.bool_))):
+        return np.random.default_rng(None if rng is None else int(rng.__index__()))
+    raise TypeError(f"rng must be None, an int seed or a numpy.random.Generator, got {type(rng).__name__}")
 
