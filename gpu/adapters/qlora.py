@@ -17,7 +17,7 @@ from lowrank_gpu.adapters.base import check_base
 from lowrank_gpu.adapters.lora import LoRALinear
 from lowrank_gpu.quant.linear import NF4Linear, QuantizedLinear
 from lowrank_gpu.quant.nf4 import TorchQuant4Tensor
-from lowrank_ref.adapters.qlora import QLoRAConfig, QLoRAInt4Config, as_qlora_config
+from lowrank_ref.adapters.qlora import QLoRAConfig, QLoRAInt4Config, as_qlora_config, check_storage
 from lowrank_ref.config import LoRAConfig
 
 __all__ = ["QLoRALinear", "QLoRAInt4Linear", "QuantizedLinear", "NF4Linear"]
@@ -33,10 +33,7 @@ class QLoRALinear(LoRALinear):
         config = as_qlora_config(config, self.CONFIG, blocksize, double_quant)
         base = check_base(base)
         if isinstance(base, QuantizedLinear):
-            for name in ("blocksize", "double_quant", "quant_type"):
-                if getattr(base, name) != getattr(config, name):
-                    raise ValueError(f"base is stored with {name}={getattr(base, name)!r}; the config has "
-                                     f"{name}={getattr(config, name)!r}")
+            check_storage(base, config)
         else:  # the given nn.Linear is not kept: the 4-bit storage is the only copy of W0
             base = QuantizedLinear.from_linear(base, config.blocksize, config.double_quant, config.quant_type)
         super().__init__(base, config, rng=rng)

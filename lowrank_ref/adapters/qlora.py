@@ -86,6 +86,14 @@ class QLoRAInt4Config(QLoRAConfig):
             raise ValueError(f"QLoRAInt4Config has quant_type 'int4', got {self.quant_type!r}")
 
 
+def check_storage(base, config) -> None:
+    """An already-quantised ``base`` must be stored as ``config`` says (both backends call this)."""
+    for name in ("blocksize", "double_quant", "quant_type"):
+        if getattr(base, name) != getattr(config, name):
+            raise ValueError(f"base is stored with {name}={getattr(base, name)!r}; the config has "
+                             f"{name}={getattr(config, name)!r}")
+
+
 def as_qlora_config(config, cls, blocksize=None, double_quant=None):
     """``config`` as a ``cls`` (QLoRAConfig or QLoRAInt4Config): a plain ``LoRAConfig`` takes
     ``blocksize``/``double_quant`` (defaults 64, True); a ``cls`` must agree with any given."""
@@ -135,10 +143,7 @@ class QLoRALinear(LoRALinear):
         config = as_qlora_config(config, self.CONFIG, blocksize, double_quant)
         base = check_base(base)
         if isinstance(base, QuantizedLinear):
-            for name in ("blocksize", "double_quant", "quant_type"):
-                if getattr(base, name) != getattr(config, name):
-                    raise ValueError(f"base is stored with {name}={getattr(base, name)!r}; the config has "
-                                     f"{name}={getattr(config, name)!r}")
+            check_storage(base, config)
         else:  # everything is checked; now quantise (the only expensive step)
             base = QuantizedLinear.from_linear(base, config.blocksize, config.double_quant, config.quant_type)
         super().__init__(base, config, rng=rng)
@@ -221,7 +226,7 @@ def merge_requant_error(layer) -> dict:
 
 __all__ = ["QLoRAConfig", "QLoRAInt4Config", "QLoRALinear", "QLoRAInt4Linear", "QuantizedLinear", "NF4Linear",
            "qlora_forward", "qlora_backward", "requantize_merged", "merge_requant_error", "SPEC", "QUANT_TYPES",
-           "as_qlora_config"]
+           "as_qlora_config", "check_storage"]
 
 # a QLoRA adapter is a LoRA adapter (PEFT's keys) over a quantised base; a PEFT LoRA folder loads as "lora"
 _PEFT = PeftMapping("LORA", {"A": "lora_A.weight", "B": "lora_B.weight"}, claims=lambda c: False)
