@@ -42,8 +42,10 @@ def layernorm_forward(x, gamma, beta, eps: float = 1e-5):
     xc = x - mu
     var = (xc * xc).mean(axis=-1, keepdims=True)  # σ² (biased), (..., 1)
     rho = 1.0 / np.sqrt(var + eps)  # ρ = (σ² + ε)^(-1/2)
-    xhat = xc * rho  # x̂ = (x - μ) ρ
-    return xhat * gamma + beta, (xhat, rho, gamma)
+    xhat = np.multiply(xc, rho, out=xc if xc.dtype == rho.dtype else None)  # x̂ = (x - μ) ρ, over xc
+    y = xhat * gamma
+    y = np.add(y, beta, out=y if y.dtype == np.result_type(y, beta) else None)  # y = γ ⊙ x̂ + β
+    return y, (xhat, rho, gamma)
 
 
 def layernorm_backward(dy, cache):
