@@ -441,13 +441,50 @@ def rerender(out) -> pathlib.Path:
     return path
 
 
+README_BEGIN = "<!-- bench:begin: generated from bench/results by `python -m bench.run --readme`; do not edit -->"
+README_END = "<!-- bench:end -->"
+
+
+def readme_section(results_dir) -> str:
+    """README's speed section body: the table of ``bench.json`` and, if present, ``scaling.md``."""
+    results_dir = pathlib.Path(results_dir)
+    data = json.loads((results_dir / "bench.json").read_text())
+    parts = [render_markdown(data["rows"], data["meta"]).rstrip("\n")]
+    scaling = results_dir / "scaling.md"
+    if scaling.exists():
+        parts += ["", "How the cost grows (`python -m bench.scaling`; plot: "
+                  "[bench/results/scaling.png](bench/results/scaling.png)):", "",
+                  scaling.read_text().rstrip("\n")]
+    return "\n".join(parts) + "\n"
+
+
+def update_readme(readme, results_dir) -> bool:
+    """Replace the text between README's bench markers with :func:`readme_section`; True if it changed."""
+    readme = pathlib.Path(readme)
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise ValueError(f"{readme} lacks the markers {README_BEGIN!r} ... {README_END!r}")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    new = head + README_BEGIN + "\n" + readme_section(results_dir) + README_END + tail
+    if new != text:
+        readme.write_text(new)
+    return new != text
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke-test sizes (checks the code paths, not the speed)")
     ap.add_argument("--only", action="append", metavar="NAME",
                     help="run only bench/bench_NAME.py (repeatable)")
     ap.add_argument("--out", default=str(BENCH_DIR / "results"), help="where bench.json and bench.md go")
+    ap.add_argument("--readme", metavar="README", nargs="?", const=str(BENCH_DIR.parent / "README.md"),
+                    help="only rewrite README's speed section from the results in --out (no timing)")
     args = ap.parse_args(argv)
+    if args.readme:
+        changed = update_readme(args.readme, args.out)
+        print(f"{args.readme}: {'rewritten' if changed else 'already up to date'} from {args.out}")
+        return 0
     try:
         names = discover(args.only)
     except ValueError as e:
