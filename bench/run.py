@@ -116,7 +116,7 @@ def time_interleaved(fns: dict, repeats: int = 10, warmup: int = 2) -> dict:
 
 @contextlib.contextmanager
 def single_thread():
-    """Run NumPy's BLAS and torch on one thread inside the block (both sides alike).
+    """Run NumPy's BLAS, OpenMP and torch on one thread inside the block (both sides alike).
 
     On a small shared machine, multi-threaded kernels stall whenever another process holds one of
     the cores (a thread waits at a barrier for its descheduled sibling), which turns timings into
@@ -128,7 +128,7 @@ def single_thread():
     except ImportError:
         torch = None
     n = torch.get_num_threads() if torch is not None else None
-    with threadpool_limits(limits=1, user_api="blas"):
+    with threadpool_limits(limits=1):  # BLAS and OpenMP (bitsandbytes' CPU kernels use OpenMP)
         if torch is not None:
             torch.set_num_threads(1)
         try:
