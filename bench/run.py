@@ -445,11 +445,37 @@ README_BEGIN = "<!-- bench:begin: generated from bench/results by `python -m ben
 README_END = "<!-- bench:end -->"
 
 
+def goal_history(json_paths) -> str:
+    """A markdown table: each goal row's ratio in each of several runs (``bench.json`` files, in order)."""
+    runs = [json.loads(pathlib.Path(p).read_text()) for p in json_paths]
+    keys = list(dict.fromkeys((r["name"], r["impl"]) for run in runs for r in run["rows"] if r.get("goal")))
+    head = "| benchmark | impl | goal | " + " | ".join(f"run {i + 1}" for i in range(len(runs))) + " | held in all |"
+    lines = [head, "|---|---|---|" + "---:|" * len(runs) + "---|"]
+    for name, impl in keys:
+        cells, held = [], True
+        goal = ref = None
+        for run in runs:
+            row = next((r for r in run["rows"] if (r["name"], r["impl"]) == (name, impl)), None)
+            if row is None or row.get("ratio") is None:
+                cells.append("—")
+                held = False
+                continue
+            goal, ref = row["goal"], row["ratio_to"]
+            cells.append(f"{row['ratio']:.2f}×" + ("" if row["met"] else " (no)"))
+            held = held and bool(row["met"])
+        lines.append(f"| {name} | {impl} | ≤ {goal:.2f}× {ref} | " + " | ".join(cells) + f" | {'yes' if held else '**no**'} |")
+    dates = ", ".join(run["meta"]["date"] for run in runs)
+    return f"Goals over {len(runs)} consecutive `make bench` runs ({dates}):\n\n" + "\n".join(lines) + "\n"
+
+
 def readme_section(results_dir) -> str:
     """README's speed section body: the table of ``bench.json`` and, if present, ``scaling.md``."""
     results_dir = pathlib.Path(results_dir)
     data = json.loads((results_dir / "bench.json").read_text())
     parts = [render_markdown(data["rows"], data["meta"]).rstrip("\n")]
+    history = sorted((results_dir / "history").glob("run*.json"))
+    if history:
+        parts += ["", goal_history(history).rstrip("\n")]
     scaling = results_dir / "scaling.md"
     if scaling.exists():
         parts += ["", "How the cost grows (`python -m bench.scaling`; plot: "

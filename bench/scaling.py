@@ -9,8 +9,10 @@ formulas predict, for ``N`` tokens, width ``d`` (``d_in = d_out = d``) and rank 
 
 - the layer's step (forward + backward, base frozen): ``4 N d²`` for the base plus ``12 N r d``
   for the adapter, so ``k ≈ 1`` in ``N`` and ``k ≈ 2`` in ``d`` once ``d ≫ r``;
-- the adapter's own time (the step minus the frozen base layer's step): ``∝ N r d``, so ``k ≈ 1``
-  in ``r`` (small ranks sit on a floor of fixed per-call work, which pulls the fit below 1);
+- the adapter's own time (the step minus the frozen base layer's step): ``12 N r d`` flops, so
+  ``k ≈ 1`` in ``r`` once those dominate; but its thin products are memory-bound (each reads or
+  writes an ``(N, d)`` array, a cost ``∝ N d`` that does not shrink with ``r``), so at small ranks
+  the time sits on that floor and the fit in ``r`` falls below 1, and the fit in ``d`` above 1;
 - the adapter's resident memory (``A``, ``B``, their gradients; DoRA adds ``m``): ``∝ r (d_in + d_out)``,
   ``k = 1`` in ``r`` and in ``d``; the activations a step keeps: ``∝ N d``;
 - the GPT step: ``∝ N`` in the tokens, between ``d`` and ``d²`` in the width (the attention
