@@ -277,7 +277,8 @@ def plot(res: dict, path) -> None:
         ax.set_xlabel(xl)
         ax.set_ylabel(yl)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
     fig.suptitle("How the cost grows (NumPy reference, one thread; lines: fitted cost ∝ size^k)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
