@@ -32,8 +32,21 @@ Optional keys:
     The ratio this row must not exceed; the table says whether it is met.
 ``skipped`` (str)
     Why there is no time (``"peft is not installed"``); ``seconds`` is then ``None``.
+``flops`` (float) or ``bytes`` (float)
+    The work of one call: floating-point operations (a multiply-add counts 2), or bytes read
+    plus bytes written. The table then shows the achieved GFLOP/s or GB/s and its fraction of
+    the machine's limit, measured in the same process before the rows (:func:`measure_peak`).
 anything else
     (``shape``, ``min_seconds``, ``repeats``, ``note``, ``max_abs_diff``...) is kept in the JSON.
+
+The machine's limits
+--------------------
+
+:func:`measure_peak` times a large float32 GEMM (NumPy's BLAS and torch, one thread each; the
+faster is the GEMM peak) and a large copy (``np.copyto``: GB/s counts the bytes read and
+written), in the process that then runs the rows, on one thread as the rows are. Every row with
+``flops`` is divided by the GEMM peak, every row with ``bytes`` by the copy rate: a fraction near 1
+means the row runs at the speed of the hardware, far below 1 says how much is left.
 
 Use :func:`time_interleaved` to time the implementations of one ``name``: they take turns, call
 by call, so the noise of a shared machine (other processes, clock changes) falls on all of them
@@ -62,7 +75,8 @@ import sys
 import time
 import traceback
 
-__all__ = ["time_interleaved", "single_thread", "check_rows", "add_ratios", "render_markdown", "discover", "main"]
+__all__ = ["time_interleaved", "single_thread", "check_rows", "add_ratios", "add_peak_fractions", "measure_peak",
+           "render_markdown", "discover", "main"]
 
 BENCH_DIR = pathlib.Path(__file__).resolve().parent
 REQUIRED = ("name", "impl", "seconds", "ratio_to")
@@ -102,7 +116,7 @@ def time_interleaved(fns: dict, repeats: int = 10, warmup: int = 2) -> dict:
 
 @contextlib.contextmanager
 def single_thread():
-    """Run NumPy's BLAS and torch on one thread inside the block (both sides alike).
+    """Run NumPy's BLAS, OpenMP and torch on one thread inside the block (both sides alike).
 
     On a small shared machine, multi-threaded kernels stall whenever another process holds one of
     the cores (a thread waits at a barrier for its descheduled sibling), which turns timings into
@@ -114,7 +128,7 @@ def single_thread():
     except ImportError:
         torch = None
     n = torch.get_num_threads() if torch is not None else None
-    with threadpool_limits(limits=1, user_api="blas"):
+    with threadpool_limits(limits=1):  # BLAS and OpenMP (bitsandbytes' CPU kernels use OpenMP)
         if torch is not None:
             torch.set_num_threads(1)
         try:
@@ -153,6 +167,12 @@ def check_rows(rows, source: str = "run()") -> list[dict]:
             raise ValueError(f"{source} row {i}: goal must be a positive number, got {goal!r}")
         if goal is not None and row["ratio_to"] is None:
             raise ValueError(f"{source} row {i}: a goal needs ratio_to (what the ratio is taken against)")
+        for key in ("flops", "bytes"):
+            w = row.get(key)
+            if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0):
+                raise ValueError(f"{source} row {i}: {key} must be a positive number, got {w!r}")
+        if row.get("flops") is not None and row.get("bytes") is not None:
+            raise ValueError(f"{source} row {i}: give flops or bytes, not both (one limit per row)")
     for i, row in enumerate(rows):
         ref = row["ratio_to"]
         if ref is not None and (row["name"], ref) not in seen:
@@ -174,6 +194,73 @@ def add_ratios(rows: list[dict]) -> list[dict]:
     return rows
 
 
+def add_peak_fractions(rows: list[dict], peak: dict | None) -> list[dict]:
+    """Fill ``achieved`` (GFLOP/s or GB/s), ``unit`` and ``peak_fraction`` from ``flops``/``bytes``."""
+    for r in rows:
+        r["achieved"] = r["unit"] = r["peak_fraction"] = None
+        if r["seconds"] is None or not r["seconds"]:
+            continue
+        for key, unit, limit in (("flops", "GFLOP/s", "gemm_gflops"), ("bytes", "GB/s", "copy_gbs")):
+            if r.get(key) is not None:
+                r["achieved"], r["unit"] = r[key] / r["seconds"] / 1e9, unit
+                if peak and peak.get(limit):
+                    r["peak_fraction"] = r["achieved"] / peak[limit]
+    return rows
+
+
+def _best_seconds(fn, repeats: int) -> float:
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_peak(quick: bool = False) -> dict:
+    """The machine's limits on one thread: float32 GEMM GFLOP/s and copy GB/s (best of a few calls).
+
+    GEMM: ``C = A B`` with ``n × n`` float32 matrices (``2 n³`` flops), NumPy's BLAS and torch;
+    the faster is ``gemm_gflops``. Copy: ``np.copyto`` of a float32 array much larger than the
+    caches (bytes read + written). The best call, not the median: a limit is what the machine can
+    do, and on a shared machine the slow calls measure the neighbours."""
+    import numpy as np
+
+    n = 256 if quick else 2048
+    size = (1 << 16) if quick else (1 << 25)  # 128 MiB per array: far beyond the L3 cache
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    c = np.empty((n, n), dtype=np.float32)
+    repeats = 2 if quick else 7
+    out = {"gemm_n": n, "copy_mib": size * 4 / 2**20}
+    with single_thread():
+        out["gemm_numpy_gflops"] = 2 * n**3 / _best_seconds(lambda: np.matmul(a, b, out=c), repeats) / 1e9
+        try:
+            import torch
+
+            ta, tb, tc = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(c)
+            out["gemm_torch_gflops"] = 2 * n**3 / _best_seconds(lambda: torch.mm(ta, tb, out=tc), repeats) / 1e9
+        except ImportError:
+            out["gemm_torch_gflops"] = None
+        src = np.ones(size, dtype=np.float32)
+        dst = np.empty_like(src)
+        out["copy_gbs"] = 2 * src.nbytes / _best_seconds(lambda: np.copyto(dst, src), repeats) / 1e9
+    out["gemm_gflops"] = max(v for v in (out["gemm_numpy_gflops"], out["gemm_torch_gflops"]) if v)
+    return out
+
+
+def _achieved(r) -> str:
+    if r.get("achieved") is None:
+        return ""
+    return f"{r['achieved']:.1f} {r['unit']}"
+
+
+def _fraction(r) -> str:
+    return "" if r.get("peak_fraction") is None else f"{100 * r['peak_fraction']:.0f}%"
+
+
 def _ms(s) -> str:
     return "—" if s is None else f"{s * 1e3:.1f}"
 
@@ -181,8 +268,8 @@ def _ms(s) -> str:
 def render_markdown(rows: list[dict], meta: dict) -> str:
     """The results as a markdown table, with the machine they were measured on."""
     lines = [
-        "| benchmark | impl | median ms | min ms | ratio | goal | met |",
-        "|---|---|---:|---:|---|---|---|",
+        "| benchmark | impl | median ms | min ms | ratio | goal | met | achieved | of peak |",
+        "|---|---|---:|---:|---|---|---|---:|---:|",
     ]
     for r in rows:
         if r["seconds"] is None:
@@ -194,7 +281,7 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
         goal = f"≤ {r['goal']:.2f}× {r['ratio_to']}" if r.get("goal") is not None else ""
         met = {True: "yes", False: "**no**", None: ""}[r.get("met")]
         lines.append(f"| {r['name']} | {r['impl']} | {_ms(r['seconds'])} | {_ms(r.get('min_seconds'))} "
-                     f"| {ratio} | {goal} | {met} |")
+                     f"| {ratio} | {goal} | {met} | {_achieved(r)} | {_fraction(r)} |")
     notes = []
     for name in dict.fromkeys(r["name"] for r in rows):
         group = [r for r in rows if r["name"] == name]
@@ -215,6 +302,15 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
                     "so compare ratios within a run rather than times across runs.")
     if meta.get("openblas_env"):
         head.append(f"Environment: {meta['openblas_env']}.")
+    if meta.get("blas_arch"):
+        head.append(f"NumPy's OpenBLAS kernel: {meta['blas_arch']}.")
+    peak = meta.get("peak")
+    if peak:
+        torch_part = (f", torch {peak['gemm_torch_gflops']:.1f}" if peak.get("gemm_torch_gflops") else "")
+        head.append(f"The machine's limits on one thread, measured in the same process: float32 GEMM "
+                    f"({peak['gemm_n']}³) {peak['gemm_gflops']:.1f} GFLOP/s (NumPy {peak['gemm_numpy_gflops']:.1f}"
+                    f"{torch_part}), copy {peak['copy_gbs']:.1f} GB/s (read + write, "
+                    f"{peak['copy_mib']:.0f} MiB); `of peak` divides each row's rate by the one that limits it.")
     if meta.get("quick"):
         head.append("**Quick mode** (smoke-test sizes: the timings mean little).")
     return "\n".join([" ".join(head), "", *lines, *([""] + seen_notes if seen_notes else []), ""])
@@ -242,6 +338,16 @@ def _blas_name() -> str:
         return "BLAS unknown"
 
 
+def _blas_arch():
+    """The kernel family OpenBLAS picked (``Haswell``, ``SkylakeX``...), from threadpoolctl."""
+    try:
+        from threadpoolctl import threadpool_info
+
+        return next((i.get("architecture") for i in threadpool_info() if i.get("user_api") == "blas"), None)
+    except Exception:
+        return None
+
+
 def _loadavg():
     try:
         return [round(v, 2) for v in os.getloadavg()]
@@ -264,6 +370,7 @@ def machine_info(quick: bool) -> dict:
         "loadavg": _loadavg(),
         "openblas_env": ", ".join(f"{k}={os.environ[k]}" for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
                                   if k in os.environ),
+        "blas_arch": _blas_arch(),
     }
     try:
         import torch
@@ -294,8 +401,8 @@ def discover(only=None) -> list[str]:
     return names
 
 
-def run_all(quick: bool = False, only=None) -> tuple[list[dict], list[str]]:
-    """Run the modules; return ``(rows, errors)``."""
+def run_all(quick: bool = False, only=None, peak: dict | None = None) -> tuple[list[dict], list[str]]:
+    """Run the modules; return ``(rows, errors)``. ``peak`` (from :func:`measure_peak`) fills the fractions."""
     rows: list[dict] = []
     errors: list[str] = []
     for mod_name in discover(only):
@@ -313,7 +420,7 @@ def run_all(quick: bool = False, only=None) -> tuple[list[dict], list[str]]:
             r.setdefault("module", mod_name)
         rows.extend(got)
         print(f"[bench] {mod_name} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-    return add_ratios(rows), errors
+    return add_peak_fractions(add_ratios(rows), peak), errors
 
 
 def write_results(rows: list[dict], meta: dict, out) -> tuple[pathlib.Path, pathlib.Path]:
@@ -334,21 +441,87 @@ def rerender(out) -> pathlib.Path:
     return path
 
 
+README_BEGIN = "<!-- bench:begin: generated from bench/results by `python -m bench.run --readme`; do not edit -->"
+README_END = "<!-- bench:end -->"
+
+
+def goal_history(json_paths) -> str:
+    """A markdown table: each goal row's ratio in each of several runs (``bench.json`` files, in order)."""
+    runs = [json.loads(pathlib.Path(p).read_text()) for p in json_paths]
+    keys = list(dict.fromkeys((r["name"], r["impl"]) for run in runs for r in run["rows"] if r.get("goal")))
+    head = "| benchmark | impl | goal | " + " | ".join(f"run {i + 1}" for i in range(len(runs))) + " | held in all |"
+    lines = [head, "|---|---|---|" + "---:|" * len(runs) + "---|"]
+    for name, impl in keys:
+        cells, held = [], True
+        goal = ref = None
+        for run in runs:
+            row = next((r for r in run["rows"] if (r["name"], r["impl"]) == (name, impl)), None)
+            if row is None or row.get("ratio") is None:
+                cells.append("—")
+                held = False
+                continue
+            goal, ref = row["goal"], row["ratio_to"]
+            cells.append(f"{row['ratio']:.2f}×" + ("" if row["met"] else " (no)"))
+            held = held and bool(row["met"])
+        lines.append(f"| {name} | {impl} | ≤ {goal:.2f}× {ref} | " + " | ".join(cells) + f" | {'yes' if held else '**no**'} |")
+    dates = ", ".join(run["meta"]["date"] for run in runs)
+    return f"Goals over {len(runs)} consecutive `make bench` runs ({dates}):\n\n" + "\n".join(lines) + "\n"
+
+
+def readme_section(results_dir) -> str:
+    """README's speed section body: the table of ``bench.json`` and, if present, ``scaling.md``."""
+    results_dir = pathlib.Path(results_dir)
+    data = json.loads((results_dir / "bench.json").read_text())
+    parts = [render_markdown(data["rows"], data["meta"]).rstrip("\n")]
+    history = sorted((results_dir / "history").glob("run*.json"))
+    if history:
+        parts += ["", goal_history(history).rstrip("\n")]
+    scaling = results_dir / "scaling.md"
+    if scaling.exists():
+        parts += ["", "How the cost grows (`python -m bench.scaling`; plot: "
+                  "[bench/results/scaling.png](bench/results/scaling.png)):", "",
+                  scaling.read_text().rstrip("\n")]
+    return "\n".join(parts) + "\n"
+
+
+def update_readme(readme, results_dir) -> bool:
+    """Replace the text between README's bench markers with :func:`readme_section`; True if it changed."""
+    readme = pathlib.Path(readme)
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise ValueError(f"{readme} lacks the markers {README_BEGIN!r} ... {README_END!r}")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    new = head + README_BEGIN + "\n" + readme_section(results_dir) + README_END + tail
+    if new != text:
+        readme.write_text(new)
+    return new != text
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke-test sizes (checks the code paths, not the speed)")
     ap.add_argument("--only", action="append", metavar="NAME",
                     help="run only bench/bench_NAME.py (repeatable)")
     ap.add_argument("--out", default=str(BENCH_DIR / "results"), help="where bench.json and bench.md go")
+    ap.add_argument("--readme", metavar="README", nargs="?", const=str(BENCH_DIR.parent / "README.md"),
+                    help="only rewrite README's speed section from the results in --out (no timing)")
     args = ap.parse_args(argv)
+    if args.readme:
+        changed = update_readme(args.readme, args.out)
+        print(f"{args.readme}: {'rewritten' if changed else 'already up to date'} from {args.out}")
+        return 0
     try:
         names = discover(args.only)
     except ValueError as e:
         ap.error(str(e))
     if not names:
         ap.error("no bench/bench_*.py modules found")
-    rows, errors = run_all(quick=args.quick, only=args.only)
+    print("[bench] measuring the machine's limits (GEMM, copy) ...", file=sys.stderr, flush=True)
+    peak = measure_peak(args.quick)
+    rows, errors = run_all(quick=args.quick, only=args.only, peak=peak)
     meta = machine_info(args.quick)
+    meta["peak"] = peak
     jpath, mpath = write_results(rows, meta, args.out)
     print(render_markdown(rows, meta))
     print(f"wrote {jpath} and {mpath}")

@@ -33,18 +33,31 @@ the product rule for :math:`S = QK^\top/\sqrt{hs}`. The masked entries need no s
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from lowrank_ref.nn.activations import softmax, softmax_backward
 from lowrank_ref.nn.linear import Dropout, Linear, check_last_dim
 from lowrank_ref.nn.module import Module
 
-__all__ = ["CausalSelfAttention", "causal_mask"]
+__all__ = ["CausalSelfAttention", "causal_mask", "additive_causal_mask"]
 
 
 def causal_mask(T: int) -> np.ndarray:
     """A ``(T, T)`` boolean array, ``True`` where position ``t`` may NOT look (``s > t``)."""
     return np.triu(np.ones((T, T), dtype=bool), k=1)
+
+
+@functools.lru_cache(maxsize=32)
+def additive_causal_mask(T: int, dtype) -> np.ndarray:
+    """M of the formula above, ``(T, T)``: 0 where ``s <= t``, ``-inf`` where ``s > t`` (read-only, cached).
+
+    Adding it is one pass over S; ``np.where(causal_mask(T), -inf, S)`` builds the boolean mask
+    and a third array every call, and branches on every entry."""
+    m = np.where(causal_mask(T), np.asarray(-np.inf, dtype=dtype), np.asarray(0, dtype=dtype))
+    m.setflags(write=False)
+    return m
 
 
 class CausalSelfAttention(Module):
@@ -94,8 +107,9 @@ class CausalSelfAttention(Module):
         q = self._split(self.q.forward(x))  # (B, nh, T, hs)
         k = self._split(self.k.forward(x))  # (B, nh, T, hs)
         v = self._split(self.v.forward(x))  # (B, nh, T, hs)
-        s = (q @ k.transpose(0, 1, 3, 2)) * np.asarray(scale, dtype=q.dtype)  # S = Q Kᵀ/√hs  (B, nh, T, T)
-        s = np.where(causal_mask(T), np.asarray(-np.inf, dtype=s.dtype), s)  # + M (no looking ahead)
+        s = q @ k.transpose(0, 1, 3, 2)  # Q Kᵀ   (B, nh, T, T)
+        s *= np.asarray(scale, dtype=s.dtype)  # S = Q Kᵀ/√hs, in place
+        s += additive_causal_mask(T, s.dtype)  # + M (no looking ahead)
         p = softmax(s, axis=-1)  # P, rows sum to 1   (B, nh, T, T)
         pd = self.attn_drop.forward(p)  # P̃ = P ⊙ D
         y = self._merge(pd @ v)  # Y = P̃ V, heads concatenated   (B, T, C)
@@ -108,7 +122,8 @@ class CausalSelfAttention(Module):
         dy = self._split(self.o.backward(self.resid_drop.backward(dout)))  # Ȳ  (B, nh, T, hs)
         dv = pd.transpose(0, 1, 3, 2) @ dy  # V̄ = P̃ᵀ Ȳ       (B, nh, T, hs)
         dp = self.attn_drop.backward(dy @ v.transpose(0, 1, 3, 2))  # P̄ = (Ȳ Vᵀ) ⊙ D   (B, nh, T, T)
-        ds = softmax_backward(dp, p) * np.asarray(scale, dtype=p.dtype)  # S̄/√hs
+        ds = softmax_backward(dp, p)  # S̄
+        ds *= np.asarray(scale, dtype=ds.dtype)  # S̄/√hs, in place
         dq = ds @ k  # Q̄ = S̄ K /√hs     (B, nh, T, hs)
         dk = ds.transpose(0, 1, 3, 2) @ q  # K̄ = S̄ᵀ Q /√hs   (B, nh, T, hs)
         dx = self.q.backward(self._merge(dq))  # (B, T, C)

@@ -40,10 +40,12 @@ def layernorm_forward(x, gamma, beta, eps: float = 1e-5):
     r"""y = γ ⊙ (x - μ) ρ + β over the last axis.  x (..., d) -> (y (..., d), cache)."""
     mu = x.mean(axis=-1, keepdims=True)  # (..., 1)
     xc = x - mu
-    var = (xc * xc).mean(axis=-1, keepdims=True)  # σ² (biased), (..., 1)
+    var = np.einsum("...j,...j->...", xc, xc)[..., None] / x.shape[-1]  # σ² (biased), (..., 1), no x² array
     rho = 1.0 / np.sqrt(var + eps)  # ρ = (σ² + ε)^(-1/2)
-    xhat = xc * rho  # x̂ = (x - μ) ρ
-    return xhat * gamma + beta, (xhat, rho, gamma)
+    xhat = np.multiply(xc, rho, out=xc if xc.dtype == rho.dtype else None)  # x̂ = (x - μ) ρ, over xc
+    y = xhat * gamma
+    y = np.add(y, beta, out=y if y.dtype == np.result_type(y, beta) else None)  # y = γ ⊙ x̂ + β
+    return y, (xhat, rho, gamma)
 
 
 def layernorm_backward(dy, cache):
@@ -53,7 +55,12 @@ def layernorm_backward(dy, cache):
     dgamma = (dy * xhat).reshape(-1, d).sum(axis=0)  # γ̄ = Σ_n ȳ ⊙ x̂
     dbeta = dy.reshape(-1, d).sum(axis=0)  # β̄ = Σ_n ȳ
     g = dy * gamma
-    dx = rho * (g - g.mean(axis=-1, keepdims=True) - xhat * (g * xhat).mean(axis=-1, keepdims=True))
+    mean_g = g.mean(axis=-1, keepdims=True)
+    mean_gx = np.einsum("...j,...j->...", g, xhat)[..., None] / d  # mean(g x̂) without a (…, d) temporary
+    # x̄ = ρ (g - mean(g) - x̂ mean(g x̂)), built in g's own array (two temporaries fewer)
+    dx = np.subtract(g, mean_g, out=g if g.dtype == np.result_type(g, mean_g) else None)
+    dx -= xhat * mean_gx
+    dx *= rho
     return dx, dgamma, dbeta
 
 

@@ -62,18 +62,20 @@ def linear_forward(x: np.ndarray, W: np.ndarray, b: np.ndarray | None) -> np.nda
     r"""y = x Wᵀ + b.   x (..., in), W (out, in), b (out,) or None -> y (..., out)."""
     # As one 2-D product: NumPy's matmul of a stacked (B, T, in) array with a transposed 2-D view
     # skips BLAS and runs ~50x slower than the same product on (B*T, in) rows.
-    y = (x.reshape(-1, x.shape[-1]) @ W.T).reshape(*x.shape[:-1], W.shape[0])
-    if b is not None:
+    y = x.reshape(-1, x.shape[-1]) @ W.T  # (N, out)
+    if b is not None and y.dtype == np.result_type(y, b):
+        y += b  # in place: no second (N, out) array
+    elif b is not None:
         y = y + b
-    return y
+    return y.reshape(*x.shape[:-1], W.shape[0])
 
 
 def linear_backward(dy: np.ndarray, x: np.ndarray, W: np.ndarray, need_w: bool = True):
     r"""Return (x̄, W̄, b̄) for y = x Wᵀ + b: x̄ = ȳ W, W̄ = ȳᵀ x, b̄ = Σ ȳ. W̄, b̄ are None if not needed."""
-    dx = dy @ W  # (..., in)
+    dy2 = dy.reshape(-1, dy.shape[-1])  # (N, out)
+    dx = (dy2 @ W).reshape(*dy.shape[:-1], W.shape[1])  # (..., in), one 2-D product as in the forward
     if not need_w:
         return dx, None, None
-    dy2 = dy.reshape(-1, dy.shape[-1])  # (N, out)
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
     return dx, dy2.T @ x2, dy2.sum(axis=0)
 

@@ -126,3 +126,40 @@ def test_cuda_bitsandbytes_path_is_used_and_equals_the_pure_one(qt):
         assert fast is not None, "bitsandbytes' kernel was not used"
         pure = tnf4.dequantize_codes(q.packed, q.absmax, table, q.numel, q.blocksize)
         assert torch.equal(fast.float(), pure), f"{qt} dq={dq}: max diff {(fast.float() - pure).abs().max()}"
+
+
+@given(n=st.integers(1, 700), bs=st.sampled_from([2, 6, 16, 64]), qt=st.sampled_from(["nf4", "fp4", "int4"]),
+       chunk=st.sampled_from([4, 12, 64, 256]), seed=st.integers(0, 2**16))
+def test_cpu_chunked_kernels_equal_the_whole_tensor_forms(n, bs, qt, chunk, seed):
+    """The CPU kernels (chunks, 16-bit-word table, counted comparisons) against the plain
+    whole-tensor forms (bucketize, one pair gather) and the NumPy reference, across many chunks,
+    odd lengths and block sizes that are not a multiple of 4."""
+    import lowrank_gpu.quant.nf4 as tn
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tn, "_CPU_CHUNK_VALUES", chunk)
+        _check_cpu_kernels(tn, n, bs, qt, seed)
+
+
+def _check_cpu_kernels(tn, n, bs, qt, seed):
+    x = np.random.default_rng(seed).standard_normal(n).astype(np.float32)
+    table = tn.table_tensor(qt)
+    x = np.clip(x, -0.9, 0.9)
+    x[::bs] = 1.0  # every block's absmax is 1, so u = x and the values below sit exactly on midpoints
+    mids = tn.midpoints(np.sort(table.numpy()))
+    on = np.flatnonzero(np.arange(n) % bs)[:15]
+    x[on] = mids[: on.size]  # a value on a midpoint goes to the lower level
+    t = torch.from_numpy(x)
+    order = torch.argsort(table, stable=True)
+    bounds = torch.from_numpy(tn.midpoints(table.numpy()[order.numpy()]))
+    p_cpu, a_cpu = tn._quantize_cpu(t, bounds, order, bs, qt)
+    p_any, a_any = tn._quantize_any(t, bounds, order, bs, qt)
+    ref = lr.quant.quantize_4bit(x, bs, False, qt)
+    np.testing.assert_array_equal(p_cpu.numpy(), p_any.numpy())
+    np.testing.assert_array_equal(p_cpu.numpy(), ref.packed)
+    np.testing.assert_array_equal(a_cpu.numpy(), a_any.numpy())
+    got = tn._dequantize_codes_cpu(p_cpu, a_cpu, table, n, bs)
+    vals = tn._pair_lut(table)[p_cpu.long()].reshape(-1)[:n]  # the plain decode, then the scales
+    plain = (vals.view(-1) * a_cpu.repeat_interleave(bs)[:n])
+    np.testing.assert_array_equal(got.numpy(), plain.numpy())
+    np.testing.assert_array_equal(got.numpy(), ref.dequantize().reshape(-1))
