@@ -366,7 +366,9 @@ SPEC = MethodSpec(
     example=lambda: Example(6, 5, LoHaConfig(r=2, alpha=3.0, route="factorised")),
     compare={
         # at the lora row's budget: r = 4 has 2·4·(in + out) parameters, those of LoRA r = 8, and
-        # the same s = 2 (α = 8, r = 4; LoRA's α = 16, r = 8), on the same q and v
-        "loha": CompareRow(LoHaConfig(r=4, alpha=8), targets=("q", "v"), lr=1e-2, order=40),
+        # the same s = 2 (α = 8, r = 4; LoRA's α = 16, r = 8), on the same q and v. lr from
+        # {1e-2, 3e-2, 1e-1}, one default 300-step run each (dialect accuracy after: 0.295, 0.340,
+        # 0.322); LoRA at 3e-2 reached 0.345 in the same run (its row keeps 1e-2)
+        "loha": CompareRow(LoHaConfig(r=4, alpha=8), targets=("q", "v"), lr=3e-2, order=40),
     },
 )
