@@ -504,6 +504,87 @@ def check_adam_training_bytes(fn, verbose=True) -> CheckResult:
     return check("adam_training_bytes", fn, _adam_bytes_body, verbose)
 
 
+# ---------------------------------------------------------------- chapter 05: changing the product
+
+
+def _loha_factors(rng, out=5, n_in=6, r=3):
+    """Random non-zero LoHa factors: A1, A2 (r, in), B1, B2 (out, r)."""
+    return (rng.standard_normal((r, n_in)), rng.standard_normal((r, n_in)),
+            rng.standard_normal((out, r)), rng.standard_normal((out, r)))
+
+
+def _face_split_body(fn):
+    A1, A2, B1, B2 = _loha_factors(_rng(50))
+    KA, KB = _unpack(fn(A1.copy(), A2.copy(), B1.copy(), B2.copy()), 2, "(K_A, K_B)")
+    # the fact: K_B K_A equals the Hadamard product of the two low-rank products
+    r = A1.shape[0]
+    compare("K_A", KA, np.stack([np.kron(A1[:, j], A2[:, j]) for j in range(A1.shape[1])], axis=1))
+    compare("K_B", KB, np.stack([np.kron(B1[i], B2[i]) for i in range(B1.shape[0])]))
+    compare("K_B @ K_A", np.asarray(KB) @ np.asarray(KA), (B1 @ A1) * (B2 @ A2))
+    return f"K_A (r², in) = ({r * r}, {A1.shape[1]}) and K_B (out, r²) = ({B1.shape[0]}, {r * r}); K_B K_A = (B1A1)⊙(B2A2)"
+
+
+def check_face_split(fn, verbose=True) -> CheckResult:
+    """``fn(A1, A2, B1, B2) -> (K_A (r², in), K_B (out, r²))`` with ``(p, q) -> p r + q``."""
+    return check("face_split", fn, _face_split_body, verbose)
+
+
+def _loha_forward_body(fn):
+    rng = _rng(51)
+    A1, A2, B1, B2 = _loha_factors(rng)
+    x, s = rng.standard_normal((4, 6)), 1.5
+    z = fn(x.copy(), A1.copy(), A2.copy(), B1.copy(), B2.copy(), s)
+    compare("z = x ΔWᵀ", z, x @ (s * (B1 @ A1) * (B2 @ A2)).T)
+    return "z = s (x K_Aᵀ) K_Bᵀ equals x ΔWᵀ through the dense ΔW"
+
+
+def check_loha_factorised_forward(fn, verbose=True) -> CheckResult:
+    """``fn(x (N, in), A1, A2, B1, B2, s) -> z (N, out)``: LoHa's branch without building ΔW."""
+    return check("loha_factorised_forward", fn, _loha_forward_body, verbose)
+
+
+def _loha_backward_body(fn):
+    rng = _rng(52)
+    A1, A2, B1, B2 = _loha_factors(rng)
+    x, s = rng.standard_normal((4, 6)), 1.5
+    w = rng.standard_normal((4, 5))  # the loss is sum(z ⊙ w), so z̄ = w
+    out = _unpack(fn(w.copy(), x.copy(), A1.copy(), A2.copy(), B1.copy(), B2.copy(), s), 5,
+                  "(dx, dA1, dA2, dB1, dB2)")
+    names = ("x", "A1", "A2", "B1", "B2")
+    arrays = dict(zip(names, (x, A1, A2, B1, B2)))
+    _gradcheck(lambda: float(np.sum(x @ (s * (B1 @ A1) * (B2 @ A2)).T * w)), arrays, dict(zip(names, out)),
+               "loha_backward")
+    return "dx, dA1, dA2, dB1 and dB2 agree with central differences in every entry"
+
+
+def check_loha_backward(fn, verbose=True) -> CheckResult:
+    """``fn(dz (N, out), x, A1, A2, B1, B2, s) -> (dx, dA1, dA2, dB1, dB2)`` for ``z = x ΔWᵀ``."""
+    return check("loha_backward", fn, _loha_backward_body, verbose)
+
+
+def _loha_rank_body(fn):
+    rows = []
+    for out, n_in, r in ((48, 64, 1), (48, 64, 2), (48, 64, 4), (48, 64, 7), (10, 30, 4), (30, 10, 5)):
+        got = fn(out, n_in, r)
+        if got is None:
+            raise Mismatch("your function returned None (not written yet?)")
+        try:
+            loha, lora = (int(v) for v in got)
+        except (TypeError, ValueError):
+            raise Mismatch(f"expected (loha_rank, lora_rank) as two integers, got {got!r}") from None
+        # the facts: generic rank min(r², in, out) for LoHa at r; min(2r, in, out) for LoRA at 2r
+        want = (min(r * r, out, n_in), min(2 * r, out, n_in))
+        if (loha, lora) != want:
+            raise Mismatch(f"out={out}, in={n_in}, r={r}: you gave (loha, lora) = {(loha, lora)}, expected {want}")
+        rows.append(f"r={r}: {loha} vs {lora}")
+    return "generic ranks at equal parameters, " + "; ".join(rows)
+
+
+def check_loha_rank(fn, verbose=True) -> CheckResult:
+    """``fn(out, in, r) -> (rank of LoHa at r, rank of LoRA at 2r)`` for random (generic) factors."""
+    return check("loha_rank", fn, _loha_rank_body, verbose)
+
+
 CHECKS: dict[str, list[tuple[str, Callable]]] = {
     "00-toolkit": [("linear_backward", check_linear_backward),
                    ("layernorm_backward", check_layernorm_backward),
@@ -520,6 +601,8 @@ CHECKS: dict[str, list[tuple[str, Callable]]] = {
                  ("full_finetune_bytes", check_full_finetune_bytes)],
     "04-compare": [("lora_gpt_params", check_lora_gpt_params),
                    ("adam_training_bytes", check_adam_training_bytes)],
+    "05-products": [("face_split", check_face_split), ("loha_factorised_forward", check_loha_factorised_forward),
+                    ("loha_backward", check_loha_backward), ("loha_rank", check_loha_rank)],
 }
 
 

@@ -238,6 +238,40 @@ def plot_learning_forgetting(d: dict):
     return fig
 
 
+# ---------------------------------------------------------------- 05: the Hadamard rank bound
+
+
+def hadamard_rank_data() -> dict:
+    """Chapter 05's LoHa measurements (:mod:`lowrank_ref.experiments.loha_experiments`)."""
+    from lowrank_ref.experiments.loha_experiments import hadamard_rank_data as data
+
+    return data()
+
+
+def plot_hadamard_rank(d: dict):
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    rk, ft = d["rank"], d["fit"]
+    out, n_in = d["shape_rank"]
+    a.plot([r["params"] for r in rk], [r["loha_rank"] for r in rk], "o-", label="LoHa at r: rank of (B1A1)⊙(B2A2)")
+    a.plot([r["params"] for r in rk], [r["lora_2r_rank"] for r in rk], "s-", label="LoRA at 2r: rank of BA")
+    a.plot([r["params"] for r in rk], [r["r"] ** 2 for r in rk], "k:", lw=1, label="r²")
+    a.axhline(min(out, n_in), color="grey", lw=0.8, ls="--", label=f"min(in, out) = {min(out, n_in)}")
+    a.set_xlabel(f"trainable parameters 2r(in+out), a {out}×{n_in} layer")
+    a.set_ylabel("rank of ΔW (measured)")
+    a.set_title("rank at equal parameters", fontsize=10)
+    a.legend(fontsize=8)
+    b.plot([r["params"] for r in ft], [r["loha_error"] for r in ft], "o-", label="LoHa at r (Adam, 2000 steps)")
+    b.plot([r["params"] for r in ft], [r["lora_2r_error"] for r in ft], "s-", label="LoRA at 2r (truncated SVD: optimal)")
+    b.set_xlabel("trainable parameters, a {}×{} target".format(*d["shape_fit"]))
+    b.set_ylabel("‖ΔW − T‖ / ‖T‖")
+    b.set_title("fitting a random full-rank target T", fontsize=10)
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 FIGURES = {
     "00-central-difference-error": (central_difference_errors, plot_eps_curve, "00-toolkit"),
     "01-rank-alpha": (rank_alpha_data, plot_rank_alpha, "01-lora"),
@@ -245,6 +279,7 @@ FIGURES = {
     "03-nf4-code-usage": (nf4_code_usage_data, plot_nf4_code_usage, "03-qlora"),
     "04-learned-vs-kept": (compare_data, plot_learned_vs_kept, "04-compare"),
     "04-learning-forgetting": (forgetting_data, plot_learning_forgetting, "04-compare"),
+    "05-hadamard-rank": (hadamard_rank_data, plot_hadamard_rank, "05-products"),
 }
 
 
