@@ -86,7 +86,8 @@ def reference_threshold(x, xi: float):
     r"""What the reference code's three in-place masks compute (TsinghuaC3I/SoRA
     ``src/sparse_optimizer.py``, REFERENCES §6.2), on a copy: ``p[p > ξ] −= ξ; p[p < −ξ] += ξ;
     p[|p| < ξ] = 0``. A value in (ξ, 2ξ) is shifted into (0, ξ) by the first mask and then zeroed
-    by the third: the result is ``0`` for ``|x| < 2ξ`` and ``x ∓ ξ`` beyond (not ``T_ξ``)."""
+    by the third: the result is ``0`` for ``|x| < 2ξ`` and ``x ∓ ξ`` beyond (not ``T_ξ``), except at
+    ``|x| = ξ`` exactly, which no mask touches (left as it is)."""
     p = np.array(x, dtype=np.result_type(x, np.float32), copy=True)
     p[p > xi] -= xi
     p[p < -xi] += xi
