@@ -44,7 +44,7 @@ from lowrank_ref.registry import CompareRow, Example, MethodSpec, PerBackend
 from lowrank_ref.train import TrainingHooks
 
 __all__ = ["SoRAConfig", "SoRALinear", "SoRAHooks", "sora_forward", "sora_backward", "soft_threshold",
-           "reference_threshold", "check_lam", "lambda_sweep", "SPEC"]
+           "reference_threshold", "check_lam", "lambda_sweep", "prune_model", "SPEC"]
 
 
 def check_lam(lam, name: str = "lam") -> float:
@@ -265,6 +265,30 @@ class SoRALinear(AdapterLinear):
             A, B = self.A.data[:1], np.zeros((self.out_features, 1), dtype=self.B.data.dtype)
         lora.load_adapter_state({"A": A, "B": B})
         return lora
+
+
+def prune_model(model) -> dict:
+    """Replace every SoRA layer of ``model`` (NumPy or torch), in place, by the LoRA that its
+    :meth:`~SoRALinear.prune` returns; ``{layer name: rank kept}``. The outputs do not change."""
+    from lowrank_ref import registry
+
+    found = {}
+    for name, m in list(model.named_modules()):
+        try:
+            is_sora = registry.spec_of_layer(m).name == "sora"
+        except (ValueError, TypeError):
+            is_sora = False
+        if is_sora:
+            found[name] = m
+    for name, m in found.items():
+        if m.merged:
+            raise ValueError(f"{name}: prune() while merged: unmerge() first")
+    kept = {}
+    for name, m in found.items():
+        lora = m.prune()
+        model.set_submodule(name, lora)
+        kept[name] = m.active_rank
+    return kept
 
 
 class SoRAHooks(TrainingHooks):

@@ -160,6 +160,39 @@ def test_pruning_the_zero_gates_gives_a_smaller_lora_with_identical_outputs(back
         assert_close(A, layer.A.data[[i for i in range(5) if i not in zeros]], "A' = A[keep]")
 
 
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_prune_model_swaps_every_sora_layer_for_its_lora_and_keeps_the_logits(backend):
+    from lowrank_ref.adapters.sora import prune_model
+
+    model = tiny_gpt()
+    if backend == "torch":
+        torch = pytest.importorskip("torch")
+        from lowrank_gpu.nn.gpt import from_numpy
+
+        model = from_numpy(model)
+    inject(model, lr.SoRAConfig(r=4, alpha=4), targets=("q", "v"), rng=0)
+    rng = np.random.default_rng(3)
+    for layer in (model.blocks[0].attn.q, model.blocks[0].attn.v):
+        state = {k: np.array(v.detach().numpy() if hasattr(v, "detach") else v) for k, v in layer.adapter_state().items()}
+        state["B"] = rng.standard_normal(state["B"].shape)
+        state["g"][[0, 2]] = 0.0
+        layer.load_adapter_state(state)
+    idx = rng.integers(0, model.config.vocab_size, (2, 8))
+    if backend == "torch":
+        with torch.no_grad():
+            before = model(torch.from_numpy(idx)).numpy()
+            kept = prune_model(model)
+            after = model(torch.from_numpy(idx)).numpy()
+    else:
+        before = model.forward(idx)
+        kept = prune_model(model)
+        after = model.forward(idx)
+        model._cache = None
+    assert kept == {"blocks.0.attn.q": 2, "blocks.0.attn.v": 2}
+    assert type(model.blocks[0].attn.q).__name__ == "LoRALinear" and model.blocks[0].attn.q.r == 2
+    assert_close(after, before, "logits after pruning", rtol=1e-9, atol=1e-10)
+
+
 def test_prune_refuses_a_merged_layer():
     layer, _, _ = make_layer(np.random.default_rng(0))
     layer.merge()
