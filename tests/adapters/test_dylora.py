@@ -169,3 +169,29 @@ def test_training_samples_the_rank_each_step_the_same_in_both_backends(backend):
     u = np.random.default_rng(3).random(12)
     assert spy.ranks == list(1 + np.floor(u * 4).astype(int))
     assert layer.rank == 4  # evaluation is at the layer's own rank, not the last draw
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_numpy_matches_torch_below_full_rank_float64(frozen):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(9)
+    layer, W, b0 = make_layer(rng, r=5)
+    cfg = lr.DyLoRAConfig(r=5, alpha=3.0, frozen=frozen)
+    npl = DyLoRALinear(lr.nn.Linear.from_arrays(W, b0), cfg)
+    tl = lr.adapt(lr.nn.Linear.from_arrays(W, b0), cfg, backend="torch")
+    npl.load_adapter_state(layer.adapter_state())
+    tl.load_adapter_state(layer.adapter_state())
+    x, w = rng.standard_normal((2, 3, 6)), rng.standard_normal((2, 3, 5))
+    for b in (2, 4):
+        npl.set_rank(b)
+        tl.set_rank(b)
+        gA, gB = _grads(npl, x, w)
+        tl.zero_grad(set_to_none=True)
+        xt = torch.from_numpy(x).requires_grad_(True)
+        y = tl(xt)
+        (y * torch.from_numpy(w)).sum().backward()
+        assert_close(y.detach().numpy(), npl.forward(x), f"y at b={b}")
+        npl._cache = None
+        assert_close(tl.A.grad.numpy(), gA, f"Ā at b={b}")
+        assert_close(tl.B.grad.numpy(), gB, f"B̄ at b={b}")
+        assert_close(tl.merged_weight().numpy(), npl.merged_weight(), f"merged W at b={b}")
