@@ -183,8 +183,8 @@ def pruned_lora_config(cfg: SoRAConfig, k: int):
 
 def prune_plan(g) -> tuple[np.ndarray, int]:
     """``(kept rank indices, LoRA rank)``: the non-zero gates; rank 1 (a zero column) if none is."""
-    keep = np.flatnonzero(np.asarray(g) != 0)
-    return keep, max(1, keep.size)
+    keep = array_module(g).flatnonzero(g != 0)  # NumPy or CuPy indices, like g
+    return keep, max(1, int(keep.size))
 
 
 class SoRALinear(AdapterLinear):
@@ -262,7 +262,7 @@ class SoRALinear(AdapterLinear):
             A = self.A.data[keep]
             B = (self.B.data[:, keep].astype(np.float64) * g[keep].astype(np.float64)).astype(self.B.data.dtype)
         else:
-            A, B = self.A.data[:1], np.zeros((self.out_features, 1), dtype=self.B.data.dtype)
+            A, B = self.A.data[:1], array_module(self.B.data).zeros((self.out_features, 1), dtype=self.B.data.dtype)
         lora.load_adapter_state({"A": A, "B": B})
         return lora
 
