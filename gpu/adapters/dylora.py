@@ -47,6 +47,19 @@ class DyLoRALinear(AdapterLinear):
     def scaling(self) -> float:
         return self.config.scaling_at(self._rank)  # s_b = α/b
 
+    @torch.no_grad()
+    def to_lora(self, b=None):
+        from lowrank_gpu.adapters.lora import LoRALinear
+        from lowrank_ref.adapters.lora import LoRAConfig
+
+        b = self._rank if b is None else check_eval_rank(b, self.r)
+        if self.merged:
+            raise ValueError(f"{type(self).__name__}.to_lora() while merged: unmerge() first")
+        c = self.config
+        lora = LoRALinear(self.base, LoRAConfig(r=b, alpha=c.alpha, dropout=c.dropout, rslora=c.rslora), rng=0)
+        lora.load_adapter_state({"A": self.A[:b], "B": self.B[:, :b]})
+        return lora
+
     def _slices(self):
         b = self._rank
         A, B = self.A[:b], self.B[:, :b]  # (b, in), (out, b)

@@ -12,7 +12,8 @@ so DyLoRA at rank ``b`` *is* the rank-``b`` LoRA ``(A_{:b}, B_{:,:b}, α)`` (tes
 ``b ~ U{1..r}`` before every step (:class:`DyLoRAHooks`, through the contract's ``before_step``;
 one draw per step from a generator seeded by ``config.seed``, so the NumPy and torch loops draw
 the same ranks) and puts the layer back at its own rank after the step; evaluation uses any rank
-the user sets. The reference code (huawei-noah/Efficient-NLP ``DyLoRA/loralib``, REFERENCES §6.1)
+the user sets (``to_lora(b)`` exports the rank-``b`` LoRA; adapter files hold all ``r`` ranks and
+load at rank ``r``). The reference code (huawei-noah/Efficient-NLP ``DyLoRA/loralib``, REFERENCES §6.1)
 draws ``randint(0, r_max − 1) + 1`` and multiplies both slices by ``√(r_max / b)`` on top of
 ``α / r_max``: the same ``α / b``.
 
@@ -177,6 +178,21 @@ class DyLoRALinear(AdapterLinear):
     def _delta_weight_f64(self) -> np.ndarray:
         b = self._rank
         return self.scaling * (self.B.data[:, :b].astype(np.float64) @ self.A.data[:b].astype(np.float64))
+
+    def to_lora(self, b=None):
+        """The rank-``b`` :class:`~lowrank_ref.adapters.lora.LoRALinear` (default: the current rank)
+        over the same base: ``A[:b]``, ``B[:, :b]``, the same α (so the scale α/b), identical
+        outputs. The rank a DyLoRA layer computes at is not stored in adapter files (a file holds
+        all ``r`` ranks and loads at rank ``r``); to keep one rank, save this LoRA instead."""
+        from lowrank_ref.adapters.lora import LoRAConfig, LoRALinear
+
+        b = self._rank if b is None else check_eval_rank(b, self.r)
+        if self.merged:
+            raise ValueError(f"{type(self).__name__}.to_lora() while merged: unmerge() first")
+        c = self.config
+        lora = LoRALinear(self.base, LoRAConfig(r=b, alpha=c.alpha, dropout=c.dropout, rslora=c.rslora), rng=0)
+        lora.load_adapter_state({"A": self.A.data[:b], "B": self.B.data[:, :b]})
+        return lora
 
     def _forward(self, x):
         mask = None

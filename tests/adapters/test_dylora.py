@@ -195,3 +195,28 @@ def test_numpy_matches_torch_below_full_rank_float64(frozen):
         assert_close(tl.A.grad.numpy(), gA, f"Ā at b={b}")
         assert_close(tl.B.grad.numpy(), gB, f"B̄ at b={b}")
         assert_close(tl.merged_weight().numpy(), npl.merged_weight(), f"merged W at b={b}")
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_to_lora_exports_the_rank_b_lora_with_identical_outputs(backend):
+    rng = np.random.default_rng(11)
+    layer, W, b0 = make_layer(rng, r=4)
+    x = rng.standard_normal((3, 6))
+    if backend == "torch":
+        torch = pytest.importorskip("torch")
+        tl = lr.adapt(lr.nn.Linear.from_arrays(W, b0), layer.config, backend="torch")
+        tl.load_adapter_state(layer.adapter_state())
+        tl.set_rank(3)
+        lora = tl.to_lora()
+        with torch.no_grad():
+            mine, want = lora(torch.from_numpy(x)).numpy(), tl(torch.from_numpy(x)).numpy()
+        with pytest.raises(ValueError, match="rank must be in"):
+            tl.to_lora(5)
+    else:
+        layer.set_rank(3)
+        lora = layer.to_lora()
+        mine, want = lora.forward(x), layer.forward(x)
+        with pytest.raises(ValueError, match="rank must be in"):
+            layer.to_lora(0)
+    assert lora.r == 3 and lora.scaling == pytest.approx(3.0 / 3)
+    assert_close(mine, want, "to_lora() vs DyLoRA at rank 3")
