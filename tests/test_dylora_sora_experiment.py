@@ -49,3 +49,14 @@ def test_the_experiment_runs_in_quick_mode():
     assert res["quick"] and sorted(map(int, res["dylora"]["target_at_rank"])) == list(range(1, 9))
     assert [s["lam"] for s in res["sora"]["runs"]] == [0.0, 2.0]  # quick: two of the four
     assert len(format_tables_split(json.loads(json.dumps(res)))) == 2
+
+
+def test_compare_reports_the_final_rank_per_layer_in_the_history(tmp_path):
+    from lowrank_ref.experiments.compare import COLUMNS, run_compare
+
+    rows = run_compare(["lora", "sora"], steps=2, eval_windows=4, progress=False, out=tmp_path)
+    assert all(tuple(r) == COLUMNS for r in rows)
+    hist = {h["method"]: h for h in json.loads((tmp_path / "compare_history.json").read_text())["histories"]}
+    assert "ranks" not in hist["lora"]
+    assert sorted(hist["sora"]["ranks"]) == ["blocks.0.attn.q", "blocks.0.attn.v", "blocks.1.attn.q", "blocks.1.attn.v"]
+    assert all(0 <= k <= 8 for k in hist["sora"]["ranks"].values())

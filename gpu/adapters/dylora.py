@@ -36,6 +36,11 @@ class DyLoRALinear(AdapterLinear):
     def rank(self) -> int:
         return self._rank
 
+    @property
+    def active_rank(self) -> int:
+        """The rank in use (what ``compare`` reports per layer): the current rank."""
+        return self._rank
+
     def set_rank(self, b) -> None:
         b = check_eval_rank(b, self.r)
         if self.merged:

@@ -156,6 +156,11 @@ class DyLoRALinear(AdapterLinear):
         """The rank ``b`` the layer computes at (``r`` unless :meth:`set_rank` changed it)."""
         return self._rank
 
+    @property
+    def active_rank(self) -> int:
+        """The rank in use (what ``compare`` reports per layer): the current rank."""
+        return self._rank
+
     def set_rank(self, b) -> None:
         """Compute at rank ``b ∈ 1..r`` from now on (training and evaluation); a ``ValueError``
         for a rank outside ``1..r`` or while merged (the merged weight holds one rank)."""
