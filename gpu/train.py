@@ -37,6 +37,7 @@ from lowrank_ref.train import (
     lr_at,
     progress_bar,
     resolve_backend,
+    set_hooks_lr,
     training_hooks,
 )
 
@@ -105,6 +106,8 @@ def train(model, data, steps: int, lr: float = 1e-3, batch_size: int = 16, optim
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
+        lr_now = lr_at(step, steps, lr, schedule, warmup, min_lr)
+        set_hooks_lr(step_hooks, lr_now)  # the hooks see this step's lr (SoRA's ξ = η_t λ)
         call_hooks(step_hooks, "before_step", step)
         xb, yb = get_batch(data, batch_size, block_size, rng)
         x = torch.from_numpy(xb).to(device)
@@ -129,7 +132,6 @@ def train(model, data, steps: int, lr: float = 1e-3, batch_size: int = 16, optim
             grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
         if clip is not None:
             torch.nn.utils.clip_grad_norm_(params, clip)
-        lr_now = lr_at(step, steps, lr, schedule, warmup, min_lr)
         for g in opt.param_groups:
             g["lr"] = lr_now
         opt.step()

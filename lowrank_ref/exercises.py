@@ -606,6 +606,93 @@ CHECKS: dict[str, list[tuple[str, Callable]]] = {
 }
 
 
+# ---------------------------------------------------------------- chapter 07: DyLoRA and SoRA
+# (a separate block: the chapter is a draft, chapters/drafts/07-dylora-sora.md; its notebook is
+# the lead's to merge, so these checks are listed in DRAFT_CHECKS, not yet in CHECKS)
+
+
+def _dylora_layer(rng, r=4, alpha=6.0):
+    import lowrank_ref as lr
+
+    W, b = rng.standard_normal((4, 5)), rng.standard_normal(4)
+    layer = lr.adapters.DyLoRALinear(lr.nn.Linear.from_arrays(W, b), lr.DyLoRAConfig(r=r, alpha=alpha), rng=0)
+    layer.A.data = rng.standard_normal(layer.A.shape)
+    layer.B.data = rng.standard_normal(layer.B.shape)  # away from B = 0
+    return layer
+
+
+def _dylora_forward_body(fn):
+    rng = _rng(70)
+    layer = _dylora_layer(rng)
+    x = rng.standard_normal((2, 3, 5))
+    for b in (1, 3, 4):
+        layer.set_rank(b)
+        y = fn(x.copy(), layer.base.weight.data.copy(), layer.base.bias.data.copy(), layer.A.data.copy(),
+               layer.B.data.copy(), 6.0, b)
+        compare(f"y at rank b={b}", y, layer.forward(x))
+    return "equals DyLoRALinear.forward at ranks 1, 3 and 4 of 4 (scale α/b)"
+
+
+def check_dylora_forward(fn, verbose=True) -> CheckResult:
+    """``fn(x, W, b0, A (r, in), B (out, r), alpha, b) -> y``: the rank-b forward, scale α/b."""
+    return check("dylora_forward", fn, _dylora_forward_body, verbose)
+
+
+def _soft_threshold_body(fn):
+    from lowrank_ref.adapters.sora import soft_threshold
+
+    xi = 0.25
+    x = np.array([-2.0, -0.4, -0.25, -0.1, 0.0, 0.1, 0.3, 0.49, 0.51, 3.0])  # 0.3, 0.49: inside (ξ, 2ξ)
+    compare("T_ξ(x)", fn(x.copy(), xi), soft_threshold(x, xi), rtol=1e-12, atol=1e-14)
+    return "sign(x) max(|x| − ξ, 0), also in (ξ, 2ξ), where the reference code's masks give 0"
+
+
+def check_soft_threshold(fn, verbose=True) -> CheckResult:
+    """``fn(x, xi) -> T_ξ(x)`` elementwise."""
+    return check("soft_threshold", fn, _soft_threshold_body, verbose)
+
+
+def _sora_backward_body(fn):
+    rng = _rng(71)
+    x = rng.standard_normal((2, 3, 5))
+    W, b = rng.standard_normal((4, 5)), rng.standard_normal(4)
+    A, g, B = rng.standard_normal((3, 5)), rng.standard_normal(3), rng.standard_normal((4, 3))
+    s, w = 1.5, rng.standard_normal((2, 3, 4))
+    dx, dA, dg, dB = _unpack(fn(w.copy(), x.copy(), W.copy(), A.copy(), g.copy(), B.copy(), s), 4,
+                             "(dx, dA, dg, dB)")
+    _gradcheck(lambda: float(np.sum((x @ W.T + b + s * ((x @ A.T) * g) @ B.T) * w)),
+               {"x": x, "A": A, "g": g, "B": B}, {"x": dx, "A": dA, "g": dg, "B": dB}, "sora_backward")
+    return "dx, dA, dg and dB agree with central differences in every entry"
+
+
+def check_sora_backward(fn, verbose=True) -> CheckResult:
+    """``fn(dy, x, W, A, g, B, s) -> (dx, dA, dg, dB)``; ``W`` and ``b`` are frozen."""
+    return check("sora_backward", fn, _sora_backward_body, verbose)
+
+
+def _sora_prune_body(fn):
+    rng = _rng(72)
+    A, B = rng.standard_normal((5, 6)), rng.standard_normal((4, 5))
+    g = np.array([0.7, 0.0, -1.2, 0.0, 0.05])
+    A2, B2 = _unpack(fn(A.copy(), g.copy(), B.copy()), 2, "(A_pruned, B_pruned)")
+    A2, B2 = np.asarray(A2, dtype=np.float64), np.asarray(B2, dtype=np.float64)
+    if A2.shape != (3, 6) or B2.shape != (4, 3):
+        raise Mismatch(f"three gates are non-zero: expected A' (3, 6) and B' (4, 3), got {A2.shape} and {B2.shape}")
+    compare("B' A' (the pruned update)", B2 @ A2, B @ np.diag(g) @ A)
+    return "a rank-3 LoRA with B' A' = B diag(g) A: the same outputs at the same scale"
+
+
+def check_sora_prune(fn, verbose=True) -> CheckResult:
+    """``fn(A (r, in), g (r,), B (out, r)) -> (A', B')`` keeping the ranks whose gate is non-zero."""
+    return check("sora_prune", fn, _sora_prune_body, verbose)
+
+
+DRAFT_CHECKS: dict[str, list[tuple[str, Callable]]] = {
+    "07-dylora-sora": [("dylora_forward", check_dylora_forward), ("soft_threshold", check_soft_threshold),
+                       ("sora_backward", check_sora_backward), ("sora_prune", check_sora_prune)],
+}
+
+
 def show(fn) -> None:
     """Print a function's source (to look at a solution or a package function from a notebook)."""
     print(inspect.getsource(fn))

@@ -26,6 +26,9 @@ calls it on every step, so an allocator or a proximal step cannot be forgotten:
     optimizer.step()
     hooks.after_step(step)             after the update (AdaLoRA's allocator, SoRA's proximal step)
 
+Each :class:`TrainingHooks` object's ``lr`` holds the learning rate of the current step, set by
+the loop before ``before_step`` (both loops, the same schedule value).
+
 ``train(..., hooks=[...])`` adds hooks of the caller's own (an experiment that records values
 every few steps), called after the methods' hooks.
 
@@ -57,7 +60,7 @@ from lowrank_ref.nn.module import as_rng
 from lowrank_ref.registry import check_backend
 
 __all__ = ["TrainResult", "train", "evaluate", "model_backend", "model_bytes", "as_rng",
-           "OPTIMIZERS", "SCHEDULES", "check_train_args", "TrainingHooks", "training_hooks", "call_hooks",
+           "OPTIMIZERS", "SCHEDULES", "check_train_args", "TrainingHooks", "training_hooks", "call_hooks", "set_hooks_lr",
            "resolve_backend", "lr_at", "progress_bar"]
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -202,6 +205,10 @@ class TrainingHooks:
     def __init__(self, model=None, layers: dict | None = None):
         self.model = model
         self.layers = {} if layers is None else dict(layers)
+        #: the learning rate of the current step (the schedule's value, the one the optimizer
+        #: uses at this step), set by both training loops before ``before_step``; ``None``
+        #: outside a loop. A proximal step (SoRA's soft-threshold ``ξ = η_t λ``) reads it.
+        self.lr: float | None = None
 
     def before_step(self, step: int) -> None:
         """Before the forward pass of ``step``."""
@@ -244,6 +251,14 @@ def training_hooks(model, extra=None, backend: str | None = None) -> list:
         if not any(callable(getattr(h, n, None)) for n in ("before_step", "loss_terms", "after_step")):
             raise TypeError(f"hooks must have before_step, loss_terms or after_step; got {type(h).__name__}")
     return hooks + extra
+
+
+def set_hooks_lr(hooks, lr: float) -> None:
+    """Tell every :class:`TrainingHooks` in ``hooks`` the learning rate of the step about to run
+    (its ``lr`` attribute); other hook objects are left alone."""
+    for h in hooks:
+        if isinstance(h, TrainingHooks):
+            h.lr = float(lr)
 
 
 def call_hooks(hooks, what: str, step: int):
@@ -325,6 +340,8 @@ def train(model, data, steps: int, lr: float = 1e-3, batch_size: int = 16, optim
             before = tracemalloc.get_traced_memory()[0]
             tracemalloc.reset_peak()
         t0 = time.perf_counter()
+        step_lr = lr_at(step, steps, lr, schedule, warmup, min_lr)
+        set_hooks_lr(step_hooks, step_lr)  # the hooks see this step's lr (SoRA's ξ = η_t λ)
         call_hooks(step_hooks, "before_step", step)
         x, y = get_batch(data, batch_size, block_size, rng)  # (B, T) each
         logits = model.forward(x)  # (B, T, V)
@@ -336,7 +353,7 @@ def train(model, data, steps: int, lr: float = 1e-3, batch_size: int = 16, optim
             loss = loss + float(extra)
         if clip is not None:
             optim.clip_grad_norm(params, clip)
-        opt.lr = lr_at(step, steps, lr, schedule, warmup, min_lr)
+        opt.lr = step_lr
         opt.step()
         opt.zero_grad()
         call_hooks(step_hooks, "after_step", step)

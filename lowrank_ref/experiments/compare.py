@@ -163,6 +163,11 @@ def _one_row(name: str, variant: Variant, task, backend: str, dtype, steps: int,
                "optimizer_state_bytes": result.optimizer_state_bytes,
                "target_loss_before": before["loss"], "target_loss_after": after["loss"],
                "retained_loss_after": kept["loss"]}
+    # methods whose rank changes in training report it per layer, in the history (the row keeps
+    # exactly COLUMNS): ``active_rank`` is SoRA's non-zero gates, DyLoRA's rank in use
+    ranks = {n: int(m.active_rank) for n, m in model.named_modules() if hasattr(m, "active_rank")}
+    if ranks:
+        history["ranks"] = ranks
     return row, history
 
 
