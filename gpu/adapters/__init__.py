@@ -3,11 +3,12 @@
 from lowrank_gpu.adapters.baselines import bitfit, full_finetune
 from lowrank_gpu.adapters.dora import DoRALinear
 from lowrank_gpu.adapters.ia3 import IA3Linear
+from lowrank_gpu.adapters.krona import KronALinear
 from lowrank_gpu.adapters.lokr import LoKrLinear
 from lowrank_gpu.adapters.lora import LoRALinear
 from lowrank_gpu.adapters.qlora import QLoRAInt4Linear, QLoRALinear
 
 __all__ = ["LoRALinear", "DoRALinear", "QLoRALinear", "QLoRAInt4Linear"]
 __all__ += ["IA3Linear"]
-__all__ += ["LoKrLinear"]
+__all__ += ["LoKrLinear", "KronALinear"]
 __all__ += ["full_finetune", "bitfit"]  # whole-model baselines (functions)
