@@ -394,6 +394,6 @@ SPEC = MethodSpec(
     # r < 1, so C stays full. Non-zero through the contract's own perturbation.
     example=lambda: Example(6, 8, LoKrConfig(r=1, alpha=3.0)),
     compare={
-        "lokr": CompareRow(LoKrConfig(r=4, alpha=8.0), targets=("q", "v"), lr=1e-2, order=40),
+        "lokr": CompareRow(LoKrConfig(r=4, alpha=8.0), targets=("q", "v"), lr=1e-2, order=36),
     },
 )
