@@ -219,6 +219,8 @@ SPEC = MethodSpec(
     # 8 = 2·4, 6 = 2·3: A (2, 2), B (4, 3)
     example=lambda: Example(6, 8, KronAConfig(scale=2.0)),
     compare={
-        "krona": CompareRow(KronAConfig(scale=1.0), targets=("q", "v"), lr=1e-2, order=37),
+        # LoRA's budget (r = 8 on q, v: 1,024 per 64x64 layer): A (2, 2), B (32, 32), 1,028 per
+        # layer, full rank possible (64); s = 2 as LoRA's α/r
+        "krona": CompareRow(KronAConfig(a_out=2, a_in=2, scale=2.0), targets=("q", "v"), lr=1e-2, order=37),
     },
 )

@@ -394,6 +394,8 @@ SPEC = MethodSpec(
     # r < 1, so C stays full. Non-zero through the contract's own perturbation.
     example=lambda: Example(6, 8, LoKrConfig(r=1, alpha=3.0)),
     compare={
-        "lokr": CompareRow(LoKrConfig(r=4, alpha=8.0), targets=("q", "v"), lr=1e-2, order=36),
+        # about LoRA's budget (r = 8 on q, v: 1,024 per 64x64 layer): f = 2 gives C (2, 2) and
+        # D (32, 32) = B A of rank 15: 4 + 960 = 964 per layer, rank up to 2·15 = 30; s = 2 as LoRA's
+        "lokr": CompareRow(LoKrConfig(r=15, alpha=30.0, decompose_factor=2), targets=("q", "v"), lr=1e-2, order=36),
     },
 )
