@@ -22,8 +22,10 @@ __all__ = ["LoKrLinear", "kron_apply"]
 def kron_apply(x: torch.Tensor, C: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
     """``x (C ⊗ D)ᵀ`` for ``x (..., m·n)``, ``C (p, m)``, ``D (q, n)``: ``C X Dᵀ`` per row."""
     (p, m), (q, n) = C.shape, D.shape
-    X = x.reshape(-1, m, n)
-    Y = torch.matmul(C, X @ D.T)  # (N, p, q)
+    N = x.numel() // (m * n)
+    T = (x.reshape(N * m, n) @ D.T).reshape(N, m, q)  # T = X Dᵀ: one GEMM
+    # C T as one GEMM over the m axis, (p, m)(m, N·q), rather than N small batched products
+    Y = (C @ T.transpose(0, 1).reshape(m, N * q)).reshape(p, N, q).transpose(0, 1)  # (N, p, q)
     return Y.reshape(*x.shape[:-1], p * q)
 
 
