@@ -46,4 +46,4 @@ class KronALinear(AdapterLinear):
         return self.scaling * torch.kron(self.A.detach().double(), self.B.detach().double())
 
     def _forward(self, x):
-        return self.base(x) + self.scaling * kron_apply(x, self.A, self.B)
+        return self.base(x) + kron_apply(x, self.scaling * self.A, self.B)  # s folded into A

@@ -68,4 +68,4 @@ class LoKrLinear(AdapterLinear):
 
     def _forward(self, x):
         C, D = self.blocks()
-        return self.base(x) + self.scaling * kron_apply(x, C, D)
+        return self.base(x) + kron_apply(x, self.scaling * C, D)  # s folded into the small block

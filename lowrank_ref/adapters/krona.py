@@ -146,8 +146,7 @@ def krona_forward(x, params, cfg: KronAConfig):
     del W
     if b is not None:
         y += b
-    k, T = kron_apply(x2, A, B)
-    k *= s
+    k, T = kron_apply(x2, s * A, B)  # s folded into the small factor
     y += k
     return y.reshape(*lead, y.shape[-1]), KronACache(x2, T, A, B, Wq, s, lead)
 
@@ -157,10 +156,10 @@ def krona_backward(dy, cache: KronACache):
     x2, T, A, B, Wq, s, lead = cache
     W = weight_array(Wq, dy.dtype)
     dy2 = dy.reshape(-1, dy.shape[-1])
-    dxk, dA, dB = kron_apply_backward(dy2, x2, T, A, B)
+    dxk, dA, dB = kron_apply_backward(dy2, x2, T, s * A, B)  # x̄ and B̄ come out scaled by s
     dx = dy2 @ W
-    dx += s * dxk
-    return dx.reshape(*lead, W.shape[1]), {"A": s * dA, "B": s * dB, "W": None, "b": None}
+    dx += dxk
+    return dx.reshape(*lead, W.shape[1]), {"A": s * dA, "B": dB, "W": None, "b": None}
 
 
 class KronALinear(AdapterLinear):

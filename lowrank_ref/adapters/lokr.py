@@ -176,12 +176,14 @@ def kron_apply(x2, C, D):
     r"""``x2 (C ⊗ D)ᵀ`` for ``x2 (N, m·n)``, ``C (p, m)``, ``D (q, n)``, without forming ``C ⊗ D``.
 
     Row-major reshape: ``X = x2.reshape(N, m, n)``; then ``Y = C X Dᵀ`` per row, flattened to
-    ``(N, p·q)``. Returns ``(y2 (N, p·q), T)`` with ``T = X Dᵀ (N, m, q)`` for the backward."""
+    ``(N, p·q)``. Returns ``(y2 (N, p·q), T)`` with ``T = X Dᵀ (N, m, q)`` for the backward.
+    ``T`` is one GEMM over all ``N·m`` rows; ``C T`` is a broadcast matmul that writes ``(N, p, q)``
+    in place order (no transpose copy; faster here than one GEMM behind two transposes)."""
     N = x2.shape[0]
     (p, m), (q, n) = C.shape, D.shape
     T = (x2.reshape(N * m, n) @ D.T).reshape(N, m, q)  # T = X Dᵀ, one GEMM
-    Y = np.tensordot(C, T, axes=([1], [1]))  # (p, N, q): Y[i, N, k] = Σ_j C[i, j] T[N, j, k]
-    return Y.transpose(1, 0, 2).reshape(N, p * q), T
+    Y = np.matmul(C, T)  # (N, p, q): Y[N] = C T[N]
+    return Y.reshape(N, p * q), T
 
 
 def kron_apply_backward(dy2, x2, T, C, D):
@@ -190,14 +192,17 @@ def kron_apply_backward(dy2, x2, T, C, D):
     With Ȳ = ȳ.reshape(N, p, q) and Z = Cᵀ Ȳ (N, m, q)::
 
         C̄ = Σ_N Ȳ Tᵀ,   D̄ = Σ_N Zᵀ X,   X̄ = Z D
+
+    (A scale folded into ``C`` by the caller carries into X̄ and D̄ through Z; C̄ is then the
+    gradient with respect to the scaled C.)
     """
     N = x2.shape[0]
     (p, m), (q, n) = C.shape, D.shape
     dY = dy2.reshape(N, p, q)
-    Z = np.tensordot(C, dY, axes=([0], [1])).transpose(1, 0, 2).reshape(N * m, q)  # Z = Cᵀ Ȳ
+    Z = np.matmul(C.T, dY).reshape(N * m, q)  # Z = Cᵀ Ȳ
     dx2 = (Z @ D).reshape(N, m * n)  # X̄ = Z D
     dD = Z.T @ x2.reshape(N * m, n)  # D̄ = Σ_N Zᵀ X   (q, n)
-    dC = np.tensordot(dY, T, axes=([0, 2], [0, 2]))  # C̄ = Σ_N Ȳ Tᵀ   (p, m)
+    dC = np.matmul(dY, T.transpose(0, 2, 1)).sum(axis=0)  # C̄ = Σ_N Ȳ Tᵀ   (p, m)
     return dx2, dC, dD
 
 
@@ -247,8 +252,7 @@ def lokr_forward(x, params, cfg: LoKrConfig):
     del W
     if b is not None:
         y += b
-    k, T = kron_apply(x2, C, D)
-    k *= s
+    k, T = kron_apply(x2, s * C, D)  # s folded into the small block: no extra (N, out) pass
     y += k  # + s x (C ⊗ D)ᵀ
     return y.reshape(*lead, y.shape[-1]), LoKrCache(x2, T, C, D, Wq, params, s, lead)
 
@@ -258,11 +262,10 @@ def lokr_backward(dy, cache: LoKrCache):
     x2, T, C, D, Wq, params, s, lead = cache
     W = weight_array(Wq, dy.dtype)
     dy2 = dy.reshape(-1, dy.shape[-1])  # (N, out)
-    dxk, dC, dD = kron_apply_backward(dy2, x2, T, C, D)
-    dC *= s
-    dD *= s
+    dxk, dC, dD = kron_apply_backward(dy2, x2, T, s * C, D)  # X̄ and D̄ come out scaled by s
+    dC *= s  # C̄ = s Σ_N Ȳ Tᵀ
     dx = dy2 @ W  # ȳ W0
-    dx += s * dxk
+    dx += dxk
     grads = {"W": None, "b": None}
     if params.get("w1") is not None:
         grads["w1"] = dC
