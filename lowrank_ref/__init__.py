@@ -11,7 +11,9 @@ from lowrank_ref import adapters, nn, quant, registry
 from lowrank_ref.adapters.dora import DoRAConfig
 from lowrank_ref.adapters.dylora import DyLoRAConfig
 from lowrank_ref.adapters.ia3 import IA3Config
+from lowrank_ref.adapters.krona import KronAConfig
 from lowrank_ref.adapters.loha import LoHaConfig
+from lowrank_ref.adapters.lokr import LoKrConfig
 from lowrank_ref.adapters.lora import LoRAConfig
 from lowrank_ref.adapters.qlora import QLoRAConfig, QLoRAInt4Config
 from lowrank_ref.adapters.sora import SoRAConfig
@@ -26,7 +28,7 @@ __version__ = "0.1.0"
 quant.QLoRALinear = adapters.QLoRALinear
 
 __all__ = ["nn", "adapters", "registry", "adapt", "gradcheck", "LoRAConfig", "DoRAConfig", "QLoRAConfig", "QLoRAInt4Config",
-           "IA3Config", "LoHaConfig", "DyLoRAConfig", "SoRAConfig"]
+           "IA3Config", "LoHaConfig", "DyLoRAConfig", "SoRAConfig", "LoKrConfig", "KronAConfig"]
 
 
 def __getattr__(name):  # lazy sub-packages that later issues fill in

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["CheckResult", "CHECKS", "check", "compare"]
+__all__ = ["CheckResult", "CHECKS", "KRONECKER_CHECKS", "check", "compare"]
 
 
 @dataclass
@@ -690,6 +690,105 @@ def check_sora_prune(fn, verbose=True) -> CheckResult:
 DRAFT_CHECKS: dict[str, list[tuple[str, Callable]]] = {
     "07-dylora-sora": [("dylora_forward", check_dylora_forward), ("soft_threshold", check_soft_threshold),
                        ("sora_backward", check_sora_backward), ("sora_prune", check_sora_prune)],
+}
+
+
+# ---------------------------------------------------------------- chapter 05: KronA and LoKr
+# (kept as their own block, KRONECKER_CHECKS, until chapter 05's exercise notebook takes them in)
+
+
+def _kron_problem(rng):
+    C = rng.standard_normal((3, 2))  # (p, m): out = p·q = 12, in = m·n = 10
+    D = rng.standard_normal((4, 5))  # (q, n)
+    x = rng.standard_normal((6, 10))  # (N, m·n)
+    return x, C, D
+
+
+class _NoKron:
+    """Within the block, ``np.kron`` raises: the exercise must not build C ⊗ D."""
+
+    def __enter__(self):
+        self.saved = np.kron
+
+        def refuse(*a, **k):
+            raise Mismatch("your function called np.kron: apply C ⊗ D through the reshape identity instead")
+
+        np.kron = refuse
+
+    def __exit__(self, *exc):
+        np.kron = self.saved
+
+
+def _kron_matvec_body(fn):
+    x, C, D = _kron_problem(_rng(50))
+    with _NoKron():
+        y = fn(x.copy(), C.copy(), D.copy())
+    compare("x (C ⊗ D)ᵀ", y, x @ np.kron(C, D).T)
+    return "equals x @ np.kron(C, D).T without forming the Kronecker product"
+
+
+def check_kron_matvec(fn, verbose=True) -> CheckResult:
+    """``fn(x (N, m·n), C (p, m), D (q, n)) -> x (C ⊗ D)ᵀ (N, p·q)``, without ``np.kron``."""
+    return check("kron_matvec", fn, _kron_matvec_body, verbose)
+
+
+def _kron_backward_body(fn):
+    x, C, D = _kron_problem(_rng(51))
+    w = _rng(52).standard_normal((6, 12))  # the loss is sum(y ⊙ w), so ȳ = w
+    with _NoKron():
+        out = _unpack(fn(w.copy(), x.copy(), C.copy(), D.copy()), 3, "(dx, dC, dD)")
+    _gradcheck(lambda: float(np.sum((x @ np.kron(C, D).T) * w)), {"x": x, "C": C, "D": D},
+               dict(zip(("x", "C", "D"), out)), "kron_backward")
+    return "dx, dC and dD agree with central differences in every entry"
+
+
+def check_kron_backward(fn, verbose=True) -> CheckResult:
+    """``fn(dy (N, p·q), x (N, m·n), C, D) -> (dx, dC, dD)`` for ``y = x (C ⊗ D)ᵀ``."""
+    return check("kron_backward", fn, _kron_backward_body, verbose)
+
+
+def _lokr_factorization_body(fn):
+    from lowrank_ref.adapters.lokr import factorization
+
+    cases = [(256, -1), (128, -1), (127, -1), (250, -1), (360, 8), (1024, 16), (16, 16), (12, 4),
+             (16, 8), (768, -1), (96, 5), (1, -1)]
+    for dim, f in cases:
+        got = fn(dim, f)
+        want = factorization(dim, f)
+        if got is None or tuple(got) != want:
+            raise Mismatch(f"lokr_factorization({dim}, {f}) = {got!r}, expected {want} (PEFT's rule)")
+    return f"PEFT's pairs on all {len(cases)} cases, the unsorted ones included"
+
+
+def check_lokr_factorization(fn, verbose=True) -> CheckResult:
+    """``fn(dim, factor) -> (m, n)``: PEFT's ``factorization`` rule."""
+    return check("lokr_factorization", fn, _lokr_factorization_body, verbose)
+
+
+def _lokr_params_body(fn):
+    import lowrank_ref as lr
+
+    rng = _rng(53)
+    cases = [(64, 64, 2, False, -1), (64, 64, 4, False, -1), (64, 64, 2, True, -1), (64, 64, 15, False, 2),
+             (768, 768, 8, False, -1), (768, 3072, 4, True, 16), (10, 12, 1, False, 4)]
+    for n_in, n_out, r, both, f in cases:
+        base = lr.nn.Linear(n_in, n_out, rng=rng)
+        layer = lr.adapters.LoKrLinear(base, lr.LoKrConfig(r=r, decompose_both=both, decompose_factor=f), rng=rng)
+        got = fn(n_in, n_out, r, both, f)
+        if got != layer.num_trainable_parameters():
+            raise Mismatch(f"lokr_params({n_in}, {n_out}, r={r}, decompose_both={both}, factor={f}) = {got!r}, "
+                           f"expected {layer.num_trainable_parameters()} (LoKrLinear's trainable count)")
+    return f"LoKrLinear's trainable count on all {len(cases)} layers (full and low-rank blocks)"
+
+
+def check_lokr_params(fn, verbose=True) -> CheckResult:
+    """``fn(in, out, r, decompose_both, factor) -> int``: a LoKr layer's trainable parameters."""
+    return check("lokr_params", fn, _lokr_params_body, verbose)
+
+
+KRONECKER_CHECKS: dict[str, list[tuple[str, Callable]]] = {
+    "05-kronecker": [("kron_matvec", check_kron_matvec), ("kron_backward", check_kron_backward),
+                     ("lokr_factorization", check_lokr_factorization), ("lokr_params", check_lokr_params)],
 }
 
 

@@ -897,6 +897,19 @@ def _short(keys, k: int = 8) -> str:
     return str(keys[:k])[:-1] + (f", ... ({len(keys) - k} more)]" if len(keys) > k else "]")
 
 
+def _peft_tensor_names(model, spec, path: str, cfg) -> list:
+    """The tensors a layer at ``path`` holds: ``SPEC.shapes``'s names where the method gives them
+    (LoKr's set depends on the layer's size: ``w1`` or ``w1_a``/``w1_b``), else every name of
+    ``SPEC.peft.tensors``."""
+    base = _base_of(model, path)
+    if spec.shapes is None or base is None:
+        return list(spec.peft.tensors)
+    try:
+        return list(spec.shapes(cfg, int(base.in_features), int(base.out_features)))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"layer {path!r}: {e}") from None
+
+
 def load_peft(model, folder) -> dict:
     """Inject and load the adapters of a ``PeftModel.save_pretrained`` folder into ``model``.
 
@@ -927,7 +940,7 @@ def load_peft(model, folder) -> dict:
         why = f" (it holds {other[0]}, a pickle: not read; save with safe_serialization=True)" if other else ""
         raise ValueError(f"{os.fspath(folder)!r} holds no {PEFT_WEIGHTS_NAME}{why}")
     tensors, _ = read_safetensors(weights)
-    expected = {peft_key(p, spec, n): (p, n) for p in paths for n in spec.peft.tensors}
+    expected = {peft_key(p, spec, n): (p, n) for p in paths for n in _peft_tensor_names(model, spec, p, plan[p][1])}
     missing, extra = set(expected) - set(tensors), set(tensors) - set(expected)
     if missing or extra:
         raise ValueError(f"{weights!r}: its tensors do not match the model's target layers: missing "

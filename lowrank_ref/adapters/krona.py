@@ -1,0 +1,225 @@
+r"""KronA: a frozen linear layer plus the Kronecker product of two small full factors
+(Edalati et al. 2022, "KronA: Parameter Efficient Tuning with Kronecker Adapter", arXiv:2212.10650).
+Chapter 05, "KronA and LoKr", derives the forward and the backward.
+
+Update (PyTorch layout, ``W0 (out, in)``; the paper's ``(in, out)`` factors transposed, since
+``(A ⊗ B)ᵀ = Aᵀ ⊗ Bᵀ``)::
+
+    ΔW = s · A ⊗ B,    A (a_out, a_in),  B (out / a_out, in / a_in)
+
+Mergeable (ΔW is one dense matrix). rank(A ⊗ B) = rank(A)·rank(B): with ``a ≈ √dim`` the update
+can be full rank with about ``2·√out·√in`` parameters. The forward goes through the reshape
+identity (:func:`lowrank_ref.adapters.lokr.kron_apply`: ``(x (A ⊗ B)ᵀ).reshape(N, a_out, b_out)
+= A X Bᵀ`` with ``X = x.reshape(N, a_in, b_in)``), never forming ``A ⊗ B``; its backward is
+:func:`~lowrank_ref.adapters.lokr.kron_apply_backward`.
+
+**Sizes (the rule here).** ``a_out`` / ``a_in`` given: they must divide ``out`` / ``in`` (else a
+``ValueError`` naming the dimension and the divisors that would work). ``None`` (the default):
+PEFT's LoKr rule, the smaller factor of ``factorization(dim, -1)``, the divisor pair nearest
+``√dim`` (768 -> A side 24, B side 32; a prime dimension gives 1 and the whole dimension).
+
+**What the paper leaves open** (its full text is not public): the init and
+``s``. Chosen here: ``A`` Kaiming-uniform (``U(±1/√a_in)``, as ``nn.Linear``), ``B = 0``, so
+ΔW = 0 at init and both factors get gradients after the first step (the choice of an unofficial
+re-implementation; LoRA's ``B = 0``); ``s = scale``, a plain hyper-parameter, default 1.
+The non-mergeable KronA^B / KronA^B_res forms (parallel to a whole block) are not provided.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from lowrank_ref.adapters.base import AdapterLinear
+from lowrank_ref.adapters.lokr import (
+    factorization,
+    kaiming_uniform,
+    kron_apply,
+    kron_apply_backward,
+)
+from lowrank_ref.config import check_alpha
+from lowrank_ref.nn.module import Parameter
+from lowrank_ref.quant.linear import weight_array
+from lowrank_ref.registry import CompareRow, Example, MethodSpec
+
+__all__ = ["KronAConfig", "KronALinear", "krona_sizes", "krona_shapes", "krona_forward", "krona_backward",
+           "divisors", "SPEC"]
+
+
+def divisors(n: int) -> list[int]:
+    """The positive divisors of ``n``, ascending."""
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _check_side(v, name: str):
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{name} must be a positive int or None, got {type(v).__name__}")
+    if int(v) < 1:
+        raise ValueError(f"{name} must be a positive integer or None, got {v}")
+    return int(v)
+
+
+@dataclass(frozen=True)
+class KronAConfig:
+    r"""KronA (Edalati et al. 2022): ``ΔW = s · A ⊗ B``, two small full factors.
+
+    Args:
+        a_out, a_in: ``A``'s shape ``(a_out, a_in)``; ``B`` is ``(out/a_out, in/a_in)``. ``None``:
+            the smaller factor of PEFT's ``factorization(dim, -1)`` (the divisor pair nearest √dim).
+        scale: ``s`` (the paper's scalar, "parallel to LoRA's α/r"; its value is not public).
+    """
+
+    a_out: int | None = None
+    a_in: int | None = None
+    scale: float = 1.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "a_out", _check_side(self.a_out, "a_out"))
+        object.__setattr__(self, "a_in", _check_side(self.a_in, "a_in"))
+        object.__setattr__(self, "scale", check_alpha(self.scale, "scale"))
+
+    @property
+    def scaling(self) -> float:
+        return self.scale
+
+    def replace(self, **changes):
+        return type(self)(**{**asdict(self), **changes})
+
+
+def krona_sizes(cfg: KronAConfig, in_features: int, out_features: int) -> tuple[int, int, int, int]:
+    """``(a_out, a_in, b_out, b_in)`` for a ``(out, in)`` layer; a ``ValueError`` naming the
+    dimension and its divisors when a given side does not divide it."""
+    sides = []
+    for v, dim, name, feat in ((cfg.a_out, out_features, "a_out", "out_features"),
+                               (cfg.a_in, in_features, "a_in", "in_features")):
+        if v is None:
+            v = factorization(dim, -1)[0]
+        elif dim % v:
+            raise ValueError(f"{name}={v} does not divide {feat}={dim}; the divisors of {dim} that would "
+                             f"work: {divisors(dim)}")
+        sides.append(v)
+    a_out, a_in = sides
+    return a_out, a_in, out_features // a_out, in_features // a_in
+
+
+def krona_shapes(cfg: KronAConfig, in_features: int, out_features: int) -> dict:
+    """``A (a_out, a_in)``, ``B (out/a_out, in/a_in)``."""
+    a_out, a_in, b_out, b_in = krona_sizes(cfg, in_features, out_features)
+    return {"A": (a_out, a_in), "B": (b_out, b_in)}
+
+
+class KronACache(NamedTuple):
+    x2: np.ndarray
+    T: np.ndarray
+    A: np.ndarray
+    B: np.ndarray
+    Wq: object
+    s: float
+    lead: tuple
+
+
+def krona_forward(x, params, cfg: KronAConfig):
+    r"""y = x W0ᵀ + b + s · x (A ⊗ B)ᵀ, through ``A X Bᵀ`` (never forming ``A ⊗ B``).
+
+    Args:
+        x: ``(..., in)``.
+        params: ``{"W": W0 (out, in), "b": (out,) or None, "A": (a_out, a_in), "B": (b_out, b_in)}``.
+        cfg: gives ``s``.
+    Returns:
+        ``(y (..., out), cache)``.
+
+    Backward (chapter 05), for ȳ (N, out), Ȳ = ȳ.reshape(N, a_out, b_out), X = x.reshape(N, a_in,
+    b_in), T = X Bᵀ, Z = Aᵀ Ȳ::
+
+        Ā = s Σ_N Ȳ Tᵀ     B̄ = s Σ_N Zᵀ X     x̄ = ȳ W0 + s (Z B).reshape(N, in)
+    """
+    Wq, b, A, B = params["W"], params["b"], params["A"], params["B"]
+    W = weight_array(Wq, x.dtype)
+    s = cfg.scaling
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    y = x2 @ W.T
+    del W
+    if b is not None:
+        y += b
+    k, T = kron_apply(x2, s * A, B)  # s folded into the small factor
+    y += k
+    return y.reshape(*lead, y.shape[-1]), KronACache(x2, T, A, B, Wq, s, lead)
+
+
+def krona_backward(dy, cache: KronACache):
+    r"""Return ``(x̄, grads)``; grads: ``A``, ``B`` arrays, ``W`` and ``b`` None (frozen)."""
+    x2, T, A, B, Wq, s, lead = cache
+    W = weight_array(Wq, dy.dtype)
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    dxk, dA, dB = kron_apply_backward(dy2, x2, T, s * A, B)  # x̄ and B̄ come out scaled by s
+    dx = dy2 @ W
+    dx += dxk
+    return dx.reshape(*lead, W.shape[1]), {"A": s * dA, "B": dB, "W": None, "b": None}
+
+
+class KronALinear(AdapterLinear):
+    """A frozen :class:`~lowrank_ref.nn.Linear` plus ``s · A ⊗ B``. Trainable: ``A``, ``B``.
+
+    Args:
+        base: the pretrained layer (frozen by this constructor), float or 4-bit.
+        config: a :class:`KronAConfig`.
+        rng: a ``numpy.random.Generator`` (or a seed) for ``A``'s Kaiming draw.
+    """
+
+    CONFIG = KronAConfig
+
+    def __init__(self, base, config: KronAConfig | None = None, rng=None):
+        config = self.check_config(config)
+        super().__init__(base, config)
+        self.rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        shapes = krona_shapes(config, self.in_features, self.out_features)
+        self.A = Parameter(kaiming_uniform(shapes["A"], self.rng, self.weight_dtype))
+        self.B = Parameter(np.zeros(shapes["B"], dtype=self.weight_dtype))  # B = 0: starts as the base
+
+    @property
+    def r(self) -> int:
+        """The largest rank ΔW can have: min(a_out, a_in)·min(b_out, b_in)."""
+        return min(self.A.shape) * min(self.B.shape)
+
+    def delta_weight(self) -> np.ndarray:
+        r"""ΔW = s · A ⊗ B (out, in), formed only here."""
+        return self.scaling * np.kron(self.A.data, self.B.data)
+
+    def _delta_weight_f64(self) -> np.ndarray:
+        return self.scaling * np.kron(self.A.data.astype(np.float64), self.B.data.astype(np.float64))
+
+    def _forward(self, x):
+        b = None if self.base.bias is None else self.base.bias.data
+        params = {"W": self.w0_operand(), "b": b, "A": self.A.data, "B": self.B.data}
+        y, self._cache = krona_forward(x, params, self.config)
+        return y
+
+    def _backward(self, dy):
+        dx, grads = krona_backward(dy, self._pop_cache())
+        self.A.accumulate(grads["A"])
+        self.B.accumulate(grads["B"])
+        return dx
+
+
+SPEC = MethodSpec(
+    name="krona",
+    config=KronAConfig,
+    numpy="lowrank_ref.adapters.krona:KronALinear",
+    torch="lowrank_gpu.adapters.krona:KronALinear",
+    description="KronA, Edalati et al. 2022: ΔW = s A ⊗ B (two small full factors)",
+    overridable=("a_out", "a_in", "scale"),
+    file_metadata=lambda cfg: {"scaling": float(cfg.scale), "scaling_rule": "scale"},
+    shapes=krona_shapes,
+    # 8 = 2·4, 6 = 2·3: A (2, 2), B (4, 3)
+    example=lambda: Example(6, 8, KronAConfig(scale=2.0)),
+    compare={
+        # LoRA's budget (r = 8 on q, v: 1,024 per 64x64 layer): A (2, 2), B (32, 32), 1,028 per
+        # layer, full rank possible (64); s = 2 as LoRA's α/r
+        "krona": CompareRow(KronAConfig(a_out=2, a_in=2, scale=2.0), targets=("q", "v"), lr=1e-2, order=37),
+    },
+)
