@@ -21,14 +21,18 @@ from lowrank_ref.serve import MultiLoRA as _MultiLoRA
 __all__ = ["MultiLoRA", "ServedLinear", "bgmv", "sgmv", "KERNELS"]
 
 
-def bgmv(x, W0, b, A_all, B_all, s, g, slots):
-    r"""y_i = g[k_i] ⊙ (x_i W0ᵀ + s[k_i] (x_i A_all[k_i]ᵀ) B_all[k_i]ᵀ) + b.   x (N, T, in) -> (N, T, out)."""
-    z = torch.nn.functional.linear(x, W0)  # x W0ᵀ   (N, T, out)
+def bgmv(x, W0, b, A_all, B_all, s, g, slots, scaled: bool = True):
+    r"""y_i = g[k_i] ⊙ (x_i W0ᵀ + s[k_i] (x_i A_all[k_i]ᵀ) B_all[k_i]ᵀ) + b.   x (N, T, in) -> (N, T, out).
+
+    ``scaled=False`` says every ``g`` is 1 (no DoRA adapter at this layer): then the bias goes into
+    the base product and the expand adds into it in place (``baddbmm``), with no pass for ``g``."""
     A = A_all.index_select(0, slots)  # gather: (N, R, in)
     Bk = B_all.index_select(0, slots)  # (N, out, R)
-    h = torch.bmm(x, A.transpose(1, 2))  # shrink: (N, T, R)
-    d = torch.bmm(h, Bk.transpose(1, 2))  # expand: (N, T, out)
-    y = g.index_select(0, slots).unsqueeze(1) * torch.addcmul(z, s.index_select(0, slots).view(-1, 1, 1), d)
+    h = torch.bmm(x, A.transpose(1, 2)) * s.index_select(0, slots).view(-1, 1, 1)  # shrink: s x Aᵀ (N, T, R)
+    if not scaled:
+        return torch.baddbmm(torch.nn.functional.linear(x, W0, b), h, Bk.transpose(1, 2))  # + h Bᵀ (expand)
+    y = torch.baddbmm(torch.nn.functional.linear(x, W0), h, Bk.transpose(1, 2))  # x W0ᵀ + s h Bᵀ
+    y = y * g.index_select(0, slots).unsqueeze(1)  # g ⊙ (...)
     return y if b is None else y + b
 
 
@@ -53,6 +57,7 @@ class ServedLinear(nn.Module):
         super().__init__()
         self.base = base
         self.stack = None
+        self.scaled = True
         self.factors = {}
         self.slots = None
         self.kernel = "bgmv"
@@ -70,6 +75,7 @@ class ServedLinear(nn.Module):
             r = f["A"].shape[0]
             A_all[k, :r], B_all[k, :, :r], s[k], g[k] = f["A"], f["B"], f["s"], f["g"]
         self.stack = tuple(torch.as_tensor(a, **kw) for a in (A_all, B_all, s, g))
+        self.scaled = bool(np.any(g != 1))  # a DoRA adapter is here
         self.factors = {k: (torch.as_tensor(f["A"], **kw), torch.as_tensor(f["B"], **kw), float(f["s"]),
                             torch.as_tensor(f["g"], **kw)) for k, f in factors.items()}
 
@@ -84,7 +90,7 @@ class ServedLinear(nn.Module):
         if self.kernel == "sgmv":
             y = sgmv(x3, W0, b, self.factors, self.slots)
         else:
-            y = bgmv(x3, W0, b, *self.stack, self.slots)
+            y = bgmv(x3, W0, b, *self.stack, self.slots, scaled=self.scaled)
         return y.reshape(*lead, W0.shape[0])
 
     def extra_repr(self) -> str:

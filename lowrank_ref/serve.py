@@ -386,6 +386,17 @@ class MultiLoRA:
                 self.ops.set(self.model, p, layer)
         self._served = new
 
+    def clone(self, names=None) -> MultiLoRA:
+        """A new server over a plain copy of the base with the same adapters (or only ``names``),
+        sharing their (frozen) factors; nothing is merged in it."""
+        if self._merged is not None:
+            raise StateError(f"adapter {self._merged!r} is merged; unmerge() before clone()")
+        keep = self.names if names is None else [self._known(n) for n in names]
+        dup = type(self)(self._plain_copy(), kernel=self.kernel)
+        dup._adapters = {n: self._adapters[n] for n in keep}
+        dup._rebuild()
+        return dup
+
     # -- one adapter merged (serving one adapter at a time) ---------------------------------
     def merge(self, name: str) -> None:
         """Fold adapter ``name`` into the base weights (``W = g ⊙ (W0 + s B A)`` row-wise) so that a

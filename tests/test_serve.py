@@ -125,6 +125,9 @@ def test_bgmv_and_sgmv_equal_the_dense_update_per_row():
     t = torch.as_tensor
     ts = t(slots)
     np.testing.assert_allclose(tbgmv(t(x), t(W0), t(b), t(A_all), t(B_all), t(s), t(g), ts).numpy(), ref, atol=1e-12)
+    lora_only = {k: (A, B, sk, np.ones(out)) for k, (A, B, sk, _) in factors.items()}  # g = 1: the fused path
+    np.testing.assert_allclose(tbgmv(t(x), t(W0), t(b), t(A_all), t(B_all), t(s), t(np.ones((K, out))), ts,
+                                     scaled=False).numpy(), _dense_rows(x, W0, b, lora_only, slots), atol=1e-12)
     tf = {k: (t(A), t(B), sk, t(gk)) for k, (A, B, sk, gk) in factors.items()}
     np.testing.assert_allclose(tsgmv(t(x), t(W0), t(b), tf, ts).numpy(), ref, atol=1e-12)
 
