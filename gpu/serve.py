@@ -37,7 +37,7 @@ def bgmv(x, W0, b, A_all, B_all, s, g, slots, scaled: bool = True):
 
 
 def sgmv(x, W0, b, factors, slots):
-    r"""The same output, rows grouped by adapter (``factors = {k: (A, B, s, g)}``)."""
+    r"""The same output, rows grouped by adapter (``factors = {k: (A, B, s, g)}``, ``g = None``: 1)."""
     y = torch.nn.functional.linear(x, W0)  # (N, T, out)
     for k in torch.unique(slots).tolist():
         if k not in factors:
@@ -46,7 +46,10 @@ def sgmv(x, W0, b, factors, slots):
         rows = torch.nonzero(slots == k).flatten()  # the segment of adapter k
         xk = x.index_select(0, rows)  # (n_k, T, in)
         d = (xk @ A.T) @ B.T  # shrink then expand   (n_k, T, out)
-        y = y.index_copy(0, rows, g * (y.index_select(0, rows) + s * d))
+        if g is None:  # LoRA (g = 1): add the update into the group's rows in place
+            y.index_add_(0, rows, d, alpha=s)
+        else:  # DoRA: g ⊙ (x W0ᵀ + s d) for the group's rows
+            y.index_copy_(0, rows, g * (y.index_select(0, rows) + s * d))
     return y if b is None else y + b
 
 
@@ -77,7 +80,8 @@ class ServedLinear(nn.Module):
         self.stack = tuple(torch.as_tensor(a, **kw) for a in (A_all, B_all, s, g))
         self.scaled = bool(np.any(g != 1))  # a DoRA adapter is here
         self.factors = {k: (torch.as_tensor(f["A"], **kw), torch.as_tensor(f["B"], **kw), float(f["s"]),
-                            torch.as_tensor(f["g"], **kw)) for k, f in factors.items()}
+                            None if np.all(f["g"] == 1) else torch.as_tensor(f["g"], **kw))
+                        for k, f in factors.items()}
 
     def forward(self, x):
         W0, b = self.base.weight, self.base.bias
