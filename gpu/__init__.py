@@ -17,6 +17,6 @@ __all__ = ["adapters", "nn", "LoRAConfig", "DoRAConfig", "QLoRAConfig", "QLoRAIn
 def __getattr__(name):
     import importlib
 
-    if name in ("quant", "optim", "inject", "train", "models"):
+    if name in ("quant", "optim", "inject", "train", "models", "serve"):
         return importlib.import_module(f"lowrank_gpu.{name}")
     raise AttributeError(f"module 'lowrank_gpu' has no attribute {name!r}")

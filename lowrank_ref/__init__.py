@@ -34,6 +34,6 @@ __all__ = ["nn", "adapters", "registry", "adapt", "gradcheck", "LoRAConfig", "Do
 def __getattr__(name):  # lazy sub-packages that later issues fill in
     import importlib
 
-    if name in ("quant", "optim", "data", "experiments", "io", "inject", "cli", "train", "models"):
+    if name in ("quant", "optim", "data", "experiments", "io", "inject", "cli", "train", "models", "serve"):
         return importlib.import_module(f"lowrank_ref.{name}")
     raise AttributeError(f"module 'lowrank_ref' has no attribute {name!r}")

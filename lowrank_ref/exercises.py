@@ -792,6 +792,65 @@ KRONECKER_CHECKS: dict[str, list[tuple[str, Callable]]] = {
 }
 
 
+# ---------------------------------------------------------------- chapter 08: serving many adapters
+# (a block of its own: the chapter's checks are added to CHECKS below, after the table above)
+
+
+def _bgmv_body(fn):
+    rng = _rng(80)
+    out, inp, K, R = 5, 4, 4, 3
+    W0, b = rng.standard_normal((out, inp)), rng.standard_normal(out)
+    ranks = {1: 2, 2: 3, 3: 1}  # slot 0 is the base (zeros); ranks below R are zero-padded
+    A_all, B_all = np.zeros((K, R, inp)), np.zeros((K, out, R))
+    s, g = np.zeros(K), np.ones((K, out))
+    for k, r in ranks.items():
+        A_all[k, :r], B_all[k, :, :r] = rng.standard_normal((r, inp)), rng.standard_normal((out, r))
+        s[k], g[k] = 0.5 + k, rng.uniform(0.5, 1.5, out)
+    slots = np.array([2, 0, 3, 1, 2, 0])
+    x = rng.standard_normal((len(slots), 2, inp))  # (N, T, in)
+    mine = fn(x.copy(), W0.copy(), b.copy(), A_all.copy(), B_all.copy(), s.copy(), g.copy(), slots.copy())
+    # the oracle: each row through its own dense adapted weight g ⊙ (W0 + s B A)
+    expected = np.stack([x[i] @ (g[k][:, None] * (W0 + s[k] * B_all[k] @ A_all[k])).T + b
+                         for i, k in enumerate(slots)])
+    compare("y", mine, expected)
+    return "every row equals x_i (g ⊙ (W0 + s B A))ᵀ + b with its own adapter (the base for slot 0)"
+
+
+def check_bgmv_rows(fn, verbose=True) -> CheckResult:
+    """``fn(x (N, T, in), W0, b, A_all (K, R, in), B_all (K, out, R), s (K,), g (K, out), slots (N,))``
+    ``-> y (N, T, out)``: the gather kernel, ``y_i = g[k_i] ⊙ (x_i W0ᵀ + s[k_i] (x_i A[k_i]ᵀ) B[k_i]ᵀ) + b``."""
+    return check("bgmv_rows", fn, _bgmv_body, verbose)
+
+
+def _dora_scale_body(fn):
+    from lowrank_ref.adapters.dora import DoRAConfig, DoRALinear
+    from lowrank_ref.nn.linear import Linear
+    from lowrank_ref.serve import adapter_factors
+
+    rng = _rng(81)
+    W0 = rng.standard_normal((5, 6))
+    layer = DoRALinear(Linear.from_arrays(W0), DoRAConfig(r=2, alpha=3), rng=rng)
+    layer.B.data = rng.standard_normal(layer.B.data.shape)  # as if trained: n ≠ ‖W0‖
+    layer.m.data = layer.m.data * rng.uniform(0.5, 1.5, 5)
+    args = (W0.copy(), layer.A.data.copy(), layer.B.data.copy(), float(layer.scaling), layer.m.data.copy())
+    compare("g", fn(*args), adapter_factors(layer, "dora")["g"])
+    # the zero-norm rule: a row with W0_j + s (BA)_j = 0 gets g_j = 0
+    A = rng.standard_normal((2, 6))
+    B = rng.standard_normal((5, 2))
+    W1 = W0.copy()
+    W1[3] = -1.5 * (B @ A)[3]  # row 3 of V = W0 + 1.5 BA is zero
+    compare("g (a zero-norm row)", fn(W1, A, B, 1.5, np.ones(5))[3], 0.0)
+    return "g = m / ‖W0 + s B A‖ row by row (the norm of the adapted weight, not of W0), 0 where it is 0"
+
+
+def check_dora_serving_scale(fn, verbose=True) -> CheckResult:
+    """``fn(W0 (out, in), A, B, s, m (out,)) -> g (out,)``: DoRA's frozen row scale for serving."""
+    return check("dora_serving_scale", fn, _dora_scale_body, verbose)
+
+
+CHECKS["08-serving"] = [("bgmv_rows", check_bgmv_rows), ("dora_serving_scale", check_dora_serving_scale)]
+
+
 def show(fn) -> None:
     """Print a function's source (to look at a solution or a package function from a notebook)."""
     print(inspect.getsource(fn))

@@ -30,7 +30,8 @@ __all__ = ["ROOT", "DOCS", "render", "blocks", "check", "write", "record_compare
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "chapters" / "data"
-DOCS = ["README.md", "chapters/01-lora.md", "chapters/02-dora.md", "chapters/03-qlora.md", "chapters/04-compare.md"]
+DOCS = ["README.md", "chapters/01-lora.md", "chapters/02-dora.md", "chapters/03-qlora.md", "chapters/04-compare.md",
+        "chapters/08-serving.md"]
 
 # how README and chapter 04 name each compare row
 LABELS = {
@@ -210,6 +211,26 @@ RENDERERS["forgetting-spectrum"], SOURCES["forgetting-spectrum"] = _forgetting_s
 for _key in ("bert", "baselines", "rank_alpha", "rank_alpha_retained", "scaling_lr", "targets", "init"):
     RENDERERS[f"lora-{_key.replace('_', '-')}"] = _lora_table(_key)
     SOURCES[f"lora-{_key.replace('_', '-')}"] = "01-lora-results.json"
+
+
+def _serving(data: dict) -> str:
+    """Chapter 08: each implementation's median time as a multiple of ``merged``, per adapter count."""
+    impls = [("bgmv", "bgmv (gather)"), ("sgmv", "sgmv (segments)"), ("merge_switch", "merge, switch"),
+             ("row_loop", "row loop"), ("peft", "PEFT `adapter_names=`")]
+    out = ("\n| adapters in the batch | merged (ms) | " + " | ".join(label for _, label in impls) + " |\n"
+           "|---:|---:|" + "---:|" * len(impls) + "\n")
+    rows = [r for r in data["rows"] if r["name"].startswith("serve_mixed_") and r.get("seconds") is not None]
+    for n in sorted({r["n_adapters"] for r in rows}):
+        by = {r["impl"]: r["seconds"] for r in rows if r["n_adapters"] == n}
+        cells = [f"{by[k] / by['merged']:.2f}×" if k in by else "" for k, _ in impls]
+        out += f"| {n} | {1e3 * by['merged']:.1f} | " + " | ".join(cells) + " |\n"
+    m = data["meta"]
+    return out + (f"\n{m['date']}, {m['cpu']}, {m['cpu_count']} cores (load average {m['loadavg'][0]:.1f} at the end), "
+                  f"torch {m.get('torch')} on one thread, "
+                  f"PEFT {m.get('peft')}; the median of {rows[0].get('repeats')} interleaved runs each.\n")
+
+
+RENDERERS["serving"], SOURCES["serving"] = _serving, "08-serving.json"
 
 
 def render(name: str) -> str:
