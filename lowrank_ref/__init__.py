@@ -8,6 +8,7 @@
 """
 
 from lowrank_ref import adapters, nn, quant, registry
+from lowrank_ref.adapters.adalora import AdaLoRAConfig
 from lowrank_ref.adapters.dora import DoRAConfig
 from lowrank_ref.adapters.ia3 import IA3Config
 from lowrank_ref.adapters.lora import LoRAConfig
@@ -24,6 +25,7 @@ quant.QLoRALinear = adapters.QLoRALinear
 
 __all__ = ["nn", "adapters", "registry", "adapt", "gradcheck", "LoRAConfig", "DoRAConfig", "QLoRAConfig", "QLoRAInt4Config",
            "IA3Config"]
+__all__ += ["AdaLoRAConfig"]
 
 
 def __getattr__(name):  # lazy sub-packages that later issues fill in
