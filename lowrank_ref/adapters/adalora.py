@@ -293,24 +293,21 @@ class AdaLoRALinear(AdapterLinear):
 
         if self.merged:
             raise ValueError(state_message("merged loading", type(self).__name__))
-        want = {n: tuple(np.shape(v)) for n, v in self.adapter_state_shapes().items()}
+        k = int(self.keep.sum())
+        want = {"P": (self.out_features, k), "E": (k,), "Q": (k, self.in_features)}
         if set(state) != set(want):
             raise ValueError(f"adapter state names {sorted(state)} do not match {sorted(want)}")
         for n, v in state.items():
             if tuple(np.shape(v)) != want[n]:
                 raise ValueError(f"adapter state {n!r} has shape {np.shape(v)}, expected {want[n]}")
-        k = self.keep
-        self.P.data[:, k] = np.asarray(state["P"], dtype=self.P.data.dtype)
-        self.Q.data[k] = np.asarray(state["Q"], dtype=self.Q.data.dtype)
+        keep = self.keep
+        self.P.data[:, keep] = np.asarray(state["P"], dtype=self.P.data.dtype)
+        self.Q.data[keep] = np.asarray(state["Q"], dtype=self.Q.data.dtype)
         self.E.data[:] = 0
-        self.E.data[k] = np.asarray(state["E"], dtype=self.E.data.dtype)
+        self.E.data[keep] = np.asarray(state["E"], dtype=self.E.data.dtype)
         for p in (self.P, self.E, self.Q):
             p.grad = None
         self.allocated, self.trained = True, False
-
-    def adapter_state_shapes(self) -> dict:
-        k = int(self.keep.sum())
-        return {"P": np.empty((self.out_features, k)), "E": np.empty(k), "Q": np.empty((k, self.in_features))}
 
 
 def warn_if_not_allocated(layer) -> None:
