@@ -1,6 +1,6 @@
 """The PyTorch adapters: the same public classes as ``lowrank_ref.adapters``."""
 
-from lowrank_gpu.adapters.adalora import AdaLoRALinear
+from lowrank_gpu.adapters.adalora import AdaLoRALinear, RankAllocator
 from lowrank_gpu.adapters.baselines import bitfit, full_finetune
 from lowrank_gpu.adapters.dora import DoRALinear
 from lowrank_gpu.adapters.ia3 import IA3Linear
@@ -9,5 +9,5 @@ from lowrank_gpu.adapters.qlora import QLoRAInt4Linear, QLoRALinear
 
 __all__ = ["LoRALinear", "DoRALinear", "QLoRALinear", "QLoRAInt4Linear"]
 __all__ += ["IA3Linear"]
-__all__ += ["AdaLoRALinear"]
+__all__ += ["AdaLoRALinear", "RankAllocator"]
 __all__ += ["full_finetune", "bitfit"]  # whole-model baselines (functions)

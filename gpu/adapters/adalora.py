@@ -101,19 +101,8 @@ class AdaLoRALinear(AdapterLinear):
         self.allocated, self.trained = True, False
 
 
-class RankAllocator(_ref.RankAllocator):
-    """The NumPy allocator over torch layers: values and gradients read as float64 arrays."""
-
-    def _value_grad(self, layer, name):
-        p = getattr(layer, name)
-        if p.grad is None:
-            raise ValueError(f"update_and_mask needs the gradients: {name} of an AdaLoRA layer has none "
-                             "(call it after the optimizer step, before zeroing the gradients)")
-        return (p.detach().to("cpu", torch.float64).numpy(), p.grad.detach().to("cpu", torch.float64).numpy())
-
-    @torch.no_grad()
-    def _zero_E(self, layer, mask) -> None:
-        layer.E[torch.as_tensor(np.asarray(mask, dtype=bool), device=layer.E.device)] = 0
+# one allocator for both backends (it reads torch tensors as float64 arrays on the CPU)
+RankAllocator = _ref.RankAllocator
 
 
 def orth_reg(P: torch.Tensor, Q: torch.Tensor, squared: bool = False) -> torch.Tensor:

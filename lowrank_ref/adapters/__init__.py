@@ -1,6 +1,6 @@
 """One file per method: pure forward/backward functions plus a Module that wraps them."""
 
-from lowrank_ref.adapters.adalora import AdaLoRALinear
+from lowrank_ref.adapters.adalora import AdaLoRALinear, RankAllocator
 from lowrank_ref.adapters.base import AdapterLinear
 from lowrank_ref.adapters.baselines import bitfit, full_finetune
 from lowrank_ref.adapters.dora import DoRALinear
@@ -10,6 +10,6 @@ from lowrank_ref.adapters.qlora import QLoRAInt4Linear, QLoRALinear
 
 __all__ = ["LoRALinear", "DoRALinear", "QLoRALinear", "QLoRAInt4Linear"]
 __all__ += ["IA3Linear"]
-__all__ += ["AdaLoRALinear"]
+__all__ += ["AdaLoRALinear", "RankAllocator"]
 __all__ += ["full_finetune", "bitfit"]  # whole-model baselines (functions)
 _ = AdapterLinear  # the shared base class, importable as lowrank_ref.adapters.base.AdapterLinear

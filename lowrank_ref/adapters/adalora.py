@@ -385,16 +385,25 @@ class RankAllocator:
     def budget_schedule(self, step: int) -> tuple[int, bool]:
         return budget_schedule(step, self.init_bgt, self.target_bgt, self.config)
 
-    # backend-specific access (the torch allocator overrides these three)
+    # the only two places that touch the layers' tensors (NumPy arrays or torch tensors)
     def _value_grad(self, layer, name):
         p = getattr(layer, name)
         if p.grad is None:
             raise ValueError(f"update_and_mask needs the gradients: {name} of an AdaLoRA layer has none "
                              "(call it after the optimizer step, before zeroing the gradients)")
+        if hasattr(p, "detach"):  # a torch parameter: read as float64 on the CPU
+            return tuple(t.detach().to("cpu").double().numpy() for t in (p, p.grad))
         return np.asarray(p.data, dtype=np.float64), np.asarray(p.grad, dtype=np.float64)
 
     def _zero_E(self, layer, mask) -> None:
-        layer.E.data[mask] = 0
+        mask = np.asarray(mask, dtype=bool)
+        if hasattr(layer.E, "detach"):
+            import torch
+
+            with torch.no_grad():
+                layer.E[torch.as_tensor(mask, device=layer.E.device)] = 0
+        else:
+            layer.E.data[mask] = 0
 
     def update_ipt(self) -> None:
         for lname, layer in self.layers.items():
