@@ -135,8 +135,8 @@ def train(model, data, steps: int, lr: float = 1e-3, batch_size: int = 16, optim
         for g in opt.param_groups:
             g["lr"] = lr_now
         opt.step()
+        call_hooks(step_hooks, "after_step", step)  # gradients still in place (AdaLoRA's scores read them)
         opt.zero_grad(set_to_none=True)
-        call_hooks(step_hooks, "after_step", step)
         loss_value = float(loss.detach())  # synchronises on CUDA
         elapsed = time.perf_counter() - t0
         if measuring:

@@ -8,6 +8,7 @@
 """
 
 from lowrank_ref import adapters, nn, quant, registry
+from lowrank_ref.adapters.adalora import AdaLoRAConfig
 from lowrank_ref.adapters.dora import DoRAConfig
 from lowrank_ref.adapters.dylora import DyLoRAConfig
 from lowrank_ref.adapters.ia3 import IA3Config
@@ -28,7 +29,7 @@ __version__ = "0.1.0"
 quant.QLoRALinear = adapters.QLoRALinear
 
 __all__ = ["nn", "adapters", "registry", "adapt", "gradcheck", "LoRAConfig", "DoRAConfig", "QLoRAConfig", "QLoRAInt4Config",
-           "IA3Config", "LoHaConfig", "DyLoRAConfig", "SoRAConfig", "LoKrConfig", "KronAConfig"]
+           "IA3Config", "LoHaConfig", "DyLoRAConfig", "SoRAConfig", "LoKrConfig", "KronAConfig", "AdaLoRAConfig"]
 
 
 def __getattr__(name):  # lazy sub-packages that later issues fill in

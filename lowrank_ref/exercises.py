@@ -607,8 +607,8 @@ CHECKS: dict[str, list[tuple[str, Callable]]] = {
 
 
 # ---------------------------------------------------------------- chapter 07: DyLoRA and SoRA
-# (a separate block: the chapter is a draft, chapters/drafts/07-dylora-sora.md; its notebook is
-# the lead's to merge, so these checks are listed in DRAFT_CHECKS, not yet in CHECKS)
+# (chapter 07 §7; these checks are not yet cells of notebooks/07-rank-exercises.ipynb, so they are
+# listed in DRAFT_CHECKS, run by tests/test_exercises_dylora_sora.py, not in CHECKS)
 
 
 def _dylora_layer(rng, r=4, alpha=6.0):
@@ -854,3 +854,93 @@ CHECKS["08-serving"] = [("bgmv_rows", check_bgmv_rows), ("dora_serving_scale", c
 def show(fn) -> None:
     """Print a function's source (to look at a solution or a package function from a notebook)."""
     print(inspect.getsource(fn))
+
+
+# ---------------------------------------------------------------- chapter 07: adapting the rank
+# (a block of its own, appended to CHECKS below, so other chapters' edits above do not collide)
+
+
+def _adalora_backward_body(fn):
+    rng = _rng(71)
+    x = rng.standard_normal((2, 3, 5))
+    W, b = rng.standard_normal((4, 5)), rng.standard_normal(4)
+    P, E, Q = rng.standard_normal((4, 3)), rng.standard_normal(3), rng.standard_normal((3, 5))
+    s, w = 1.5, rng.standard_normal((2, 3, 4))
+    dx, dP, dE, dQ = _unpack(fn(w.copy(), x.copy(), W.copy(), P.copy(), E.copy(), Q.copy(), s), 4,
+                             "(dx, dP, dE, dQ)")
+    _gradcheck(lambda: float(np.sum((x @ W.T + b + s * ((x @ Q.T) * E) @ P.T) * w)),
+               {"x": x, "P": P, "E": E, "Q": Q}, {"x": dx, "P": dP, "E": dE, "Q": dQ}, "adalora_backward")
+    return "dx, dP, dE and dQ agree with central differences in every entry"
+
+
+def check_adalora_backward(fn, verbose=True) -> CheckResult:
+    """``fn(dy, x, W, P, E, Q, s) -> (dx, dP, dE, dQ)`` for ``y = x Wᵀ + b + s ((x Qᵀ) ⊙ E) Pᵀ``."""
+    return check("adalora_backward", fn, _adalora_backward_body, verbose)
+
+
+def _orth_reg_grad_body(fn):
+    rng = _rng(72)
+    P, Q = rng.standard_normal((6, 3)), rng.standard_normal((3, 5))
+    out = _unpack(fn(P.copy(), Q.copy()), 3, "(R, dP, dQ)")
+    R, dP, dQ = out
+    from lowrank_ref.adapters.adalora import orth_reg
+
+    compare("R", np.asarray(R, dtype=float), np.asarray(orth_reg(P, Q)[0]))
+    _gradcheck(lambda: float(orth_reg(P, Q)[0]), {"P": P, "Q": Q}, {"P": dP, "Q": dQ}, "orth_reg gradient")
+    return "R = ‖QQᵀ − I‖_F + ‖PᵀP − I‖_F and its gradients agree with central differences"
+
+
+def check_orth_reg_grad(fn, verbose=True) -> CheckResult:
+    """``fn(P (out, r), Q (r, in)) -> (R, dR/dP, dR/dQ)`` for the plain (unsquared) norms."""
+    return check("orth_reg_grad", fn, _orth_reg_grad_body, verbose)
+
+
+def _triplet_scores_body(fn):
+    from lowrank_ref.adapters.adalora import AdaLoRAConfig, AdaLoRALinear, RankAllocator
+    from lowrank_ref.nn.linear import Linear
+
+    rng = _rng(73)
+    cfg = AdaLoRAConfig(init_r=4, target_r=2, beta1=0.8, beta2=0.7, total_step=10)
+    layer = AdaLoRALinear(Linear.from_arrays(rng.standard_normal((5, 6))), cfg, rng=rng)
+    alloc = RankAllocator({"l": layer})
+    Ibar = {n: np.zeros(getattr(layer, n).data.shape) for n in "PEQ"}
+    Ubar = {n: np.zeros(getattr(layer, n).data.shape) for n in "PEQ"}
+    for step in range(3):  # three steps of values and gradients, the EMAs carried over
+        vals = {n: rng.standard_normal(getattr(layer, n).data.shape) for n in "PEQ"}
+        grads = {n: rng.standard_normal(v.shape) for n, v in vals.items()}
+        for n in "PEQ":
+            getattr(layer, n).data, getattr(layer, n).grad = vals[n].copy(), grads[n].copy()
+        alloc.update_ipt()
+        out = _unpack(fn({n: v.copy() for n, v in vals.items()}, {n: g.copy() for n, g in grads.items()},
+                         Ibar, Ubar, 0.8, 0.7), 3, "(S, Ibar, Ubar)")
+        S, Ibar, Ubar = out
+        compare(f"S after step {step}", np.asarray(S), alloc.triplet_scores()["l"])
+    return "S = s(E) + mean_j s(Q_ij) + mean_j s(P_ji), with s = Ī·Ū, equals the allocator's over three steps"
+
+
+def check_triplet_scores(fn, verbose=True) -> CheckResult:
+    """``fn(values, grads, Ibar, Ubar, beta1, beta2) -> (S (r,), new Ibar, new Ubar)``; dicts keyed
+    ``"P"``, ``"E"``, ``"Q"``."""
+    return check("triplet_scores", fn, _triplet_scores_body, verbose)
+
+
+def _budget_body(fn):
+    from lowrank_ref.adapters.adalora import AdaLoRAConfig, budget_schedule
+
+    for kw in (dict(tinit=5, tfinal=10, deltaT=3, total_step=60), dict(tinit=0, tfinal=0, deltaT=1, total_step=17)):
+        cfg = AdaLoRAConfig(init_r=6, target_r=2, **kw)
+        for step in range(cfg.total_step + 1):
+            got = _unpack(fn(step, 60, 20, cfg.tinit, cfg.tfinal, cfg.deltaT, cfg.total_step), 2, "(budget, mask)")
+            want = budget_schedule(step, 60, 20, cfg)
+            if (int(got[0]), bool(got[1])) != want:
+                raise Mismatch(f"step {step} with {kw}: yours {got}, expected {want}")
+    return "budget and masking flag right at every step of two schedules"
+
+
+def check_budget_schedule(fn, verbose=True) -> CheckResult:
+    """``fn(step, b0, bT, tinit, tfinal, deltaT, total_step) -> (budget, mask_now)``."""
+    return check("budget_schedule", fn, _budget_body, verbose)
+
+
+CHECKS["07-rank"] = [("adalora_backward", check_adalora_backward), ("orth_reg_grad", check_orth_reg_grad),
+                     ("triplet_scores", check_triplet_scores), ("budget_schedule", check_budget_schedule)]

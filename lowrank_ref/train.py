@@ -24,7 +24,8 @@ calls it on every step, so an allocator or a proximal step cannot be forgotten:
                                        terms, whose hand-derived gradients it adds into .grad;
                                        torch: a scalar tensor added to the loss before backward
     optimizer.step()
-    hooks.after_step(step)             after the update (AdaLoRA's allocator, SoRA's proximal step)
+    hooks.after_step(step)             after the update, before the gradients are zeroed
+                                       (AdaLoRA's allocator reads them; SoRA's proximal step)
 
 Each :class:`TrainingHooks` object's ``lr`` holds the learning rate of the current step, set by
 the loop before ``before_step`` (both loops, the same schedule value).
@@ -355,8 +356,8 @@ def train(model, data, steps: int, lr: float = 1e-3, batch_size: int = 16, optim
             optim.clip_grad_norm(params, clip)
         opt.lr = step_lr
         opt.step()
+        call_hooks(step_hooks, "after_step", step)  # gradients still in place (AdaLoRA's scores read them)
         opt.zero_grad()
-        call_hooks(step_hooks, "after_step", step)
         elapsed = time.perf_counter() - t0
         if tracing:
             traced_times.append(elapsed)

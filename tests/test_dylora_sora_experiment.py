@@ -13,7 +13,7 @@ import pytest
 from lowrank_ref.experiments import dylora_sora
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-DRAFT = ROOT / "chapters" / "drafts" / "07-dylora-sora.md"
+DRAFT = ROOT / "chapters" / "07-rank.md"  # section 7: DyLoRA and SoRA
 DATA = ROOT / "chapters" / "data" / "07-dylora-sora.json"
 
 

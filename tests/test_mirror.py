@@ -30,7 +30,10 @@ GPU_PACKAGES = ("lowrank_gpu.adapters", "lowrank_gpu.quant")
 
 
 def _classes(mod):
-    return {n: getattr(mod, n) for n in mod.__all__ if inspect.isclass(getattr(mod, n))}
+    """The layer classes a package exports (a helper class without ``forward``, such as AdaLoRA's
+    RankAllocator, is not a layer)."""
+    return {n: getattr(mod, n) for n in mod.__all__
+            if inspect.isclass(getattr(mod, n)) and hasattr(getattr(mod, n), "forward")}
 
 
 REF, GPU = _classes(ref_adapters), _classes(gpu_adapters)

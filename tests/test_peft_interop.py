@@ -304,7 +304,7 @@ def _edit_tensors(folder, edit):
 QA = "base_model.model.blocks.0.attn.q.lora_A.weight"
 BAD = {
     "no config": (lambda f: os.remove(f / "adapter_config.json"), "no adapter_config.json"),
-    "unknown peft_type": (lambda f: _edit_config(f, peft_type="NOT_A_METHOD"), "supported: LORA"),
+    "unknown peft_type": (lambda f: _edit_config(f, peft_type="NOT_A_METHOD"), "supported: .*LORA \\(lora\\)"),
     "missing peft_type": (lambda f: _edit_config(f, peft_type=_DROP), "peft_type"),
     "bias": (lambda f: _edit_config(f, bias="all"), "bias='all' is not supported.*supported: 'none'"),
     "unsupported field": (lambda f: _edit_config(f, layers_to_transform=[0]), r"\['layers_to_transform'\].*supported fields"),

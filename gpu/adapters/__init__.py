@@ -1,5 +1,6 @@
 """The PyTorch adapters: the same public classes as ``lowrank_ref.adapters``."""
 
+from lowrank_gpu.adapters.adalora import AdaLoRALinear, RankAllocator
 from lowrank_gpu.adapters.baselines import bitfit, full_finetune
 from lowrank_gpu.adapters.dora import DoRALinear
 from lowrank_gpu.adapters.dylora import DyLoRALinear
@@ -16,4 +17,5 @@ __all__ += ["IA3Linear"]
 __all__ += ["LoHaLinear"]
 __all__ += ["DyLoRALinear", "SoRALinear"]
 __all__ += ["LoKrLinear", "KronALinear"]
+__all__ += ["AdaLoRALinear", "RankAllocator"]
 __all__ += ["full_finetune", "bitfit"]  # whole-model baselines (functions)

@@ -1,5 +1,6 @@
 """One file per method: pure forward/backward functions plus a Module that wraps them."""
 
+from lowrank_ref.adapters.adalora import AdaLoRALinear, RankAllocator
 from lowrank_ref.adapters.base import AdapterLinear
 from lowrank_ref.adapters.baselines import bitfit, full_finetune
 from lowrank_ref.adapters.dora import DoRALinear
@@ -17,5 +18,6 @@ __all__ += ["IA3Linear"]
 __all__ += ["LoHaLinear"]
 __all__ += ["DyLoRALinear", "SoRALinear"]
 __all__ += ["LoKrLinear", "KronALinear"]
+__all__ += ["AdaLoRALinear", "RankAllocator"]
 __all__ += ["full_finetune", "bitfit"]  # whole-model baselines (functions)
 _ = AdapterLinear  # the shared base class, importable as lowrank_ref.adapters.base.AdapterLinear

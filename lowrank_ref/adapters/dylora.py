@@ -1,6 +1,6 @@
 r"""DyLoRA: one LoRA trained for every rank at once (Valipour, Rezagholizadeh, Kobyzev, Ghodsi 2023,
 "DyLoRA: Parameter-Efficient Tuning of Pre-trained Models using Dynamic Search-Free Low-Rank
-Adaptation", arXiv:2210.07558). Chapter 07 (draft ``07-dylora-sora.md``) derives it.
+Adaptation", arXiv:2210.07558). Chapter 07 (``chapters/07-rank.md``, §7) derives it.
 
 The layer holds a rank-``r`` LoRA, ``A (r, in)``, ``B (out, r)``, and a current rank ``b ∈ 1..r``
 (``set_rank(b)``). At rank ``b`` only the first ``b`` rows of ``A`` and columns of ``B`` are used,

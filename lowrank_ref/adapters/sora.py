@@ -1,6 +1,6 @@
 r"""SoRA: a LoRA with a gate between its factors, made sparse by a proximal step (Ding et al. 2023,
 "Sparse Low-rank Adaptation of Pre-trained Language Models", EMNLP 2023, arXiv:2311.11696).
-Chapter 07 (draft ``07-dylora-sora.md``) derives it.
+Chapter 07 (``chapters/07-rank.md``, §7) derives it.
 
 Forward, with ``A (r, in)``, ``g (r,)``, ``B (out, r)``, ``s = α/r`` (``α/√r`` with rsLoRA)::
 
