@@ -12,6 +12,7 @@ from lowrank_ref.adapters.dora import DoRAConfig
 from lowrank_ref.adapters.ia3 import IA3Config
 from lowrank_ref.adapters.lora import LoRAConfig
 from lowrank_ref.adapters.qlora import QLoRAConfig, QLoRAInt4Config
+from lowrank_ref.adapters.tied_lora import TiedLoRAConfig
 from lowrank_ref.adapters.vera import VeRAConfig
 from lowrank_ref.api import adapt
 from lowrank_ref.gradcheck import gradcheck
@@ -25,7 +26,7 @@ quant.QLoRALinear = adapters.QLoRALinear
 
 __all__ = ["nn", "adapters", "registry", "adapt", "gradcheck", "LoRAConfig", "DoRAConfig", "QLoRAConfig", "QLoRAInt4Config",
            "IA3Config"]
-__all__ += ["VeRAConfig"]
+__all__ += ["VeRAConfig", "TiedLoRAConfig"]
 
 
 def __getattr__(name):  # lazy sub-packages that later issues fill in

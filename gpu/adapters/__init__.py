@@ -5,9 +5,10 @@ from lowrank_gpu.adapters.dora import DoRALinear
 from lowrank_gpu.adapters.ia3 import IA3Linear
 from lowrank_gpu.adapters.lora import LoRALinear
 from lowrank_gpu.adapters.qlora import QLoRAInt4Linear, QLoRALinear
+from lowrank_gpu.adapters.tied_lora import TiedLoRALinear
 from lowrank_gpu.adapters.vera import VeRALinear
 
 __all__ = ["LoRALinear", "DoRALinear", "QLoRALinear", "QLoRAInt4Linear"]
 __all__ += ["IA3Linear"]
-__all__ += ["VeRALinear"]
+__all__ += ["VeRALinear", "TiedLoRALinear"]
 __all__ += ["full_finetune", "bitfit"]  # whole-model baselines (functions)
