@@ -247,3 +247,23 @@ def test_peft_folder_without_projections_is_a_clear_error(tmp_path):
     inject(ours, lr.VeRAConfig(r=4, save_projection=False), targets=["q"])
     with pytest.raises(ValueError, match="save_projection=False cannot be saved as a PEFT folder"):
         save_peft(ours, tmp_path / "x")
+
+
+def test_stored_projections_win_over_a_different_draw_at_load(tmp_path, monkeypatch):
+    """save_projection=True: the file's projections are used, whatever the loading process would
+    draw (here a draw that differs entirely: another seed's)."""
+    import lowrank_ref.adapters.vera as vera
+
+    model = _gpt()
+    inject(model, lr.VeRAConfig(r=5), targets=("q", "fc"))
+    _move(_vera_layers(model))
+    want = model.forward(IDX)
+    path = save_adapter(model, tmp_path / "v.safetensors")
+    real = vera.vera_projections
+    monkeypatch.setattr(vera, "vera_projections", lambda r, i, o, seed: real(r, i, o, seed + 1))
+    fresh = _gpt()
+    load_adapter(fresh, path)
+    assert_close(fresh.forward(IDX), want, "stored projections", *TOL["float64"])
+    other = _gpt()
+    inject(other, lr.VeRAConfig(r=5), targets=("q", "fc"))  # without the file: the other draw
+    assert not np.allclose(shared_modules(other)["vera"].A, shared_modules(model)["vera"].A)
