@@ -304,7 +304,9 @@ SPEC = MethodSpec(
     example=lambda: Example(6, 5, TiedLoRAConfig(r=3, tie_B=False)),
     shared=PerBackend("lowrank_ref.adapters.tied_lora:build_shared", "lowrank_gpu.adapters.tied_lora:build_shared"),
     compare={
-        # the paper's best (A and B tied per projection type, all four trained), on q and v
-        "tied_lora": CompareRow(TiedLoRAConfig(r=8), targets=("q", "v"), lr=3e-3, order=41),
+        # the paper's best (A and B tied per projection type, all four trained), on q and v, at
+        # LoRA's rank 8: 2,336 trainable against LoRA's 4,096. lr 1e-2 (of 3e-3 and 1e-2, one run
+        # each: dialect 0.261 and 0.313): a tied matrix gets the sum of four layers' gradients
+        "tied_lora": CompareRow(TiedLoRAConfig(r=8), targets=("q", "v"), lr=1e-2, order=41),
     },
 )
