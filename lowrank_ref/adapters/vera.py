@@ -365,8 +365,8 @@ SPEC = MethodSpec(
         # the paper's placement (query and value). r = 64: every q/v layer of the built-in model is
         # 64 wide, so ΔW's rank is min(r, 64) and PEFT's default r = 256 reaches no higher rank
         # (it only adds entries to d, and costs 2.2x the step time: 57 vs 26 ms here, dialect
-        # 0.305 vs 0.291 in one run each). lr 5e-2: VeRA trains only vectors; of 1e-2 and 5e-2
-        # (one run each, 0.250 and 0.291 at r = 64 .. 256) the larger
+        # 0.305 vs 0.291 in one run each). lr 5e-2: VeRA trains only vectors; at r = 256, 1e-2
+        # gave 0.250 and 5e-2 gave 0.305 (one run each)
         "vera": CompareRow(VeRAConfig(r=64), targets=("q", "v"), lr=5e-2, order=40),
     },
 )
