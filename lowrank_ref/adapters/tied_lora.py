@@ -288,7 +288,7 @@ GRID = {
     "vera": TiedLoRAConfig(train_A=False, train_B=False, u_init=0.1),
     "tie_AB_train_ABuv": TiedLoRAConfig(),
     "tie_AB_train_Buv": TiedLoRAConfig(train_A=False),
-    "tie_AB_train_uv_B": TiedLoRAConfig(train_A=False, train_u=False),
+    "tie_AB_train_Bv": TiedLoRAConfig(train_A=False, train_u=False),
 }
 
 SPEC = MethodSpec(
