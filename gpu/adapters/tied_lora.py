@@ -75,7 +75,12 @@ class TiedLoRALinear(AdapterLinear):
         return getattr(self.shared, f"{n}_{self.group}")
 
     def tensor(self, n):
+        """``A``, ``B``, ``u`` or ``v``: a parameter when it trains, else a buffer."""
         return self._tied(n) if self.config.tied(n) else getattr(self, n)
+
+    def array(self, n) -> torch.Tensor:
+        """``A``, ``B``, ``u`` or ``v`` as a plain tensor (detached)."""
+        return self.tensor(n).detach()
 
     def delta_weight(self) -> torch.Tensor:
         A, B, u, v = (self.tensor(n) for n in TENSORS)

@@ -40,10 +40,10 @@ import numpy as np
 from lowrank_ref.adapters.base import AdapterLinear
 from lowrank_ref.adapters.vera import (
     SharedTensors,
-    _one,
     check_float,
     check_int,
     kaiming_uniform,
+    one_value,
     own_shared,
     vera_backward,
     vera_forward,
@@ -158,7 +158,7 @@ def tied_shapes(configs: dict, shapes: dict) -> dict:
 def shared_tensors(configs: dict, shapes: dict) -> tuple[dict, dict]:
     """``(trained, frozen)`` float64 arrays of the tied tensors, ``{"A_q": ..., "B_q": ...}``."""
     for f in _SAME:
-        _one(configs, f, "Tied-LoRA")
+        one_value(configs, f, "Tied-LoRA")
     cfg = next(iter(configs.values()))
     trained, frozen = {}, {}
     if not (cfg.tie_A or cfg.tie_B):

@@ -177,7 +177,8 @@ def own_shared(layer, method: str, module):
     return SharedRef(module, "")
 
 
-def _one(configs: dict, field: str, method: str):
+def one_value(configs: dict, field: str, method: str):
+    """The one value of ``field`` that every layer's config must share (a ``ValueError`` if not)."""
     values = {getattr(c, field) for c in configs.values()}
     if len(values) != 1:
         raise ValueError(f"{method}: every layer shares the projections, so {field} must be the same for all "
@@ -188,9 +189,9 @@ def _one(configs: dict, field: str, method: str):
 def build_shared(configs: dict, shapes: dict, rng=None) -> SharedTensors:
     """The projections ``A (r, in_max)``, ``B (out_max, r)`` for the layers ``shapes = {name: (out, in)}``,
     from the configs' one ``projection_seed`` (the engine's ``rng`` is not used: the seed is the config's)."""
-    r = _one(configs, "r", "VeRA")
-    seed = _one(configs, "projection_seed", "VeRA")
-    save = _one(configs, "save_projection", "VeRA")
+    r = one_value(configs, "r", "VeRA")
+    seed = one_value(configs, "projection_seed", "VeRA")
+    save = one_value(configs, "save_projection", "VeRA")
     out_max = max(o for o, _ in shapes.values())
     in_max = max(i for _, i in shapes.values())
     A, B = vera_projections(r, in_max, out_max, seed)
@@ -319,10 +320,10 @@ NO_PROJECTION = ("this VeRA folder was saved with save_projection=False, so it h
 
 
 def _to_peft(configs: dict) -> dict:
-    r = _one(configs, "r", "VeRA")
-    seed = _one(configs, "projection_seed", "VeRA")
-    d0 = _one(configs, "d_initial", "VeRA")
-    if not _one(configs, "save_projection", "VeRA"):
+    r = one_value(configs, "r", "VeRA")
+    seed = one_value(configs, "projection_seed", "VeRA")
+    d0 = one_value(configs, "d_initial", "VeRA")
+    if not one_value(configs, "save_projection", "VeRA"):
         raise ValueError("save_projection=False cannot be saved as a PEFT folder: PEFT would redraw the "
                          "projections with torch's generator, which gives other matrices than this package's")
     return {"r": r, "projection_prng_key": seed, "d_initial": d0, "save_projection": True,
