@@ -211,13 +211,15 @@ class VeRACache(NamedTuple):
     lead: tuple
 
 
-def vera_forward(x, params):
+def vera_forward(x, params, cfg=None):
     r"""y = x W0ᵀ + b0 + ((x Aᵀ) ⊙ d) Bᵀ ⊙ b.
 
     Args:
         x: ``(..., in)``.
         params: ``{"W": W0 (out, in), "bias": (out,) or None, "A": (r, in), "B": (out, r),
             "d": (r,), "b": (out,)}``; ``A``, ``B`` already sliced to the layer (VeRA's ``A_s``, ``B_s``).
+        cfg: the layer's config, taken like every method's ``<m>_forward``; the product has no
+            hyper-parameter beyond its tensors (no α), so it is not read.
     Returns:
         ``(y (..., out), cache)``. Backward in :func:`vera_backward` (module docstring).
     """
