@@ -18,6 +18,8 @@ from lowrank_ref.adapters.lokr import LoKrConfig
 from lowrank_ref.adapters.lora import LoRAConfig
 from lowrank_ref.adapters.qlora import QLoRAConfig, QLoRAInt4Config
 from lowrank_ref.adapters.sora import SoRAConfig
+from lowrank_ref.adapters.tied_lora import TiedLoRAConfig
+from lowrank_ref.adapters.vera import VeRAConfig
 from lowrank_ref.api import adapt
 from lowrank_ref.gradcheck import gradcheck
 
@@ -29,7 +31,7 @@ __version__ = "0.1.0"
 quant.QLoRALinear = adapters.QLoRALinear
 
 __all__ = ["nn", "adapters", "registry", "adapt", "gradcheck", "LoRAConfig", "DoRAConfig", "QLoRAConfig", "QLoRAInt4Config",
-           "IA3Config", "LoHaConfig", "DyLoRAConfig", "SoRAConfig", "LoKrConfig", "KronAConfig", "AdaLoRAConfig"]
+           "IA3Config", "LoHaConfig", "DyLoRAConfig", "SoRAConfig", "LoKrConfig", "KronAConfig", "AdaLoRAConfig", "VeRAConfig", "TiedLoRAConfig"]
 
 
 def __getattr__(name):  # lazy sub-packages that later issues fill in

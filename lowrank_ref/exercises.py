@@ -944,3 +944,82 @@ def check_budget_schedule(fn, verbose=True) -> CheckResult:
 
 CHECKS["07-rank"] = [("adalora_backward", check_adalora_backward), ("orth_reg_grad", check_orth_reg_grad),
                      ("triplet_scores", check_triplet_scores), ("budget_schedule", check_budget_schedule)]
+
+
+# ---------------------------------------------------------------- chapter 06: sharing weights
+# (a block of its own: its checks and its CHECKS entry, so that other chapters' blocks merge apart)
+def _vera_parts(rng, n_in=5, n_out=4, r=3):
+    x = rng.standard_normal((2, 3, n_in))
+    W, b0 = rng.standard_normal((n_out, n_in)), rng.standard_normal(n_out)
+    A, B = rng.standard_normal((r, n_in)), rng.standard_normal((n_out, r))
+    d, b = rng.standard_normal(r), rng.standard_normal(n_out)
+    return x, W, b0, A, B, d, b
+
+
+def _vera_y(x, W, b0, A, B, d, b):
+    return x @ W.T + b0 + (((x @ A.T) * d) @ B.T) * b
+
+
+def _vera_backward_body(fn):
+    rng = _rng(61)
+    x, W, b0, A, B, d, b = _vera_parts(rng)
+    w = rng.standard_normal((2, 3, 4))
+    dx, dd, db = _unpack(fn(w.copy(), x.copy(), W.copy(), A.copy(), B.copy(), d.copy(), b.copy()), 3,
+                         "(dx, dd, db)")
+    _gradcheck(lambda: float(np.sum(_vera_y(x, W, b0, A, B, d, b) * w)),
+               {"x": x, "d": d, "b": b}, {"x": dx, "d": dd, "b": db}, "vera_backward")
+    return "dx, dd and db agree with central differences in every entry (a 3-D input)"
+
+
+def check_vera_backward(fn, verbose=True) -> CheckResult:
+    """``fn(dy, x, W, A, B, d, b) -> (dx, dd, db)`` for ``y = x Wᵀ + b0 + ((x Aᵀ) ⊙ d) Bᵀ ⊙ b``."""
+    return check("vera_backward", fn, _vera_backward_body, verbose)
+
+
+def _tied_body(fn):
+    rng = _rng(62)
+    n_in, n_out, r, L = 5, 4, 3, 3
+    A, B = rng.standard_normal((r, n_in)), rng.standard_normal((n_out, r))
+    xs = [rng.standard_normal((6, n_in)) for _ in range(L)]
+    us = [rng.standard_normal(r) for _ in range(L)]
+    vs = [rng.standard_normal(n_out) for _ in range(L)]
+    ws = [rng.standard_normal((6, n_out)) for _ in range(L)]
+    dA = fn([w.copy() for w in ws], [x.copy() for x in xs], A.copy(), B.copy(), [u.copy() for u in us],
+            [v.copy() for v in vs])
+
+    def loss():  # every layer uses the one A: the loss sums over them
+        return float(sum(np.sum((((x @ A.T) * u) @ B.T) * v * w) for x, u, v, w in zip(xs, us, vs, ws)))
+
+    _gradcheck(loss, {"A": A}, {"A": dA}, "tied_A_grad")
+    return f"the gradient of the A shared by {L} layers agrees with central differences"
+
+
+def check_tied_A_grad(fn, verbose=True) -> CheckResult:
+    """``fn(dys, xs, A, B, us, vs) -> dA``: lists over the layers that share ``A``."""
+    return check("tied_A_grad", fn, _tied_body, verbose)
+
+
+def _vera_count_body(fn):
+    import lowrank_ref as lr
+    from lowrank_ref.inject import inject
+    from lowrank_ref.nn.gpt import GPT, GPTConfig
+
+    for d_model, n_layer, r, targets in [(8, 2, 4, ("q", "v")), (8, 1, 16, ("q", "fc")), (16, 2, 256, ("v", "proj"))]:
+        cfg = GPTConfig(vocab_size=11, block_size=4, n_layer=n_layer, n_head=2, d_model=d_model)
+        model = GPT(cfg, rng=_rng(63))
+        want = inject(model, lr.VeRAConfig(r=r), targets=targets).trainable_params
+        shapes = [(m.out_features, m.in_features) for n, m in model.named_modules()
+                  if type(m).__name__ == "VeRALinear"]
+        got = fn(r, shapes)
+        if got != want:
+            raise Mismatch(f"vera_params(r={r}, {shapes}) = {got!r}, expected {want} (what inject trains)")
+    return "matches what inject(VeRAConfig) trains on three models"
+
+
+def check_vera_params(fn, verbose=True) -> CheckResult:
+    """``fn(r, shapes: [(out, in), ...]) -> int``: VeRA's trained numbers over those layers."""
+    return check("vera_params", fn, _vera_count_body, verbose)
+
+
+CHECKS["06-sharing"] = [("vera_backward", check_vera_backward), ("tied_A_grad", check_tied_A_grad),
+                        ("vera_params", check_vera_params)]

@@ -251,12 +251,16 @@ class SharedRef:
     It is not a Module on purpose: a layer keeps it as a plain attribute (``self.shared =
     shared``) and so does not register the shared tensors a second time; they are listed once,
     under the model's ``lowrank_shared``, in NumPy's ``parameters()`` and torch's
-    ``named_parameters()`` alike."""
+    ``named_parameters()`` alike.
 
-    __slots__ = ("module",)
+    ``layer`` is the dotted name of the layer it was handed to (``""`` for a lone layer), for
+    methods whose layers share state by group (Tied-LoRA ties per projection type: ``q``, ``v``)."""
 
-    def __init__(self, module):
+    __slots__ = ("module", "layer")
+
+    def __init__(self, module, layer: str = ""):
         self.module = module
+        self.layer = layer
 
     def __getattr__(self, name):
         if name.startswith("__"):  # copy / pickle probing an empty instance
@@ -571,7 +575,7 @@ class Injector:
             raise TypeError(f"base must be {self.ops.linear_kind}, got {type(base).__name__}")
         rng = self.ops.rng(rng)
         module = self.build_shared(spec, {"": config}, {"": base}, rng)
-        layer = cls(base, config, rng=rng, shared=SharedRef(module), **kwargs)
+        layer = cls(base, config, rng=rng, shared=SharedRef(module, ""), **kwargs)
         self.attach_shared(layer, spec.name, module)
         return layer
 
@@ -609,10 +613,11 @@ class Injector:
             for m, (spec, cfgs) in groups.items():
                 module = self.build_shared(spec, cfgs, {n: linears[n] for n in cfgs}, rng)
                 self.attach_shared(model, m, module)
-                shared[m] = SharedRef(module)
+                shared[m] = module
             new = {}
             for n, (spec, cls, cfg) in entries.items():
-                extra = {"shared": shared[spec.name]} if spec is not None and spec.name in shared else {}
+                extra = ({"shared": SharedRef(shared[spec.name], n)}
+                         if spec is not None and spec.name in shared else {})
                 new[n] = ops.place(cls(linears[n], cfg, rng=rng, **kwargs, **extra), linears[n])
             for n, layer in new.items():
                 ops.set(model, n, layer)

@@ -941,7 +941,9 @@ def load_peft(model, folder) -> dict:
         raise ValueError(f"{os.fspath(folder)!r} holds no {PEFT_WEIGHTS_NAME}{why}")
     tensors, _ = read_safetensors(weights)
     expected = {peft_key(p, spec, n): (p, n) for p in paths for n in _peft_tensor_names(model, spec, p, plan[p][1])}
-    missing, extra = set(expected) - set(tensors), set(tensors) - set(expected)
+    shared_keys = {key: n for n, key in spec.peft.shared.items()}  # stored once per folder
+    missing = set(expected) - set(tensors) | set(shared_keys) - set(tensors)
+    extra = set(tensors) - set(expected) - set(shared_keys)
     if missing or extra:
         raise ValueError(f"{weights!r}: its tensors do not match the model's target layers: missing "
                          f"{_short(missing)}, unexpected {_short(extra)}")
@@ -956,6 +958,11 @@ def load_peft(model, folder) -> dict:
             except (TypeError, ValueError) as e:
                 raise ValueError(f"{key}: {e}") from None
         states[p][n] = arr
+    shared_state = {}
+    for key, n in shared_keys.items():
+        if not np.issubdtype(tensors[key].dtype, np.floating):
+            raise ValueError(f"{key}: dtype {tensors[key].dtype.name}; adapter tensors are floating point")
+        shared_state[n] = tensors[key]
     shapes = {p: {n: a.shape for n, a in st.items()} for p, st in states.items()}
     adapters = _adapters(model, backend)
     snapshot = None
@@ -970,6 +977,13 @@ def load_peft(model, folder) -> dict:
         layers = {p: {"tensors": {n: {"key": peft_key(p, spec, n)} for n in states[p]}} for p in paths}
         loaded = _match(adapters, layers, plan, {peft_key(p, spec, n): a for p in paths for n, a in states[p].items()},
                         backend)
+        if shared_keys:
+            from lowrank_ref.inject import load_shared_state
+
+            try:
+                load_shared_state(model, {spec.name: shared_state})
+            except ValueError as e:
+                raise ValueError(f"{weights!r}: {e}") from None
         for p, state in loaded.items():
             adapters[p].load_adapter_state(state)
     except BaseException:
@@ -1022,6 +1036,15 @@ def peft_state_dict(model, grads: bool = False) -> dict:
             if n not in spec.peft.tensors:
                 raise ValueError(f"method {spec.name!r}'s tensor {n!r} has no PEFT name (SPEC.peft.tensors)")
             out[peft_key(p, spec, n)] = _peft_tensor(spec, n, v, layer.config)
+    if not grads:
+        from lowrank_ref.inject import shared_state
+
+        for method, state in shared_state(model).items():
+            mapping = registry.get_method(method).peft
+            for n, v in state.items():
+                if mapping is None or n not in mapping.shared:
+                    raise ValueError(f"method {method!r}'s shared tensor {n!r} has no PEFT name (SPEC.peft.shared)")
+                out[mapping.shared[n]] = np.ascontiguousarray(_to_numpy(v))
     return out
 
 

@@ -96,6 +96,11 @@ class PeftMapping:
             (``io.PEFT_COMMON``: ``peft_type``, ``target_modules``, ``exclude_modules``, ``task_type``...);
             any other field whose value asks for something (not null, false, ``{}``, ``[]``, ``""``)
             is refused with a list of what is supported.
+        shared: the method's shared state (``SPEC.shared``) in PEFT's files: ``{name in the
+            shared module: full PEFT key}`` (VeRA: ``{"A": "base_model.vera_A"}``), stored once
+            per folder. ``load_peft`` reads them into ``model.lowrank_shared.<method>``;
+            ``peft_state_dict`` writes the shared module's state under them (not with
+            ``grads=True``).
     """
 
     peft_type: str
@@ -106,6 +111,7 @@ class PeftMapping:
     to_peft_tensor: Callable | None = None
     from_peft_tensor: Callable | None = None
     options: tuple = ()
+    shared: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

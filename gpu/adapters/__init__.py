@@ -11,11 +11,8 @@ from lowrank_gpu.adapters.lokr import LoKrLinear
 from lowrank_gpu.adapters.lora import LoRALinear
 from lowrank_gpu.adapters.qlora import QLoRAInt4Linear, QLoRALinear
 from lowrank_gpu.adapters.sora import SoRALinear
+from lowrank_gpu.adapters.tied_lora import TiedLoRALinear
+from lowrank_gpu.adapters.vera import VeRALinear
 
-__all__ = ["LoRALinear", "DoRALinear", "QLoRALinear", "QLoRAInt4Linear"]
-__all__ += ["IA3Linear"]
-__all__ += ["LoHaLinear"]
-__all__ += ["DyLoRALinear", "SoRALinear"]
-__all__ += ["LoKrLinear", "KronALinear"]
-__all__ += ["AdaLoRALinear", "RankAllocator"]
+__all__ = ["LoRALinear", "DoRALinear", "QLoRALinear", "QLoRAInt4Linear", "IA3Linear", "LoHaLinear", "DyLoRALinear", "SoRALinear", "LoKrLinear", "KronALinear", "AdaLoRALinear", "RankAllocator", "VeRALinear", "TiedLoRALinear"]
 __all__ += ["full_finetune", "bitfit"]  # whole-model baselines (functions)

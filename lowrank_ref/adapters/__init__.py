@@ -12,12 +12,9 @@ from lowrank_ref.adapters.lokr import LoKrLinear
 from lowrank_ref.adapters.lora import LoRALinear
 from lowrank_ref.adapters.qlora import QLoRAInt4Linear, QLoRALinear
 from lowrank_ref.adapters.sora import SoRALinear
+from lowrank_ref.adapters.tied_lora import TiedLoRALinear
+from lowrank_ref.adapters.vera import VeRALinear
 
-__all__ = ["LoRALinear", "DoRALinear", "QLoRALinear", "QLoRAInt4Linear"]
-__all__ += ["IA3Linear"]
-__all__ += ["LoHaLinear"]
-__all__ += ["DyLoRALinear", "SoRALinear"]
-__all__ += ["LoKrLinear", "KronALinear"]
-__all__ += ["AdaLoRALinear", "RankAllocator"]
+__all__ = ["LoRALinear", "DoRALinear", "QLoRALinear", "QLoRAInt4Linear", "IA3Linear", "LoHaLinear", "DyLoRALinear", "SoRALinear", "LoKrLinear", "KronALinear", "AdaLoRALinear", "RankAllocator", "VeRALinear", "TiedLoRALinear"]
 __all__ += ["full_finetune", "bitfit"]  # whole-model baselines (functions)
 _ = AdapterLinear  # the shared base class, importable as lowrank_ref.adapters.base.AdapterLinear

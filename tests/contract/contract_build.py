@@ -156,17 +156,26 @@ class Case:
             xt = self.native(x, requires_grad=True)
             y = self.layer(xt)
             (y * self.native(dy)).sum().backward()
-            grads = {n: to_np(p.grad) for n, p in self.layer.adapter_parameters().items()}
+            grads = {n: to_np(p.grad) for n, p in self.trained_parameters().items()}
             assert all(p.grad is None for p in self.layer.parameters() if not p.requires_grad)
             return to_np(y), to_np(xt.grad), grads
         self.layer.zero_grad()
         y = self.layer.forward(self.native(x))
         dx = self.layer.backward(self.native(dy))
-        grads = {n: to_np(p.grad) for n, p in self.layer.adapter_parameters().items()}
+        grads = {n: to_np(p.grad) for n, p in self.trained_parameters().items()}
         return to_np(y), to_np(dx), grads
 
     def adapter_state(self) -> dict:
         return {n: to_np(v) for n, v in self.layer.adapter_state().items()}
+
+    def trained_parameters(self) -> dict:
+        """The adapter's parameters by math name, plus, for a method with ``SPEC.shared``, the
+        trained tensors of the lone layer's own shared state (``lowrank_shared.<method>.<name>``:
+        Tied-LoRA's tied ``A``); frozen shared tensors are not parameters."""
+        out = dict(self.layer.adapter_parameters())
+        params = dict(self.layer.named_parameters()) if self.torch_family else self.layer.parameters()
+        out.update({n: p for n, p in params.items() if n.startswith("lowrank_shared.")})
+        return out
 
     def trainable_names(self) -> set:
         if self.torch_family:
