@@ -273,3 +273,44 @@ def test_bf16_autocast_on_the_cpu_trains(tmp_path):
     main(_args(out, "--method", "lora", "--precision", "bf16", steps=2))
     m = json.loads((out / "metrics.json").read_text())
     assert m["precision"] == "bf16" and all(np.isfinite(m["losses"]))
+
+
+def _text(path, n_words=400):
+    from lowrank_ref.data import builtin_task
+
+    task = builtin_task(0)
+    path.write_text(task.tokenizer.decode(task.dialect_train[:n_words]), encoding="utf-8")
+    return path
+
+
+def test_a_text_file_is_read_with_the_folders_tokenizer(hf_models, tmp_path, capsys):
+    import shutil
+
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+
+    from lowrank_ref.data import builtin_task
+
+    text = _text(tmp_path / "notes.txt")
+    _fails(capsys, _args(tmp_path / "x", "--method", "lora", "--model", f"hf:{hf_models['llama']}", "--data",
+                         str(text)), "has no tokenizer")
+    folder = tmp_path / "llama-tok"
+    shutil.copytree(hf_models["llama"], folder)
+    words = builtin_task(0).tokenizer.words
+    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
+    out = tmp_path / "run"
+    assert main(_args(out, "--method", "lora", "--model", f"hf:{folder}", "--data", str(text))) == 0
+    assert json.loads((out / "metrics.json").read_text())["data"] == str(text)
+
+
+def test_a_text_file_on_the_builtin_model_uses_its_words(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(out, "--method", "lora", "--data", str(_text(tmp_path / "ok.txt")))) == 0
+    bad = tmp_path / "bad.txt"
+    bad.write_text("zebra " * 100, encoding="utf-8")
+    _fails(capsys, _args(tmp_path / "never", "--method", "lora", "--data", str(bad)), "zebra", "vocabulary")
+    _fails(capsys, _args(tmp_path / "never", "--method", "lora", "--data", str(tmp_path / "none.txt")), "no file")
+    assert not (tmp_path / "never").exists()
