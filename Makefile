@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # torch is pinned for development and CI (a CPU wheel); the package itself accepts a range.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: demo test lint bench lab pretrain figures tables book serve-book clean
+.PHONY: demo test gpu-check lint bench lab pretrain figures tables book serve-book clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(PY) scripts/gpu_check.py --dry
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# On a lent GPU machine (its own Python with torch/CuPy/PEFT; nothing installed, no venv):
+# `make gpu-check PYTHON=python3` or just `python3 scripts/gpu_check.py`; one report, under 8 minutes.
+gpu-check:
+	$(PYTHON) scripts/gpu_check.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -2,6 +2,7 @@ r"""The ``lowrank-ref`` command.
 
     lowrank-ref compare [--methods full,bitfit,lora] [--backend numpy] [--steps N] [--out DIR] [--quiet]
     lowrank-ref pretrain [--out DIR] [--steps N] [--quiet]
+    lowrank-ref train --method M [--set KEY=VALUE ...] [--model builtin|hf:DIR] [--data builtin|FILE] ...
     lowrank-ref methods
     lowrank-ref --help
 
@@ -80,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive_int, default=None, help="training steps (default: the shipped model's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    from lowrank_ref.train_cli import add_train_parser
+
+    add_train_parser(sub)
     sub.add_parser("methods", help="list the methods `compare` knows and the registered adapters")
     return parser
 
@@ -120,6 +124,12 @@ def _cmd_pretrain(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from lowrank_ref.train_cli import run_train
+
+    return run_train(args)
+
+
 def _cmd_methods(args) -> int:
     from lowrank_ref import registry
     from lowrank_ref.experiments.compare import VARIANTS
@@ -139,7 +149,7 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    handler = {"compare": _cmd_compare, "pretrain": _cmd_pretrain, "methods": _cmd_methods}[args.command]
+    handler = {"compare": _cmd_compare, "pretrain": _cmd_pretrain, "train": _cmd_train, "methods": _cmd_methods}[args.command]
     try:
         return handler(args)
     except (ValueError, TypeError) as e:
