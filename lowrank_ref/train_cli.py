@@ -551,7 +551,7 @@ def run_train(args) -> int:
     import torch
     import torch.nn.functional as F
 
-    from lowrank_ref.train import call_hooks, lr_at, training_hooks
+    from lowrank_ref.train import call_hooks, lr_at, set_hooks_lr, training_hooks
 
     ckpt_path = os.path.join(args.out, CHECKPOINT_NAME)
     resume = None
@@ -614,6 +614,8 @@ def run_train(args) -> int:
     for step in range(start, args.steps):
         from lowrank_ref.data.batching import get_batch
 
+        lr_now = lr_at(step, args.steps, args.lr, "cosine", 0, 0.0)
+        set_hooks_lr(hooks, lr_now)  # as both training loops: the hooks see this step's lr
         call_hooks(hooks, "before_step", step)
         xb, yb = get_batch(train_ids, args.batch_size, block, rng)  # the same global batch on every rank
         sl = slice(dist.rank * local, (dist.rank + 1) * local)
@@ -627,10 +629,10 @@ def run_train(args) -> int:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.steps, args.lr, "cosine", 0, 0.0)
+            g["lr"] = lr_now
         opt.step()
+        call_hooks(hooks, "after_step", step)  # before zeroing: AdaLoRA's allocator reads the gradients
         opt.zero_grad(set_to_none=True)
-        call_hooks(hooks, "after_step", step)
         value = loss.detach().float()
         if dist.world > 1:
             import torch.distributed as td
