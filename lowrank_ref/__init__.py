@@ -12,6 +12,7 @@ from lowrank_ref.adapters.dora import DoRAConfig
 from lowrank_ref.adapters.ia3 import IA3Config
 from lowrank_ref.adapters.lora import LoRAConfig
 from lowrank_ref.adapters.qlora import QLoRAConfig, QLoRAInt4Config
+from lowrank_ref.adapters.ssf import SSFConfig
 from lowrank_ref.api import adapt
 from lowrank_ref.gradcheck import gradcheck
 
@@ -24,6 +25,7 @@ quant.QLoRALinear = adapters.QLoRALinear
 
 __all__ = ["nn", "adapters", "registry", "adapt", "gradcheck", "LoRAConfig", "DoRAConfig", "QLoRAConfig", "QLoRAInt4Config",
            "IA3Config"]
+__all__ += ["SSFConfig"]
 
 
 def __getattr__(name):  # lazy sub-packages that later issues fill in

@@ -6,8 +6,10 @@ from lowrank_ref.adapters.dora import DoRALinear
 from lowrank_ref.adapters.ia3 import IA3Linear
 from lowrank_ref.adapters.lora import LoRALinear
 from lowrank_ref.adapters.qlora import QLoRAInt4Linear, QLoRALinear
+from lowrank_ref.adapters.ssf import SSFLinear
 
 __all__ = ["LoRALinear", "DoRALinear", "QLoRALinear", "QLoRAInt4Linear"]
 __all__ += ["IA3Linear"]
+__all__ += ["SSFLinear"]
 __all__ += ["full_finetune", "bitfit"]  # whole-model baselines (functions)
 _ = AdapterLinear  # the shared base class, importable as lowrank_ref.adapters.base.AdapterLinear
