@@ -9,6 +9,7 @@
 
 from lowrank_ref import adapters, nn, quant, registry
 from lowrank_ref.adapters.dora import DoRAConfig
+from lowrank_ref.adapters.houlsby import HoulsbyConfig
 from lowrank_ref.adapters.ia3 import IA3Config
 from lowrank_ref.adapters.lora import LoRAConfig
 from lowrank_ref.adapters.qlora import QLoRAConfig, QLoRAInt4Config
@@ -25,7 +26,7 @@ quant.QLoRALinear = adapters.QLoRALinear
 
 __all__ = ["nn", "adapters", "registry", "adapt", "gradcheck", "LoRAConfig", "DoRAConfig", "QLoRAConfig", "QLoRAInt4Config",
            "IA3Config"]
-__all__ += ["SSFConfig"]
+__all__ += ["SSFConfig", "HoulsbyConfig"]
 
 
 def __getattr__(name):  # lazy sub-packages that later issues fill in
