@@ -9,8 +9,8 @@ One scale ``γ (out,)`` and one shift ``β (out,)`` per adapted layer (PyTorch l
 
 The paper inserts the operation after every linear layer of the ViT (and after its layer norms
 and the patch embedding); here it follows the linear layers the injection picks (a layer norm's
-affine already is a scale and a shift, so SSF after it is folded into ``γ_LN``/``β_LN``, which
-BitFit-style training of the norms covers). Merged, the layer is one plain Linear: the scale
+affine already is a scale and a shift, so SSF after it would fold into ``γ_LN``/``β_LN``; training
+the norms' own affine does the same). Merged, the layer is one plain Linear: the scale
 rescales the rows of ``W0`` and the bias, the shift adds to the bias. A base without a bias has
 nowhere to put ``β``, so its ``merge()`` is a clear error (the dense view still holds:
 ``merged_bias()`` is then ``β`` alone, the bias a plain Linear would need).
@@ -149,9 +149,9 @@ class SSFLinear(AdapterLinear):
 
     def merged_bias(self):
         r"""b' = γ ⊙ b + β (in float64, rounded once); ``β`` alone for a base without a bias."""
-        g64, beta64 = self.gamma.data.astype(np.float64), self.beta.data.astype(np.float64)
         if self.base.bias is None:
             return self.beta.data.copy()
+        g64, beta64 = self.gamma.data.astype(np.float64), self.beta.data.astype(np.float64)
         b0 = self._b0_backup if self.merged else self.base.bias.data
         return (g64 * b0.astype(np.float64) + beta64).astype(b0.dtype)
 
