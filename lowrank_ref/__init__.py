@@ -11,6 +11,7 @@ from lowrank_ref import adapters, nn, quant, registry
 from lowrank_ref.adapters.adalora import AdaLoRAConfig
 from lowrank_ref.adapters.dora import DoRAConfig
 from lowrank_ref.adapters.dylora import DyLoRAConfig
+from lowrank_ref.adapters.houlsby import HoulsbyConfig
 from lowrank_ref.adapters.ia3 import IA3Config
 from lowrank_ref.adapters.krona import KronAConfig
 from lowrank_ref.adapters.loha import LoHaConfig
@@ -18,6 +19,7 @@ from lowrank_ref.adapters.lokr import LoKrConfig
 from lowrank_ref.adapters.lora import LoRAConfig
 from lowrank_ref.adapters.qlora import QLoRAConfig, QLoRAInt4Config
 from lowrank_ref.adapters.sora import SoRAConfig
+from lowrank_ref.adapters.ssf import SSFConfig
 from lowrank_ref.adapters.tied_lora import TiedLoRAConfig
 from lowrank_ref.adapters.vera import VeRAConfig
 from lowrank_ref.api import adapt
@@ -32,6 +34,7 @@ quant.QLoRALinear = adapters.QLoRALinear
 
 __all__ = ["nn", "adapters", "registry", "adapt", "gradcheck", "LoRAConfig", "DoRAConfig", "QLoRAConfig", "QLoRAInt4Config",
            "IA3Config", "LoHaConfig", "DyLoRAConfig", "SoRAConfig", "LoKrConfig", "KronAConfig", "AdaLoRAConfig", "VeRAConfig", "TiedLoRAConfig"]
+__all__ += ["SSFConfig", "HoulsbyConfig"]
 
 
 def __getattr__(name):  # lazy sub-packages that later issues fill in

@@ -1023,3 +1023,76 @@ def check_vera_params(fn, verbose=True) -> CheckResult:
 
 CHECKS["06-sharing"] = [("vera_backward", check_vera_backward), ("tied_A_grad", check_tied_A_grad),
                         ("vera_params", check_vera_params)]
+
+
+# ---------------------------------------------------------------- chapter 09: the baselines
+# (a block of its own: its checks are listed in BASELINE_CHECKS and tested by
+# tests/test_exercises_baselines.py, so this chapter's changes stay apart from CHECKS)
+
+
+def _ssf_merge_body(fn):
+    import lowrank_ref as lr
+
+    rng = _rng(90)
+    W, b = rng.standard_normal((4, 3)), rng.standard_normal(4)
+    layer = lr.adapters.SSFLinear(lr.nn.Linear.from_arrays(W.copy(), b.copy()), lr.SSFConfig())
+    layer.gamma.data = rng.uniform(-2, 2, 4)
+    layer.beta.data = rng.standard_normal(4)
+    out = _unpack(fn(W.copy(), b.copy(), layer.gamma.data.copy(), layer.beta.data.copy()), 2, "(W', b')")
+    x = rng.standard_normal((5, 3))
+    y = layer.forward(x)
+    compare("W'", out[0], layer.merged_weight())
+    compare("b'", out[1], layer.merged_bias())
+    compare("x W'ᵀ + b'", x @ np.asarray(out[0], dtype=np.float64).T + np.asarray(out[1], dtype=np.float64), y)
+    return "W' and b' equal SSFLinear's merge, and x W'ᵀ + b' is the SSF layer's output"
+
+
+def check_ssf_merge(fn, verbose=True) -> CheckResult:
+    """``fn(W (out, in), b (out,), gamma (out,), beta (out,)) -> (W', b')``: SSF folded into the linear."""
+    return check("ssf_merge", fn, _ssf_merge_body, verbose)
+
+
+def _adapter_backward_body(fn):
+    rng = _rng(91)
+    h = rng.standard_normal((6, 5))  # the base layer's output h = x W0ᵀ + b, (N, out)
+    Wd, bd = rng.standard_normal((3, 5)), rng.standard_normal(3)  # (m, out), (m,)
+    Wu, bu = rng.standard_normal((5, 3)), rng.standard_normal(5)  # (out, m), (out,)
+    w = rng.standard_normal((6, 5))  # the loss is sum(y ⊙ w), so ȳ = w
+
+    def y_of():
+        return h + np.maximum(h @ Wd.T + bd, 0) @ Wu.T + bu  # ReLU adapter
+
+    out = _unpack(fn(w.copy(), h.copy(), Wd.copy(), bd.copy(), Wu.copy()), 5, "(dh, dW_down, db_down, dW_up, db_up)")
+    _gradcheck(lambda: float(np.sum(y_of() * w)), {"h": h, "W_down": Wd, "b_down": bd, "W_up": Wu, "b_up": bu},
+               dict(zip(("h", "W_down", "b_down", "W_up", "b_up"), out)), "adapter_backward")
+    return "every gradient, the skip connection's share of dh included, agrees with central differences"
+
+
+def check_adapter_backward(fn, verbose=True) -> CheckResult:
+    """``fn(dy, h, W_down, b_down, W_up) -> (dh, dW_down, db_down, dW_up, db_up)`` for the ReLU
+    adapter ``y = h + relu(h W_downᵀ + b_down) W_upᵀ + b_up``."""
+    return check("adapter_backward", fn, _adapter_backward_body, verbose)
+
+
+def _adapter_params_body(fn):
+    import lowrank_ref as lr
+
+    rng = _rng(92)
+    for d_in, d, m in [(4, 5, 2), (64, 64, 8), (256, 64, 1), (64, 256, 64)]:
+        layer = lr.adapters.HoulsbyLinear(lr.nn.Linear(d_in, d, rng=rng), lr.HoulsbyConfig(bottleneck=m), rng=rng)
+        got = fn(d, m)
+        if got != layer.num_trainable_parameters():
+            raise Mismatch(f"adapter_params({d}, {m}) = {got!r}, expected {layer.num_trainable_parameters()} "
+                           "(HoulsbyLinear's trainable count)")
+    return "matches HoulsbyLinear.num_trainable_parameters() on four shapes"
+
+
+def check_adapter_params(fn, verbose=True) -> CheckResult:
+    """``fn(d, m) -> int``: a Houlsby adapter's trainable parameters around a layer of width ``d``."""
+    return check("adapter_params", fn, _adapter_params_body, verbose)
+
+
+BASELINE_CHECKS: dict[str, list[tuple[str, Callable]]] = {
+    "09-baselines": [("ssf_merge", check_ssf_merge), ("adapter_backward", check_adapter_backward),
+                     ("adapter_params", check_adapter_params)],
+}

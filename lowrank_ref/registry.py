@@ -25,6 +25,9 @@ field              what it says                                                 
 ``hooks``          :class:`PerBackend` training hooks (loss terms, before/after step)     train loops
 ``compare``        ``{row name: CompareRow}``: the method's rows in ``lowrank-ref compare``  compare
 ``model_fn``       whole-model modes (full, BitFit): :class:`PerBackend` functions        inject
+``mergeable``      ``False`` for a layer no plain Linear can compute (Houlsby adapters: a  tests/contract
+                   non-linearity): ``merge()``/``delta_weight()`` refuse with a ValueError;
+                   must equal the layer classes' ``MERGEABLE`` (checked at discovery)
 =================  =====================================================================  ==============
 
 Discovery happens on the first lookup (``import lowrank_ref`` stays cheap) and checks every
@@ -166,6 +169,9 @@ class MethodSpec:
     hooks: PerBackend | None = None
     compare: dict = field(default_factory=dict)
     model_fn: PerBackend | None = None
+    # False: the layer cannot be folded into its base (a non-linearity inside); its classes say the
+    # same with ``MERGEABLE = False``, and merge()/delta_weight()/merged_weight() refuse
+    mergeable: bool = True
     source: str = ""  # the file the SPEC came from (filled in by discovery)
 
     @property
@@ -283,6 +289,12 @@ def check_spec(spec, where: str = "SPEC") -> MethodSpec:
             raise SpecError(f"{where}: layer method {spec.name!r} needs both numpy and torch classes")
         _check_path(spec.numpy, "numpy", where, import_it=True)
         _check_path(spec.torch, "torch", where, import_it=False)
+        if not isinstance(spec.mergeable, bool):
+            raise SpecError(f"{where}: mergeable of {spec.name!r} must be a bool, got {spec.mergeable!r}")
+        cls_mergeable = getattr(load_object(spec.numpy), "MERGEABLE", True)
+        if cls_mergeable != spec.mergeable:
+            raise SpecError(f"{where}: SPEC.mergeable={spec.mergeable} of {spec.name!r} contradicts "
+                            f"{spec.numpy}.MERGEABLE={cls_mergeable}")
         if spec.example is None or not callable(spec.example):
             raise SpecError(f"{where}: layer method {spec.name!r} needs an example (a callable -> Example)")
     else:

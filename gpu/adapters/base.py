@@ -89,6 +89,13 @@ class AdapterLinear(nn.Module):
     #: the config class the method takes (LoRAConfig, DoRAConfig, ...); set by each method
     CONFIG: type | None = None
 
+    MERGEABLE: bool = True  # as in lowrank_ref.adapters.base.AdapterLinear
+    NOT_MERGEABLE_WHY: str = ""
+
+    def _refuse_if_not_mergeable(self) -> None:
+        if not self.MERGEABLE:
+            raise ValueError(f"{state_message('not mergeable', type(self).__name__)}: {self.NOT_MERGEABLE_WHY}")
+
     @classmethod
     def check_config(cls, config):
         """``config``, or the method's default config for ``None``; a ``TypeError`` for another kind."""
@@ -159,10 +166,12 @@ class AdapterLinear(nn.Module):
 
     # the update ---------------------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:
+        self._refuse_if_not_mergeable()
         raise NotImplementedError
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
+        self._refuse_if_not_mergeable()
         W0 = self.w0()
         return (W0.double() + self._delta_weight_f64()).to(W0.dtype)
 
@@ -170,6 +179,7 @@ class AdapterLinear(nn.Module):
     def merged_bias(self) -> torch.Tensor | None:
         """The bias of the plain Linear that reproduces the adapted layer (``None`` without one):
         the base bias unless the method overrides it (IA³'s output scaling: ``l ⊙ b``)."""
+        self._refuse_if_not_mergeable()
         return None if self.base.bias is None else self.base.bias.detach()
 
     def _delta_weight_f64(self) -> torch.Tensor:
@@ -184,6 +194,7 @@ class AdapterLinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
+        self._refuse_if_not_mergeable()
         if self.merged:
             raise ValueError(state_message("already merged", type(self).__name__))
         W = self.merged_weight()

@@ -83,6 +83,15 @@ class AdapterLinear(Module):
 
     #: the config class the method takes (LoRAConfig, DoRAConfig, ...); set by each method
     CONFIG: type | None = None
+    #: ``False`` for a layer no plain Linear computes (a non-linearity inside, as in Houlsby
+    #: adapters): ``merge()``, ``delta_weight()``, ``merged_weight()`` and ``merged_bias()``
+    #: refuse with a ``ValueError`` that gives :attr:`NOT_MERGEABLE_WHY`. Equals ``SPEC.mergeable``.
+    MERGEABLE: bool = True
+    NOT_MERGEABLE_WHY: str = ""
+
+    def _refuse_if_not_mergeable(self) -> None:
+        if not self.MERGEABLE:
+            raise ValueError(f"{state_message('not mergeable', type(self).__name__)}: {self.NOT_MERGEABLE_WHY}")
 
     @classmethod
     def check_config(cls, config):
@@ -150,12 +159,14 @@ class AdapterLinear(Module):
     # the update ---------------------------------------------------------------------------
     def delta_weight(self) -> np.ndarray:
         """The dense update ``ΔW`` (out, in) that merging adds to ``W0``."""
+        self._refuse_if_not_mergeable()
         raise NotImplementedError
 
     def merged_weight(self) -> np.ndarray:
         """The weight that reproduces the adapted layer as a plain Linear: ``W0 + ΔW``.
 
         Summed in float64, rounded once to the base dtype."""
+        self._refuse_if_not_mergeable()
         W0 = self.w0()
         return (W0.astype(np.float64) + self._delta_weight_f64()).astype(W0.dtype)
 
@@ -164,6 +175,7 @@ class AdapterLinear(Module):
 
         Default: the base bias itself; a method whose update also changes the bias (IA³'s output
         scaling, ``l ⊙ b``) overrides it. ``merge()`` installs it, ``unmerge()`` restores ``b``."""
+        self._refuse_if_not_mergeable()
         return None if self.base.bias is None else self.base.bias.data
 
     def _delta_weight_f64(self) -> np.ndarray:
@@ -181,7 +193,9 @@ class AdapterLinear(Module):
 
         A float base keeps ``W0``'s bits aside and takes the merged weight; a 4-bit base is left
         as it is and the merged weight is kept as a float array beside it (4 bytes per weight
-        while merged; re-quantising it is :func:`lowrank_ref.adapters.qlora.requantize_merged`)."""
+        while merged; re-quantising it is :func:`lowrank_ref.adapters.qlora.requantize_merged`).
+        A non-mergeable layer (``MERGEABLE = False``) refuses with a ``ValueError``, unchanged."""
+        self._refuse_if_not_mergeable()
         if self.merged:
             raise ValueError(state_message("already merged", type(self).__name__))
         W = self.merged_weight()

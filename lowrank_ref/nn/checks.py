@@ -34,6 +34,7 @@ _STATE_MESSAGES = {
     "not merged": "{owner} is not merged; there is nothing to unmerge",
     "merged training": "{owner} is merged (inference only): unmerge() before training",
     "merged loading": "{owner} is merged: unmerge() before loading adapter weights",
+    "not mergeable": "{owner} is not mergeable: no plain Linear computes it, so there is no merge() and no dense ΔW",
 }
 
 

@@ -21,6 +21,10 @@ from lowrank_ref import registry
 
 LAYER_METHODS = [s.name for s in registry.methods().values() if s.is_layer]
 MODEL_METHODS = [s.name for s in registry.methods().values() if not s.is_layer]
+# layer methods that fold into their base (SPEC.mergeable): the merge and dense-view tests run on these;
+# the others (a non-linearity inside: Houlsby adapters) must refuse merge() instead
+MERGEABLE_METHODS = [s.name for s in registry.methods().values() if s.is_layer and s.mergeable]
+UNMERGEABLE_METHODS = [s.name for s in registry.methods().values() if s.is_layer and not s.mergeable]
 
 NUMPY_FAMILY = ("numpy", "cupy")  # the reference's classes (on NumPy or CuPy arrays)
 TORCH_FAMILY = ("torch", "cuda")  # the mirror's classes (torch on the CPU or a CUDA GPU)

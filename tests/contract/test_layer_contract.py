@@ -11,10 +11,12 @@ import pytest
 from contract_build import (
     ALL_BACKENDS,
     LAYER_METHODS,
+    MERGEABLE_METHODS,
     NUMPY_BACKENDS,
     TOL,
     TORCH_BACKENDS,
     TORCH_FAMILY,
+    UNMERGEABLE_METHODS,
     assert_same_bits,
     build,
     known_gap,
@@ -28,6 +30,7 @@ from lowrank_ref.gradcheck import gradcheck
 from lowrank_ref.nn.module import StateError
 
 METHODS = pytest.mark.parametrize("method", LAYER_METHODS)
+MERGEABLE = pytest.mark.parametrize("method", MERGEABLE_METHODS)  # SPEC.mergeable: the merge tests
 LEAD = (2, 3)  # x is (2, 3, in): a batch of sequences
 
 
@@ -55,6 +58,9 @@ def test_the_example_is_away_from_init(method, backend):
     assert state, f"{method}: adapter_state() is empty"
     for n, v in state.items():
         assert np.all(v != 0), f"{method}: adapter tensor {n} has zero entries"
+    if not case.spec.mergeable:
+        assert not np.allclose(case.forward(_x(case)), case.base_forward(_x(case))), f"{method}: a no-op"
+        return
     dW = to_np(case.layer.delta_weight())
     assert dW.shape == (case.out_features, case.in_features)
     assert np.max(np.abs(dW)) > 1e-2, f"{method}: ΔW is (nearly) zero"
@@ -73,7 +79,7 @@ def test_gradcheck_every_trainable_tensor_and_x(method):
 
 
 # --- the dense view --------------------------------------------------------------------------
-@METHODS
+@MERGEABLE
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_factorised_forward_equals_the_dense_delta_weight(method, backend):
     """``forward(x) = x (W0 + ΔW)ᵀ + b`` with the dense ``delta_weight()``, and ``merged_weight()``
@@ -115,7 +121,7 @@ def _restore_adapter_tensors(case, saved: dict) -> None:
             p.data = saved[n]
 
 
-@METHODS
+@MERGEABLE
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_merged_equals_unmerged_and_merge_is_explicit(method, backend):
     case = build(method, backend)
@@ -137,7 +143,7 @@ def test_merged_equals_unmerged_and_merge_is_explicit(method, backend):
     np.testing.assert_array_equal(case.forward(x), y)  # unmerged again: the same bits as before
 
 
-@METHODS
+@MERGEABLE
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_1000_merge_unmerge_cycles_restore_the_base_bit_for_bit(method, backend, dtype):
@@ -152,7 +158,7 @@ def test_1000_merge_unmerge_cycles_restore_the_base_bit_for_bit(method, backend,
     np.testing.assert_array_equal(case.forward(x), y)
 
 
-@METHODS
+@MERGEABLE
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_merging_twice_and_unmerging_an_unmerged_layer_are_errors(method, backend):
     case = build(method, backend)
@@ -171,8 +177,29 @@ def test_merging_twice_and_unmerging_an_unmerged_layer_are_errors(method, backen
     np.testing.assert_array_equal(case.forward(x), y)
 
 
+@pytest.mark.parametrize("method", UNMERGEABLE_METHODS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_a_non_mergeable_method_refuses_merge_and_stays_unchanged(method, backend):
+    """``SPEC.mergeable = False``: ``merge()`` and every dense view (``delta_weight()``,
+    ``merged_weight()``, ``merged_bias()``) are a ``ValueError`` that says why; the refused
+    calls change nothing (not merged, the same base bits, the same output), and training goes on."""
+    case = build(method, backend)
+    x = _x(case)
+    y, before = case.forward(x), case.base_state()
+    for call in ("merge", "delta_weight", "merged_weight", "merged_bias"):
+        with pytest.raises(ValueError, match="not mergeable: .+"):
+            getattr(case.layer, call)()
+    assert not case.layer.merged
+    with pytest.raises(ValueError, match="not merged"):
+        case.layer.unmerge()
+    assert_same_bits(case.base_state(), before)
+    np.testing.assert_array_equal(case.forward(x), y)
+    _, _, grads = case.forward_backward(x, _dy(case))
+    assert all(g is not None for g in grads.values())
+
+
 # --- state errors ----------------------------------------------------------------------------
-@METHODS
+@MERGEABLE
 @pytest.mark.parametrize("backend", NUMPY_BACKENDS)
 def test_backward_while_merged_is_a_state_error(request, method, backend):
     known_gap(request, "backward_while_merged", method, backend)
@@ -187,7 +214,7 @@ def test_backward_while_merged_is_a_state_error(request, method, backend):
     assert all(g is not None for g in grads.values())
 
 
-@METHODS
+@MERGEABLE
 @pytest.mark.parametrize("backend", TORCH_BACKENDS)
 def test_training_a_merged_torch_layer_is_a_state_error(request, method, backend):
     """torch has no ``backward`` of its own: training a merged layer (forward with gradients
@@ -350,3 +377,20 @@ def test_every_registered_method_is_covered_and_every_known_gap_is_current():
         assert test in GAP_TESTS, f"KNOWN_GAPS names an unknown test {test!r}"
         assert method in LAYER_METHODS, f"KNOWN_GAPS names {method!r}, not a registered layer method"
         assert backend in ("numpy", "torch", "cuda", "cupy"), backend
+
+
+def test_spec_mergeable_must_agree_with_the_layer_class():
+    """``SPEC.mergeable`` and the layer class's ``MERGEABLE`` say one thing: discovery refuses a
+    SPEC that contradicts its class, and a non-bool flag."""
+    import dataclasses
+
+    from lowrank_ref import registry
+
+    spec = registry.get_method(MERGEABLE_METHODS[0])
+    with pytest.raises(registry.SpecError, match="contradicts"):
+        registry.check_spec(dataclasses.replace(spec, mergeable=False))
+    with pytest.raises(registry.SpecError, match="mergeable of .* must be a bool"):
+        registry.check_spec(dataclasses.replace(spec, mergeable="no"))
+    for name in UNMERGEABLE_METHODS:
+        with pytest.raises(registry.SpecError, match="contradicts"):
+            registry.check_spec(dataclasses.replace(registry.get_method(name), mergeable=True))
