@@ -20,7 +20,8 @@ import time
 __all__ = ["main", "build_parser"]
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """An argparse type: a positive integer, or a clear usage error."""
     try:
         v = int(text)
     except ValueError:
@@ -30,7 +31,8 @@ def _positive_int(text: str) -> int:
     return v
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
+    """An argparse type: a positive finite number, or a clear usage error."""
     try:
         v = float(text)
     except ValueError:
@@ -62,11 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated method names (default: all of {', '.join(VARIANTS)})")
     c.add_argument("--backend", default="numpy", choices=[b for b in BACKENDS if b != "cupy"],
                    help="numpy (default, hand-written backward), torch (CPU) or cuda")
-    c.add_argument("--steps", type=_positive_int, default=DEFAULTS["steps"],
+    c.add_argument("--steps", type=positive_int, default=DEFAULTS["steps"],
                    help=f"training steps per method (default {DEFAULTS['steps']})")
-    c.add_argument("--batch-size", type=_positive_int, default=DEFAULTS["batch_size"],
+    c.add_argument("--batch-size", type=positive_int, default=DEFAULTS["batch_size"],
                    help=f"windows of 32 tokens per step (default {DEFAULTS['batch_size']})")
-    c.add_argument("--lr-scale", type=_positive_float, default=1.0,
+    c.add_argument("--lr-scale", type=positive_float, default=1.0,
                    help="multiply every method's learning rate (default 1)")
     c.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="adapter init and batch order")
     c.add_argument("--out", default="runs/compare", help="output directory (default runs/compare)")
@@ -78,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "gpt_base.safetensors and gpt_base.json (the same seed gives the same bytes).")
     p.add_argument("--out", default=None,
                    help="output directory (default: the package's assets folder, replacing the shipped model)")
-    p.add_argument("--steps", type=_positive_int, default=None, help="training steps (default: the shipped model's)")
+    p.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the shipped model's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     from lowrank_ref.train_cli import add_train_parser

@@ -45,6 +45,11 @@ import time
 
 import numpy as np
 
+from lowrank_ref.cli import (
+    positive_float as _positive_float,  # one definition of these argparse types
+)
+from lowrank_ref.cli import positive_int as _positive_int
+
 __all__ = ["add_train_parser", "run_train", "parse_set", "build_config", "DEFAULT_TARGETS",
            "CHECKPOINT_NAME"]
 
@@ -52,32 +57,13 @@ __all__ = ["add_train_parser", "run_train", "parse_set", "build_config", "DEFAUL
 DEFAULT_TARGETS = {"builtin": ("q", "v"), "gpt2": ("c_attn",), "llama": ("q_proj", "v_proj"),
                    "mistral": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"),
                    "gpt_neox": ("query_key_value",), "opt": ("q_proj", "v_proj")}
+
 CHECKPOINT_NAME = "checkpoint.safetensors"
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 _IDENTITY = ("method", "config", "model", "targets", "data", "batch_size", "seed", "block_size", "lr")
 
 
 # --- arguments -------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not 0 < v < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return v
-
-
 def add_train_parser(sub) -> argparse.ArgumentParser:
     from lowrank_ref.registry import BACKENDS, method_names
 
