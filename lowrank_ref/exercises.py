@@ -1026,8 +1026,7 @@ CHECKS["06-sharing"] = [("vera_backward", check_vera_backward), ("tied_A_grad", 
 
 
 # ---------------------------------------------------------------- chapter 09: the baselines
-# (a block of its own: its checks are listed in BASELINE_CHECKS and tested by
-# tests/test_exercises_baselines.py, so this chapter's changes stay apart from CHECKS)
+# (a block of its own, appended to CHECKS below; tests/test_exercises.py runs it with the rest)
 
 
 def _ssf_merge_body(fn):
@@ -1092,7 +1091,5 @@ def check_adapter_params(fn, verbose=True) -> CheckResult:
     return check("adapter_params", fn, _adapter_params_body, verbose)
 
 
-BASELINE_CHECKS: dict[str, list[tuple[str, Callable]]] = {
-    "09-baselines": [("ssf_merge", check_ssf_merge), ("adapter_backward", check_adapter_backward),
-                     ("adapter_params", check_adapter_params)],
-}
+CHECKS["09-baselines"] = [("ssf_merge", check_ssf_merge), ("adapter_backward", check_adapter_backward),
+                          ("adapter_params", check_adapter_params)]
