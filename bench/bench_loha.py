@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 import lowrank_ref as lr
-from bench.run import time_interleaved
+from bench.run import time_interleaved, time_torch_steps
 
 
 def _numpy_layers(d, r, rng):
@@ -111,23 +111,7 @@ def _run_torch(quick: bool) -> list[dict]:
         x = torch.randn(N, d, device=device, requires_grad=True)
         dy = torch.randn(N, d, device=device)
 
-        def tstep(m, x=x, dy=dy):
-            def fn():
-                x.grad = None
-                m(x).backward(dy)
-                m.zero_grad(set_to_none=True)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-
-            return fn
-
-        threads = torch.get_num_threads()
-        if device == "cpu":
-            torch.set_num_threads(1)
-        try:
-            t = time_interleaved({k: tstep(v) for k, v in mods.items()}, repeats=repeats)
-        finally:
-            torch.set_num_threads(threads)
+        t = time_torch_steps(mods, x, dy, repeats, device)
         for impl, res in t.items():
             row = {"name": f"loha_r{r}_vs_lora_{2 * r}_step_torch", "impl": impl,
                    "ratio_to": None if impl == "lora_2r" else "lora_2r",

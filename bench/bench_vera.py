@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 import lowrank_ref as lr
-from bench.run import time_interleaved
+from bench.run import time_interleaved, time_torch_steps
 
 
 def _layers(d, r, rng, torch_backend=False):
@@ -73,19 +73,7 @@ def run(quick: bool) -> list[dict]:
     xt = torch.from_numpy(x).requires_grad_(True)
     dyt = torch.from_numpy(dy)
 
-    def tstep(m):
-        def fn():
-            xt.grad = None
-            m(xt).backward(dyt)
-            m.zero_grad(set_to_none=True)
-        return fn
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        t = time_interleaved({k: tstep(v) for k, v in tl.items()}, repeats=repeats)
-    finally:
-        torch.set_num_threads(threads)
+    t = time_torch_steps(tl, xt, dyt, repeats)
     for impl, res in t.items():
         row = {"name": "vera_vs_lora_step_torch", "impl": impl, "ratio_to": None if impl == "lora" else "lora",
                "shape": shape + ", CPU, 1 thread", **res}

@@ -114,6 +114,31 @@ def time_interleaved(fns: dict, repeats: int = 10, warmup: int = 2) -> dict:
             for n, ts in times.items()}
 
 
+def time_torch_steps(modules: dict, x, dy, repeats: int, device: str = "cpu") -> dict:
+    """:func:`time_interleaved` of one forward + backward step of each torch module in
+    ``modules`` (``{impl: module}``) on ``x`` with upstream ``dy``; on the CPU torch runs on one
+    thread, as the NumPy rows do (the benchmarks of the methods share this step)."""
+    import torch
+
+    def step(m):
+        def fn():
+            x.grad = None
+            m(x).backward(dy)
+            m.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        return fn
+
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(1)
+    try:
+        return time_interleaved({k: step(v) for k, v in modules.items()}, repeats=repeats)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @contextlib.contextmanager
 def single_thread():
     """Run NumPy's BLAS, OpenMP and torch on one thread inside the block (both sides alike).
