@@ -13,7 +13,7 @@ from torch import nn
 
 from lowrank_gpu.adapters.base import AdapterLinear
 from lowrank_gpu.nn.convert import generator_from
-from lowrank_ref.adapters.vera import VeRAConfig, one_value, vera_projections
+from lowrank_ref.adapters.vera import VeRAConfig, shared_projections
 
 __all__ = ["VeRALinear", "SharedTensors", "build_shared"]
 
@@ -64,12 +64,7 @@ def own_shared(layer, method: str, module):
 
 
 def build_shared(configs: dict, shapes: dict, rng=None) -> SharedTensors:
-    r = one_value(configs, "r", "VeRA")
-    seed = one_value(configs, "projection_seed", "VeRA")
-    save = one_value(configs, "save_projection", "VeRA")
-    out_max = max(o for o, _ in shapes.values())
-    in_max = max(i for _, i in shapes.values())
-    A, B = vera_projections(r, in_max, out_max, seed)
+    A, B, save = shared_projections(configs, shapes)
     return SharedTensors({}, {"A": A, "B": B}, save_frozen=save)
 
 

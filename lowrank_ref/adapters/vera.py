@@ -186,15 +186,22 @@ def one_value(configs: dict, field: str, method: str):
     return values.pop()
 
 
-def build_shared(configs: dict, shapes: dict, rng=None) -> SharedTensors:
-    """The projections ``A (r, in_max)``, ``B (out_max, r)`` for the layers ``shapes = {name: (out, in)}``,
-    from the configs' one ``projection_seed`` (the engine's ``rng`` is not used: the seed is the config's)."""
+def shared_projections(configs: dict, shapes: dict):
+    """``(A (r, in_max), B (out_max, r), save_projection)`` for the layers ``shapes = {name: (out, in)}``,
+    from the configs' one ``r`` and ``projection_seed`` (both backends' builders call this)."""
     r = one_value(configs, "r", "VeRA")
     seed = one_value(configs, "projection_seed", "VeRA")
     save = one_value(configs, "save_projection", "VeRA")
     out_max = max(o for o, _ in shapes.values())
     in_max = max(i for _, i in shapes.values())
     A, B = vera_projections(r, in_max, out_max, seed)
+    return A, B, save
+
+
+def build_shared(configs: dict, shapes: dict, rng=None) -> SharedTensors:
+    """The shared frozen projections (:func:`shared_projections`); the engine's ``rng`` is not
+    used: the seed is the config's."""
+    A, B, save = shared_projections(configs, shapes)
     return SharedTensors({}, {"A": A, "B": B}, save_frozen=save)
 
 
