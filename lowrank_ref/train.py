@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lowrank_ref.data.batching import check_tokens, eval_windows, get_batch
-from lowrank_ref.nn.module import as_rng
+from lowrank_ref.nn.module import as_rng, where_is
 from lowrank_ref.registry import check_backend
 
 __all__ = ["TrainResult", "train", "evaluate", "model_backend", "model_bytes", "as_rng",
@@ -423,6 +423,7 @@ def evaluate(model, tokens, block_size: int | None = None, max_windows: int | No
         for i in range(0, x.shape[0], batch_size):
             xb, yb = x[i : i + batch_size], y[i : i + batch_size]
             logits = model.forward(xb)  # (b, T, V)
+            yb = where_is(logits, yb)  # on CuPy: the targets to the device
             logp = log_softmax(logits.astype(np.float64))
             nll -= float(np.take_along_axis(logp, yb[..., None], axis=-1).sum())
             correct += int((logits.argmax(-1) == yb).sum())

@@ -198,7 +198,7 @@ def load_model(args, device):
     if args.model == "builtin":
         from lowrank_ref.models import load_pretrained
 
-        model = load_pretrained(backend="numpy" if args.backend == "numpy" else
+        model = load_pretrained(backend="numpy" if args.backend in ("numpy", "cupy") else
                                 ("cuda" if device is not None and device.type == "cuda" else "torch"),
                                 progress=False)
         return model, "builtin", {"fan_in_fan_out": False, "tokenizer": None, "max_positions": model.config.block_size}
@@ -435,15 +435,13 @@ def _check_backend(args, dist: Dist):
             cp.cuda.runtime.getDeviceCount()
         except Exception as e:
             raise ValueError(f"--backend cupy: {e}") from None
-        raise ValueError("--backend cupy: training whole models on CuPy arrays is not built yet "
-                         "(backend='cupy' is a layer-level switch); use --backend cuda")
-    if args.backend == "numpy":
+    if args.backend in ("numpy", "cupy"):  # the reference's own loop, on NumPy or CuPy arrays
         if args.precision != "fp32":
-            raise ValueError("--precision bf16: the NumPy backend computes in float32 only (bf16 needs torch or cuda)")
+            raise ValueError(f"--precision bf16: the {args.backend} backend computes in float32 only (bf16 needs torch or cuda)")
         if args.grad_checkpointing:
-            raise ValueError("--grad-checkpointing: the NumPy backend keeps its own caches; use torch or cuda")
+            raise ValueError(f"--grad-checkpointing: the {args.backend} backend keeps its own caches; use torch or cuda")
         if dist.world > 1:
-            raise ValueError("torchrun: the NumPy backend runs in one process; use --backend torch or cuda")
+            raise ValueError(f"torchrun: the {args.backend} backend runs in one process; use --backend torch or cuda")
         return None
     from lowrank_ref.backend import torch_device
 
@@ -535,7 +533,12 @@ def run_train(args) -> int:
     identity = {"method": spec.name, "config": json.loads(json.dumps(dataclasses.asdict(config), default=str)),
                 "model": args.model, "targets": list(targets), "data": args.data,
                 "batch_size": args.batch_size, "seed": args.seed, "block_size": block, "lr": args.lr}
-    if args.backend == "numpy":
+    if args.backend in ("numpy", "cupy"):
+        if args.backend == "cupy":  # every array of the model onto the GPU; the code stays the reference's
+            from lowrank_ref.backend import require_cupy
+            from lowrank_ref.nn.module import to_array_module
+
+            to_array_module(model, require_cupy())
         return _run_numpy(args, model, spec, train_ids, heldout, identity, result)
 
     import torch
@@ -676,13 +679,15 @@ def save_numpy_checkpoint(path: str, model, opt, meta: dict) -> None:
     generator's state and the run's identity; one safetensors file written atomically."""
     from safetensors.numpy import save_file
 
-    tensors = {f"param.{n}": np.ascontiguousarray(p.data) for n, p in model.trainable_parameters().items()}
+    from lowrank_ref.nn.module import to_host
+
+    tensors = {f"param.{n}": np.ascontiguousarray(to_host(p.data)) for n, p in model.trainable_parameters().items()}
     sd = opt.state_dict()
     numbers: dict = {}
     for name, st in sd["state"].items():
         for k, v in st.items():
             if hasattr(v, "shape"):
-                tensors[f"opt.{name}.{k}"] = np.ascontiguousarray(v)
+                tensors[f"opt.{name}.{k}"] = np.ascontiguousarray(to_host(v))
             elif isinstance(v, (int, float)) and not isinstance(v, bool):
                 numbers.setdefault(name, {})[k] = v
             else:
@@ -705,15 +710,19 @@ def _restore_numpy(path: str, model, tensors: dict, meta: dict) -> dict:
         t = tensors[f"param.{n}"]
         if t.shape != p.data.shape or t.dtype != p.data.dtype:
             raise ValueError(f"{path}: {n} is {t.dtype}{list(t.shape)}, the model's is {p.data.dtype}{list(p.data.shape)}")
+    from lowrank_ref.nn.module import array_module
+
     state: dict = {}
     for k, v in tensors.items():
         if k.startswith("opt."):
             name, _, key = k[4:].rpartition(".")
-            state.setdefault(name, {})[key] = v
+            if name not in params:
+                raise ValueError(f"{path}: optimizer state for {name!r}, which this model does not train")
+            state.setdefault(name, {})[key] = array_module(params[name].data).asarray(v)  # CuPy: to the device
     for name, nums in meta.get("opt_numbers", {}).items():
         state.setdefault(name, {}).update(nums)
     for n, p in params.items():
-        p.data = tensors[f"param.{n}"].copy()
+        p.data = array_module(p.data).asarray(tensors[f"param.{n}"].copy())
     return {"steps": int(meta.get("opt_steps", 0)), "state": state}
 
 
@@ -766,6 +775,10 @@ def _run_numpy(args, model, spec, train_ids, heldout, identity, result) -> int:
                                                                 rng=rng.bit_generator.state, losses=losses, before=before))
     wall = time.perf_counter() - t0
     after = dict(evaluate(model, heldout, max_windows=64), step=args.steps)
+    if args.backend == "cupy":  # the adapter files are written from host arrays
+        from lowrank_ref.nn.module import to_array_module
+
+        to_array_module(model, np)
     folder = os.path.join(args.out, "adapter")
     parent = os.path.dirname(os.path.abspath(folder))
     tmp = tempfile.mkdtemp(prefix=".adapter-", dir=parent)
@@ -789,7 +802,7 @@ def _run_numpy(args, model, spec, train_ids, heldout, identity, result) -> int:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     ran = args.steps - start
-    metrics = dict(identity, backend="numpy", precision="fp32", processes=1, steps=args.steps, resumed_from=start,
+    metrics = dict(identity, backend=args.backend, precision="fp32", processes=1, steps=args.steps, resumed_from=start,
                    losses=losses, evaluation={"before": before, "after": after}, evals=[after],
                    trainable=result.trainable_params, total=result.total_params, adapter_format=kind,
                    tokens_per_second=ran * args.batch_size * args.block_size / wall if wall > 0 and ran else None,
@@ -797,5 +810,5 @@ def _run_numpy(args, model, spec, train_ids, heldout, identity, result) -> int:
                    peak_memory_note="lowrank_ref.train (counted)")
     _write_json(os.path.join(args.out, "metrics.json"), metrics)
     _plot(os.path.join(args.out, "loss.png"), losses, [after])
-    print(f"trained {spec.name} for {args.steps} steps (numpy); wrote {args.out}/adapter/, metrics.json, loss.png")
+    print(f"trained {spec.name} for {args.steps} steps ({args.backend}); wrote {args.out}/adapter/, metrics.json, loss.png")
     return 0

@@ -39,7 +39,7 @@ import numpy as np
 
 from lowrank_ref.nn.activations import softmax, softmax_backward
 from lowrank_ref.nn.linear import Dropout, Linear, check_last_dim
-from lowrank_ref.nn.module import Module
+from lowrank_ref.nn.module import Module, where_is
 
 __all__ = ["CausalSelfAttention", "causal_mask", "additive_causal_mask"]
 
@@ -108,8 +108,8 @@ class CausalSelfAttention(Module):
         k = self._split(self.k.forward(x))  # (B, nh, T, hs)
         v = self._split(self.v.forward(x))  # (B, nh, T, hs)
         s = q @ k.transpose(0, 1, 3, 2)  # Q Kᵀ   (B, nh, T, T)
-        s *= np.asarray(scale, dtype=s.dtype)  # S = Q Kᵀ/√hs, in place
-        s += additive_causal_mask(T, s.dtype)  # + M (no looking ahead)
+        s *= s.dtype.type(scale)  # S = Q Kᵀ/√hs, in place
+        s += where_is(s, additive_causal_mask(T, s.dtype))  # + M (no looking ahead)
         p = softmax(s, axis=-1)  # P, rows sum to 1   (B, nh, T, T)
         pd = self.attn_drop.forward(p)  # P̃ = P ⊙ D
         y = self._merge(pd @ v)  # Y = P̃ V, heads concatenated   (B, T, C)
@@ -123,7 +123,7 @@ class CausalSelfAttention(Module):
         dv = pd.transpose(0, 1, 3, 2) @ dy  # V̄ = P̃ᵀ Ȳ       (B, nh, T, hs)
         dp = self.attn_drop.backward(dy @ v.transpose(0, 1, 3, 2))  # P̄ = (Ȳ Vᵀ) ⊙ D   (B, nh, T, T)
         ds = softmax_backward(dp, p)  # S̄
-        ds *= np.asarray(scale, dtype=ds.dtype)  # S̄/√hs, in place
+        ds *= ds.dtype.type(scale)  # S̄/√hs, in place
         dq = ds @ k  # Q̄ = S̄ K /√hs     (B, nh, T, hs)
         dk = ds.transpose(0, 1, 3, 2) @ q  # K̄ = S̄ᵀ Q /√hs   (B, nh, T, hs)
         dx = self.q.backward(self._merge(dq))  # (B, T, C)

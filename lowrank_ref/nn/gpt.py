@@ -30,7 +30,7 @@ from lowrank_ref.nn.activations import softmax
 from lowrank_ref.nn.embedding import Embedding, check_indices
 from lowrank_ref.nn.layernorm import LayerNorm
 from lowrank_ref.nn.linear import Dropout, Linear
-from lowrank_ref.nn.module import Module, ModuleList, check_condition, set_condition
+from lowrank_ref.nn.module import Module, ModuleList, array_module, check_condition, set_condition
 from lowrank_ref.nn.transformer import Block
 
 __all__ = ["GPTConfig", "GPT"]
@@ -135,7 +135,7 @@ class GPT(Module):
 
     def backward(self, dlogits: np.ndarray) -> None:
         B, T = self._pop_cache()
-        dlogits = np.asarray(dlogits)
+        dlogits = array_module(dlogits).asarray(dlogits)
         if dlogits.shape != (B, T, self.config.vocab_size):
             raise ValueError(f"dlogits must have shape {(B, T, self.config.vocab_size)}, got {dlogits.shape}")
         dx = self.ln_f.backward(self.head.backward(dlogits))  # (B, T, C)
