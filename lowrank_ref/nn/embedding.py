@@ -19,6 +19,8 @@ import numpy as np
 
 from lowrank_ref.nn.module import Module, Parameter, array_module
 
+__all__ = ["Embedding", "check_indices", "scatter_add"]
+
 
 def scatter_add(target, idx, values) -> None:
     """``target[idx] += values`` with repeated indices adding up (``np.add.at``); on CuPy,
@@ -31,8 +33,6 @@ def scatter_add(target, idx, values) -> None:
 
         cupyx.scatter_add(target, idx, values)
 
-
-__all__ = ["Embedding", "check_indices"]
 
 
 def check_indices(idx, num_embeddings: int, name: str = "idx") -> np.ndarray:
