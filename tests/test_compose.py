@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 import lowrank_ref as lr
-from lowrank_ref.compose import LoRAState, apply_composed, compose, cross_terms, lora_state, search_weights
+from lowrank_ref.compose import (
+    LoRAState,
+    apply_composed,
+    compose,
+    cross_terms,
+    lora_state,
+    search_weights,
+)
 from lowrank_ref.inject import adapter_layers, inject
 from lowrank_ref.nn.gpt import GPT, GPTConfig
 
