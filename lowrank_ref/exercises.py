@@ -851,6 +851,32 @@ def check_dora_serving_scale(fn, verbose=True) -> CheckResult:
 CHECKS["08-serving"] = [("bgmv_rows", check_bgmv_rows), ("dora_serving_scale", check_dora_serving_scale)]
 
 
+def _lorahub_body(fn):
+    rng = _rng(82)
+    out, inp, r, n = 5, 4, 2, 3
+    As = [rng.standard_normal((r, inp)) for _ in range(n)]
+    Bs = [rng.standard_normal((out, r)) for _ in range(n)]
+    s, w = 1.5, np.array([0.6, -0.3, 1.1])
+    mine = fn([a.copy() for a in As], [b.copy() for b in Bs], s, w.copy())
+    A = sum(wi * a for wi, a in zip(w, As))  # LoraHub mixes the factors themselves
+    B = sum(wi * b for wi, b in zip(w, Bs))
+    expected = s * (B @ A)
+    updates = s * sum(wi * (b @ a) for wi, a, b in zip(w, As, Bs))  # the plausible wrong answer
+    if np.allclose(mine, updates, rtol=1e-9, atol=1e-12):
+        raise Mismatch("that is Σ wᵢ s Bᵢ Aᵢ, the sum of the updates; LoraHub mixes A and B separately, "
+                       "so its ΔW = s (Σ wᵢ Bᵢ)(Σ wⱼ Aⱼ) has cross terms Bᵢ Aⱼ")
+    compare("ΔW", mine, expected)
+    return "ΔW = s (Σ wᵢ Bᵢ)(Σ wⱼ Aⱼ): quadratic in w, with the cross terms Bᵢ Aⱼ (i ≠ j)"
+
+
+def check_lorahub_delta(fn, verbose=True) -> CheckResult:
+    """``fn(As [(r, in)], Bs [(out, r)], s, w (N,)) -> ΔW (out, in)``: LoraHub's composed update."""
+    return check("lorahub_delta", fn, _lorahub_body, verbose)
+
+
+CHECKS["08-serving"].append(("lorahub_delta", check_lorahub_delta))
+
+
 def show(fn) -> None:
     """Print a function's source (to look at a solution or a package function from a notebook)."""
     print(inspect.getsource(fn))

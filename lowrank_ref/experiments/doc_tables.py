@@ -233,6 +233,35 @@ def _serving(data: dict) -> str:
 RENDERERS["serving"], SOURCES["serving"] = _serving, "08-serving.json"
 
 
+def _lorahub(data: dict) -> str:
+    """Chapter 08: the composition experiment, one column per target (accuracy on the changed
+    positions of its held-out text), and the cross terms' relative size where two modes differ."""
+    targets = list(data["targets"])
+    names = list(data["targets"][targets[0]]["rows"])
+    out = ("\n| model | " + " | ".join(f"`{t}`: changed acc. (cross terms)" for t in targets) + " |\n"
+           "|---|" + "---:|" * len(targets) + "\n")
+    for name in names:
+        cells = []
+        for t in targets:
+            r = data["targets"][t]["rows"][name]
+            c = f"{r['changed_accuracy']:.3f}"
+            if r.get("cross_terms") is not None and name.startswith("lorahub"):
+                c += f" ({r['cross_terms']:.2f})"
+            cells.append(c)
+        out += f"| {name} | " + " | ".join(cells) + " |\n"
+    searched = {t: data["targets"][t]["rows"][f"{m}: searched"]["weights"] for t in targets for m in ("lorahub",)}
+    pool = data["pool"]
+    lines = "; ".join(f"`{t}`: " + ", ".join(f"{n} {w:+.2f}" for n, w in zip(pool, searched[t])) for t in targets)
+    s = data["search"]
+    return out + (f"\nPool: one LoRA per task (r = {data['pool_config']['r']}, α = {data['pool_config']['alpha']:g}, "
+                  f"{data['pool_config']['steps']} steps each); search: {s['budget']} evaluations in "
+                  f"[-{s['bound']}, {s['bound']}], L1 {s['l1']}; {data['targets'][targets[0]]['few_shot_sentences']} "
+                  f"few-shot sentences per target. LoraHub's searched weights: {lines}.\n")
+
+
+RENDERERS["lorahub"], SOURCES["lorahub"] = _lorahub, "lorahub.json"
+
+
 def render(name: str) -> str:
     """The Markdown of block ``name``, from its committed result file."""
     if name not in RENDERERS:

@@ -18,3 +18,10 @@ def dora_serving_scale(W0, A, B, s, m):
     V = W0 + s * (B @ A)  # the adapted direction, (out, in)
     n = np.sqrt(np.sum(V * V, axis=1))
     return np.where(n > 0, m / np.where(n > 0, n, 1.0), 0.0)
+
+
+def lorahub_delta(As, Bs, s, w):
+    """Mix the factors first (A = Σ wᵢAᵢ, B = Σ wᵢBᵢ), then multiply: LoraHub's ΔW = s B A."""
+    A = sum(wi * a for wi, a in zip(w, As))
+    B = sum(wi * b for wi, b in zip(w, Bs))
+    return s * (B @ A)
