@@ -29,7 +29,7 @@ import numpy as np
 
 from lowrank_ref.experiments.modes import quick_mode
 
-__all__ = ["run", "format_tables", "plot_embeddings", "interpolate_tasks", "embedding_projection",
+__all__ = ["run", "tables", "format_tables", "plot_embeddings", "embedding_figure", "embedding_figure_data", "interpolate_tasks", "embedding_projection",
            "time_interleaved", "main", "PAIR"]
 
 TARGETS = ("q", "v")
@@ -200,21 +200,23 @@ def run(quick: bool | None = None, steps: int = 300, seed: int = 0, lr: float = 
                         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}}
 
 
-def format_tables(res: dict) -> str:
-    """The chapter's Markdown tables from :func:`run`'s result (or the committed JSON)."""
+def tables(res: dict) -> dict:
+    """The chapter's Markdown tables from :func:`run`'s result (or the committed JSON):
+    ``{"accuracy", "speed", "interpolation"}``."""
     tasks = res["tasks"]
-    head = "| method | trainable | ms/step | " + " | ".join(tasks) + " | mean | mean, changed positions |"
-    rows = [head, "|---|---:|---:|" + "---:|" * (len(tasks) + 2)]
+    head = "| method | trainable | " + " | ".join(tasks) + " | mean | mean, changed positions |"
+    rows = [head, "|---|---:|" + "---:|" * (len(tasks) + 2)]
     b = res["before"]
-    rows.append("| shipped model (no training) | — | — | " + " | ".join(f"{b['per_task'][t]['accuracy']:.3f}"
+    rows.append("| shipped model (no training) | — | " + " | ".join(f"{b['per_task'][t]['accuracy']:.3f}"
                                                                        for t in tasks)
                 + f" | {b['accuracy']:.3f} | {b['changed_accuracy']:.3f} |")
     for name, m in res["methods"].items():
-        rows.append(f"| `{name}` | {m['trainable_params']:,} | {1000 * m['seconds_per_step']:.1f} | "
+        rows.append(f"| `{name}` | {m['trainable_params']:,} | "
                     + " | ".join(f"{m['per_task'][t]['accuracy']:.3f}" for t in tasks)
                     + f" | {m['accuracy']:.3f} | {m['changed_accuracy']:.3f} |")
+    out = {"accuracy": "\n".join(rows)}
     t = res["inference_seconds"]
-    rows += ["", "| forward pass, batch " + "×".join(map(str, res["inference_batch"])) + " | ms | × base |",
+    rows = ["| forward pass, batch " + "×".join(map(str, res["inference_batch"])) + " | ms | × base |",
              "|---|---:|---:|"]
     labels = {"base": "base model", "lora_unmerged": "LoRA, unmerged",
               "hyperlora_merged_one_task": "HyperLoRA merged for one task",
@@ -227,28 +229,38 @@ def format_tables(res: dict) -> str:
     rows += ["", "| forward + backward, same batch | ms | × LoRA |", "|---|---:|---:|",
              f"| LoRA (shared) | {1000 * st['lora']:.2f} | 1.00 |",
              f"| HyperLoRA, four tasks mixed by row | {1000 * st['hyperlora']:.2f} | {st['hyperlora'] / st['lora']:.2f} |"]
+    out["speed"] = "\n".join(rows)
     a, bb = res["interpolation"]["pair"]
-    rows += ["", f"| λ (embedding (1−λ)·T_{a} + λ·T_{bb}) | {a} | {bb} | {a}, changed | {bb}, changed |",
+    rows = [f"| λ (embedding (1−λ)·T_{a} + λ·T_{bb}) | {a} | {bb} | {a}, changed | {bb}, changed |",
              "|---:|---:|---:|---:|---:|"]
     for p in res["interpolation"]["path"]:
         rows.append(f"| {p['lam']:.2f} | {p[a]:.3f} | {p[bb]:.3f} | {p[a + '_changed']:.3f} | {p[bb + '_changed']:.3f} |")
-    return "\n".join(rows)
+    out["interpolation"] = "\n".join(rows)
+    return out
 
 
-def plot_embeddings(res: dict, path) -> None:
+def format_tables(res: dict) -> str:
+    """The chapter's tables (:func:`tables`), one after the other."""
+    return "\n\n".join(tables(res).values())
+
+
+def embedding_figure_data(res: dict) -> dict:
+    """What the embedding figure is drawn from: the tasks, the learned ``T``, its projection, the pair."""
+    emb = res["embeddings"]
+    return {"tasks": res["tasks"], "pair": res["interpolation"]["pair"],
+            **{k: emb[k] for k in ("T", "coords", "explained", "axes")}}
+
+
+def embedding_figure(d: dict):
     """The learned task embeddings in the plane of their two principal directions, with the
-    interpolation path between :data:`PAIR`."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
+    interpolation path between the pair (a matplotlib figure)."""
     import matplotlib.pyplot as plt
 
-    emb = res["embeddings"]
-    T, axes = np.asarray(emb["T"]), np.asarray(emb["axes"])
+    T, axes = np.asarray(d["T"]), np.asarray(d["axes"])
     mean = T.mean(axis=0)
-    xy = np.asarray(emb["coords"])
-    tasks = res["tasks"]
-    a, b = (tasks.index(n) for n in res["interpolation"]["pair"])
+    xy = np.asarray(d["coords"])
+    tasks = d["tasks"]
+    a, b = (tasks.index(n) for n in d["pair"])
     fig, ax = plt.subplots(figsize=(5, 4))
     lams = np.linspace(0, 1, 11)
     line = np.array([((1 - s) * T[a] + s * T[b] - mean) @ axes.T for s in lams])
@@ -256,12 +268,23 @@ def plot_embeddings(res: dict, path) -> None:
     ax.scatter(xy[:, 0], xy[:, 1], s=60, zorder=3)
     for (u, v), name in zip(xy, tasks):
         ax.annotate(name, (u, v), textcoords="offset points", xytext=(6, 4))
-    ex = emb["explained"]
+    ex = d["explained"]
     ax.set_xlabel(f"first principal direction ({100 * ex[0]:.0f}% of variance)")
     ax.set_ylabel(f"second ({100 * ex[1]:.0f}%)")
     ax.set_title("HyperLoRA's learned task embeddings")
     ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot_embeddings(res: dict, path) -> None:
+    """:func:`embedding_figure` of a run's result, written to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig = embedding_figure(embedding_figure_data(res))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

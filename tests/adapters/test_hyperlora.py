@@ -247,3 +247,14 @@ def test_generate_takes_distinct_conditions_once():
     _move(layer)
     A, B, cache = hyper_generate(np.array([0, 2]), {n: p.data for n, p in layer._hyper().items()}, 2, 6, 5)
     assert A.shape == (2, 2, 6) and B.shape == (2, 5, 2) and cache.z.shape == (2, CFG.z_dim)
+
+
+def test_at_init_only_the_B_head_gets_a_gradient():
+    # H_A = H_B = 0 gives ḡ = 0 (nothing reaches the trunk or the embeddings), and B = 0 gives Ā = 0
+    layer = _layer(condition=1)
+    x = np.random.default_rng(4).standard_normal((3, 6))
+    layer.forward(x)
+    layer.backward(np.random.default_rng(5).standard_normal((3, 5)))
+    grads = {n: p.grad for n, p in layer.parameters().items()}
+    nonzero = {n for n, g in grads.items() if g is not None and np.any(g != 0)}
+    assert nonzero == {"H_B", "h_B"}
