@@ -29,7 +29,8 @@ from a random task; a conditional method gets the task ids as ``cond``) and repo
 ``target_before``/``target_after`` the next-token accuracy averaged over the tasks' held-out text;
 they add ``task`` (the row's task) and ``per_task`` (``{task: {"before", "after",
 "changed_before", "changed_after"}}``, the last two on the positions a dialect's rules changed).
-``"multitask_per_task"`` trains one adapter per task (``steps // n_tasks`` steps each, so the
+A conditional model's ``retained_after`` is the base text read under each task id in turn
+(``eval_windows // n_tasks`` windows each), averaged. ``"multitask_per_task"`` trains one adapter per task (``steps // n_tasks`` steps each, so the
 total number of training windows is the same) and sums their trainable parameters and bytes.
 
 The rows are the registry's: each method's ``SPEC.compare`` names its rows (config, targets,
@@ -223,7 +224,13 @@ def _multitask_row(name: str, variant: Variant, task, backend: str, dtype, steps
                               for m in models.values()]))
     else:
         after = evaluate_multitask(models[None], mt, max_windows=windows)
-        kept = evaluate(models[None], task.base_heldout, max_windows=eval_windows)["accuracy"]
+        m = models[None]
+        mods = (mm for _, mm in m.named_modules()) if hasattr(m, "trainable_parameters") else m.modules()
+        if any(getattr(mm, "takes_condition", False) for mm in mods):  # base text under each task's condition
+            kept = float(np.mean([evaluate(m, task.base_heldout, max_windows=windows, cond=t)["accuracy"]
+                                  for t in range(mt.n_tasks)]))
+        else:
+            kept = evaluate(m, task.base_heldout, max_windows=eval_windows)["accuracy"]
     row = {
         "method": name,
         "trainable_params": params,
