@@ -28,10 +28,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lowrank_ref.data.batching import check_tokens, eval_windows, get_batch
+from lowrank_ref.data.batching import eval_windows
 from lowrank_ref.train import (
     TrainResult,
     as_rng,
+    batch_source,
     call_hooks,
     check_train_args,
     lr_at,
@@ -83,7 +84,7 @@ def train(model, data, steps: int, lr: float = 1e-3, batch_size: int = 16, optim
     backend = resolve_backend(model, backend)
     check_train_args(steps, lr, batch_size, optimizer, schedule, warmup, clip, weight_decay)
     block_size = model.config.block_size
-    data = check_tokens(data, block_size, "data")
+    next_batch = batch_source(data, block_size, model)
     rng = as_rng(rng)
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -109,9 +110,10 @@ def train(model, data, steps: int, lr: float = 1e-3, batch_size: int = 16, optim
         lr_now = lr_at(step, steps, lr, schedule, warmup, min_lr)
         set_hooks_lr(step_hooks, lr_now)  # the hooks see this step's lr (SoRA's ξ = η_t λ)
         call_hooks(step_hooks, "before_step", step)
-        xb, yb = get_batch(data, batch_size, block_size, rng)
+        xb, yb, cb = next_batch(rng, batch_size)
         x = torch.from_numpy(xb).to(device)
         y = torch.from_numpy(yb).to(device)
+        cond = None if cb is None else torch.from_numpy(cb).to(device)
         if measuring and not cuda:
 
             def pack(t, saved=saved):
@@ -119,10 +121,10 @@ def train(model, data, steps: int, lr: float = 1e-3, batch_size: int = 16, optim
                 return t
 
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                logits = model(x)  # (B, T, V)
+                logits = model(x) if cond is None else model(x, cond=cond)  # (B, T, V)
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         else:
-            logits = model(x)
+            logits = model(x) if cond is None else model(x, cond=cond)
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         for extra in call_hooks(step_hooks, "loss_terms", step):  # autograd takes their gradients
             loss = loss + extra

@@ -49,7 +49,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 __all__ = ["MethodSpec", "PerBackend", "PeftMapping", "Example", "CompareRow", "SpecError",
-           "get_method", "method_names", "config_class", "method_for_config", "methods", "compare_rows",
+           "get_method", "method_names", "config_class", "method_for_config", "methods", "compare_rows", "COMPARE_TASKS",
            "spec_of_layer", "register_for_tests",
            "BACKENDS", "check_backend", "load_object", "discover", "check_spec"]
 
@@ -143,6 +143,12 @@ class CompareRow:
         lr: the peak learning rate for this row.
         order: rows are sorted by it (then by name): the table's row order.
         kwargs: extra keywords for ``inject``.
+        task: what the row trains and evaluates on, one of :data:`COMPARE_TASKS`: ``"dialect"``
+            (the built-in fine-tuning task); ``"multitask"`` (one model trained on the four
+            dialects of :mod:`lowrank_ref.data.multitask` at once, with the task ids as ``cond``
+            when the method takes a condition, evaluated per task and averaged);
+            ``"multitask_per_task"`` (one adapter per task, each trained on its task only with
+            the same total number of steps, each evaluated on its own task).
     """
 
     config: object = None
@@ -150,6 +156,14 @@ class CompareRow:
     lr: float = 3e-3
     order: float = 100.0
     kwargs: dict = field(default_factory=dict)
+    task: str = "dialect"
+
+    def __post_init__(self):
+        if self.task not in COMPARE_TASKS:
+            raise ValueError(f"task must be one of {COMPARE_TASKS}, got {self.task!r}")
+
+
+COMPARE_TASKS = ("dialect", "multitask", "multitask_per_task")
 
 
 @dataclass(frozen=True)

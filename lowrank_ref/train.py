@@ -62,7 +62,7 @@ from lowrank_ref.registry import check_backend
 
 __all__ = ["TrainResult", "train", "evaluate", "model_backend", "model_bytes", "as_rng",
            "OPTIMIZERS", "SCHEDULES", "check_train_args", "TrainingHooks", "training_hooks", "call_hooks", "set_hooks_lr",
-           "resolve_backend", "lr_at", "progress_bar"]
+           "resolve_backend", "lr_at", "progress_bar", "batch_source"]
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "constant")
@@ -151,6 +151,32 @@ def model_bytes(model) -> int:
                 for w in vars(v).values():
                     add(w)
     return total
+
+
+def batch_source(data, block_size: int, model):
+    """The batches of ``data`` as a function ``next_batch(rng, batch_size) -> (x, y, cond)``.
+
+    ``data`` is a 1-D token array (random windows; ``cond`` is ``None``) or a
+    :class:`~lowrank_ref.data.multitask.MultiTaskData` (random windows of random tasks; ``cond``
+    is the rows' task ids when a layer of ``model`` takes a condition, else ``None``, so one
+    unconditional adapter trains on all tasks at once). Both training loops use it."""
+    from lowrank_ref.data.multitask import MultiTaskData, get_multitask_batch
+
+    if isinstance(data, MultiTaskData):
+        for t in range(data.n_tasks):
+            check_tokens(data.train[t], block_size, f"data task {data.tasks[t]!r}")
+        from lowrank_ref.nn.module import Module
+
+        mods = (m for _, m in model.named_modules()) if isinstance(model, Module) else model.modules()
+        conditional = any(getattr(m, "takes_condition", False) for m in mods)
+
+        def next_batch(rng, batch_size):
+            x, y, tid = get_multitask_batch(data, batch_size, block_size, rng)
+            return x, y, tid if conditional else None
+
+        return next_batch
+    tokens = check_tokens(data, block_size, "data")
+    return lambda rng, batch_size: (*get_batch(tokens, batch_size, block_size, rng), None)
 
 
 def check_train_args(steps, lr, batch_size, optimizer, schedule, warmup, clip, weight_decay):
@@ -283,7 +309,9 @@ def train(model, data, steps: int, lr: float = 1e-3, batch_size: int = 16, optim
     Args:
         model: a NumPy :class:`~lowrank_ref.nn.Module` whose ``forward(idx (B, T)) -> (B, T, V)``
             (a GPT, possibly with adapters); or a torch model when ``backend`` is torch/cuda.
-        data: a 1-D integer array of token ids; batches are random windows of it.
+        data: a 1-D integer array of token ids; batches are random windows of it. Or a
+            :class:`~lowrank_ref.data.multitask.MultiTaskData`: windows of random tasks, the task
+            ids given as ``cond`` to a model with a conditional layer (:func:`batch_source`).
         steps, lr, batch_size: the run's length, peak learning rate and windows per step.
         optimizer: ``"adamw"`` (default), ``"adam"`` or ``"sgd"`` (with ``momentum``).
         schedule: ``"cosine"`` (linear warmup, cosine to ``min_lr``) or ``"constant"``.
@@ -312,7 +340,7 @@ def train(model, data, steps: int, lr: float = 1e-3, batch_size: int = 16, optim
     from lowrank_ref.nn.losses import cross_entropy
 
     block_size = model.config.block_size
-    data = check_tokens(data, block_size, "data")
+    next_batch = batch_source(data, block_size, model)
     rng = as_rng(rng)
     params = model.trainable_parameters()
     if not params:
@@ -344,8 +372,8 @@ def train(model, data, steps: int, lr: float = 1e-3, batch_size: int = 16, optim
         step_lr = lr_at(step, steps, lr, schedule, warmup, min_lr)
         set_hooks_lr(step_hooks, step_lr)  # the hooks see this step's lr (SoRA's ξ = η_t λ)
         call_hooks(step_hooks, "before_step", step)
-        x, y = get_batch(data, batch_size, block_size, rng)  # (B, T) each
-        logits = model.forward(x)  # (B, T, V)
+        x, y, cond = next_batch(rng, batch_size)  # (B, T) each; cond (B,) or None
+        logits = model.forward(x) if cond is None else model.forward(x, cond=cond)  # (B, T, V)
         loss, dlogits = cross_entropy(logits, y)
         del logits
         model.backward(dlogits)  # fills .grad of the trainable parameters

@@ -256,5 +256,10 @@ SPEC = MethodSpec(
         "lora": CompareRow(LoRAConfig(r=8, alpha=16), targets=("q", "v"), lr=1e-2, order=20),
         # LoRA on every linear layer but the head (chapter 02 §10: more layers, same rank)
         "lora_all": CompareRow(LoRAConfig(r=8, alpha=16), targets="all", lr=1e-2, order=21),
+        # the multi-task baselines (chapter 08): one LoRA for all four dialects, one LoRA per dialect
+        "lora_shared": CompareRow(LoRAConfig(r=8, alpha=16), targets=("q", "v"), lr=1e-2, order=80,
+                                  task="multitask"),
+        "lora_per_task": CompareRow(LoRAConfig(r=8, alpha=16), targets=("q", "v"), lr=1e-2, order=81,
+                                    task="multitask_per_task"),
     },
 )

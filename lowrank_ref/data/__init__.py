@@ -21,10 +21,17 @@ import numpy as np
 from lowrank_ref.data.batching import eval_windows, get_batch
 from lowrank_ref.data.dialect import render_dialect
 from lowrank_ref.data.grammar import draw_sentences, render_base
+from lowrank_ref.data.multitask import (
+    MultiTaskData,
+    evaluate_multitask,
+    get_multitask_batch,
+    multitask_data,
+)
 from lowrank_ref.data.tokenizer import WordTokenizer, default_tokenizer
 
 __all__ = ["DATA_VERSION", "Task", "builtin_task", "corpus", "get_batch", "eval_windows",
-           "WordTokenizer", "default_tokenizer"]
+           "WordTokenizer", "default_tokenizer",
+           "MultiTaskData", "multitask_data", "get_multitask_batch", "evaluate_multitask"]
 
 DATA_VERSION = "1"
 

@@ -11,7 +11,8 @@ For every method in ``methods`` (names from :data:`VARIANTS`):
 5. save what the method trained (adapter file; for ``full`` every weight, for ``bitfit`` the
    biases) and measure the file on disk (``adapter_bytes``).
 
-One row per method, with exactly the keys in :data:`COLUMNS`:
+One row per method, with exactly the keys in :data:`COLUMNS` (rows on the multi-task data add
+:data:`MULTITASK_COLUMNS`, see below):
 
 - ``trainable_params``: scalars the optimizer updates.
 - ``adapter_bytes``: size of the saved file on disk, header included.
@@ -21,6 +22,15 @@ One row per method, with exactly the keys in :data:`COLUMNS`:
   :mod:`lowrank_gpu.train`).
 - ``seconds_per_step``: mean wall time of a training step.
 - ``target_before``, ``target_after``, ``retained_after``: next-token accuracies in [0, 1].
+
+Rows whose ``CompareRow.task`` is ``"multitask"`` or ``"multitask_per_task"`` train on the four
+dialects of :mod:`lowrank_ref.data.multitask` (same steps, same batch size; every row of a batch
+from a random task; a conditional method gets the task ids as ``cond``) and report in
+``target_before``/``target_after`` the next-token accuracy averaged over the tasks' held-out text;
+they add ``task`` (the row's task) and ``per_task`` (``{task: {"before", "after",
+"changed_before", "changed_after"}}``, the last two on the positions a dialect's rules changed).
+``"multitask_per_task"`` trains one adapter per task (``steps // n_tasks`` steps each, so the
+total number of training windows is the same) and sums their trainable parameters and bytes.
 
 The rows are the registry's: each method's ``SPEC.compare`` names its rows (config, targets,
 lr) as data, and :data:`VARIANTS` is built from them. A new method's ``SPEC`` adds its rows.
@@ -41,11 +51,12 @@ import numpy as np
 
 from lowrank_ref.registry import check_backend, compare_rows
 
-__all__ = ["Variant", "VARIANTS", "COLUMNS", "DEFAULTS", "run_compare", "format_table", "plot_compare",
+__all__ = ["Variant", "VARIANTS", "COLUMNS", "MULTITASK_COLUMNS", "DEFAULTS", "run_compare", "format_table", "plot_compare",
            "save_trained", "check_methods"]
 
 COLUMNS = ("method", "trainable_params", "adapter_bytes", "peak_memory_bytes", "seconds_per_step",
            "target_before", "target_after", "retained_after")
+MULTITASK_COLUMNS = ("task", "per_task")  # added after COLUMNS by rows on the multi-task data
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,8 @@ class Variant:
         lr: the peak learning rate for this method (full fine-tuning wants a smaller one than
             adapters, which start at zero).
         kwargs: extra keywords for ``inject`` (e.g. ``{"blocksize": 64}``).
+        task: ``"dialect"``, ``"multitask"`` or ``"multitask_per_task"``
+            (:class:`lowrank_ref.registry.CompareRow`).
     """
 
     method: str
@@ -67,11 +80,13 @@ class Variant:
     targets: tuple | str = ("q", "v")
     lr: float = 3e-3
     kwargs: dict = field(default_factory=dict)
+    task: str = "dialect"
 
 
 def _variants() -> dict[str, Variant]:
     """name -> Variant, from every method's ``SPEC.compare`` rows, in their ``order``."""
-    return {name: Variant(spec.name, row.config, targets=row.targets, lr=row.lr, kwargs=dict(row.kwargs))
+    return {name: Variant(spec.name, row.config, targets=row.targets, lr=row.lr, kwargs=dict(row.kwargs),
+                          task=row.task)
             for name, (spec, row) in compare_rows().items()}
 
 
@@ -171,6 +186,64 @@ def _one_row(name: str, variant: Variant, task, backend: str, dtype, steps: int,
     return row, history
 
 
+def _multitask_row(name: str, variant: Variant, task, backend: str, dtype, steps: int, batch_size: int,
+                   warmup: int, eval_windows: int, seed: int, progress: bool, folder: Path, lr_scale: float):
+    """A row on the multi-task data (module docstring): one model for all tasks, or one per task."""
+    from lowrank_ref.data import evaluate_multitask, multitask_data
+    from lowrank_ref.inject import inject
+    from lowrank_ref.models import load_pretrained
+    from lowrank_ref.train import evaluate, train
+
+    mt = multitask_data(0)
+    windows = max(1, eval_windows // mt.n_tasks)  # the same number of windows as a dialect row reads
+    per_task = variant.task == "multitask_per_task"
+    groups = list(zip(mt.tasks, mt.train)) if per_task else [(None, mt)]
+    n_steps = max(1, steps // len(groups))
+    models, params, size, losses, peak, times = {}, 0, 0, [], 0, []
+    for t, data in groups:
+        model = load_pretrained(backend=backend, dtype=dtype, progress=progress)
+        res = inject(model, variant.config, targets=variant.targets, method=variant.method,
+                     rng=np.random.default_rng(seed), **variant.kwargs)
+        if t is None:
+            before = evaluate_multitask(model, mt, max_windows=windows)
+        result = train(model, data, n_steps, lr=variant.lr * lr_scale, batch_size=batch_size,
+                       warmup=min(warmup, n_steps - 1), rng=np.random.default_rng(seed + 1),
+                       progress=progress, measure_memory=True, desc=f"{name:>8s}" + (f" {t}" if t else ""))
+        params += int(res.trainable_params)
+        size += save_trained(model, folder / (f"{name}-{t}.safetensors" if t else f"{name}.safetensors"))
+        losses += result.losses
+        peak = max(peak, int(result.peak_memory_bytes))
+        times.append(result.seconds_per_step)
+        models[t] = model
+    if per_task:
+        shipped = load_pretrained(backend=backend, dtype=dtype, progress=progress)  # every task starts here
+        before = evaluate_multitask(shipped, mt, max_windows=windows)
+        after = evaluate_multitask(None, mt, max_windows=windows, models=models)
+        kept = float(np.mean([evaluate(m, task.base_heldout, max_windows=eval_windows)["accuracy"]
+                              for m in models.values()]))
+    else:
+        after = evaluate_multitask(models[None], mt, max_windows=windows)
+        kept = evaluate(models[None], task.base_heldout, max_windows=eval_windows)["accuracy"]
+    row = {
+        "method": name,
+        "trainable_params": params,
+        "adapter_bytes": int(size),
+        "peak_memory_bytes": peak,
+        "seconds_per_step": float(np.mean(times)),
+        "target_before": float(before["accuracy"]),
+        "target_after": float(after["accuracy"]),
+        "retained_after": float(kept),
+        "task": variant.task,
+        "per_task": {t: {"before": before["per_task"][t]["accuracy"], "after": after["per_task"][t]["accuracy"],
+                         "changed_before": before["per_task"][t]["changed_accuracy"],
+                         "changed_after": after["per_task"][t]["changed_accuracy"]} for t in mt.tasks},
+    }
+    history = {"method": name, "losses": losses, "lrs": [], "optimizer_state_bytes": None,
+               "target_loss_before": before["loss"], "target_loss_after": after["loss"],
+               "retained_loss_after": None}
+    return row, history
+
+
 def run_compare(methods=None, backend: str = "numpy", steps: int | None = None, out=None,
                 progress: bool = True, batch_size: int | None = None, lr_scale: float = 1.0,
                 dtype=None, seed: int | None = None, eval_windows: int | None = None,
@@ -226,7 +299,8 @@ def run_compare(methods=None, backend: str = "numpy", steps: int | None = None, 
                 shipped = load_pretrained(backend=backend, dtype=dtype, progress=progress)
                 base_before = evaluate(shipped, task.base_heldout, max_windows=int(eval_windows))["accuracy"]
             for name in names:
-                row, hist = _one_row(name, VARIANTS[name], task, backend, dtype, int(steps), int(batch_size),
+                one = _one_row if VARIANTS[name].task == "dialect" else _multitask_row
+                row, hist = one(name, VARIANTS[name], task, backend, dtype, int(steps), int(batch_size),
                                      DEFAULTS["warmup"], int(eval_windows), int(seed), progress, folder,
                                      float(lr_scale))
                 rows.append(row)
