@@ -44,7 +44,7 @@ from lowrank_ref.config import check_alpha, check_rank
 from lowrank_ref.nn.checks import state_message
 from lowrank_ref.nn.linear import check_last_dim
 from lowrank_ref.nn.module import Parameter, array_module
-from lowrank_ref.registry import Example, MethodSpec
+from lowrank_ref.registry import CompareRow, Example, MethodSpec
 
 __all__ = ["MultiTaskLoRAConfig", "MultiTaskLoRALinear", "mixing_weights", "task_up_projections",
            "multitask_lora_forward", "multitask_lora_backward", "task_rows", "check_task", "SPEC"]
@@ -371,4 +371,10 @@ SPEC = MethodSpec(
     # PEFT has no MTL-LoRA: no PEFT mapping
     example=lambda: Example(6, 5, MultiTaskLoRAConfig(r=3, alpha=6.0, n_tasks=3, n_up=2, temperature=0.5),
                             condition=1),
+    compare={
+        # on the four dialects of lowrank_ref.data.multitask, next to lora_shared / lora_per_task
+        # (the same rank and targets); the reference scripts' n_up = 3 and τ = 0.1
+        "multitask_lora": CompareRow(MultiTaskLoRAConfig(r=8, alpha=16, n_tasks=4, n_up=3, temperature=0.1),
+                                     targets=("q", "v"), lr=1e-2, order=83, task="multitask"),
+    },
 )

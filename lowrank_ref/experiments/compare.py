@@ -223,7 +223,7 @@ def _multitask_row(name: str, variant: Variant, task, backend: str, dtype, steps
                               for m in models.values()]))
     else:
         after = evaluate_multitask(models[None], mt, max_windows=windows)
-        kept = evaluate(models[None], task.base_heldout, max_windows=eval_windows)["accuracy"]
+        kept = _retained_accuracy(models[None], task.base_heldout, mt, eval_windows)
     row = {
         "method": name,
         "trainable_params": params,
@@ -242,6 +242,23 @@ def _multitask_row(name: str, variant: Variant, task, backend: str, dtype, steps
                "target_loss_before": before["loss"], "target_loss_after": after["loss"],
                "retained_loss_after": None}
     return row, history
+
+
+def _retained_accuracy(model, base_tokens, mt, eval_windows: int) -> float:
+    """Next-token accuracy on the base text after training. A conditional model (a layer takes a
+    task id per row: MTL-LoRA, HyperLoRA) has no update without a task: it reads the same base
+    windows once under each task's condition, and the mean over tasks is reported (as the
+    per-task row averages its one model per task)."""
+    import dataclasses
+
+    from lowrank_ref.data.multitask import _takes_condition, evaluate_multitask
+    from lowrank_ref.train import evaluate
+
+    if not _takes_condition(model):
+        return float(evaluate(model, base_tokens, max_windows=eval_windows)["accuracy"])
+    same = dataclasses.replace(mt, heldout=(base_tokens,) * mt.n_tasks,
+                               heldout_changed=(np.zeros(len(base_tokens), dtype=bool),) * mt.n_tasks)
+    return float(evaluate_multitask(model, same, max_windows=eval_windows)["accuracy"])
 
 
 def run_compare(methods=None, backend: str = "numpy", steps: int | None = None, out=None,
