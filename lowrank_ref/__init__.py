@@ -17,6 +17,7 @@ from lowrank_ref.adapters.krona import KronAConfig
 from lowrank_ref.adapters.loha import LoHaConfig
 from lowrank_ref.adapters.lokr import LoKrConfig
 from lowrank_ref.adapters.lora import LoRAConfig
+from lowrank_ref.adapters.lora_moe import LoRAMoEConfig
 from lowrank_ref.adapters.multitask_lora import MultiTaskLoRAConfig
 from lowrank_ref.adapters.qlora import QLoRAConfig, QLoRAInt4Config
 from lowrank_ref.adapters.sora import SoRAConfig
@@ -36,7 +37,7 @@ quant.QLoRALinear = adapters.QLoRALinear
 __all__ = ["nn", "adapters", "registry", "adapt", "gradcheck", "LoRAConfig", "DoRAConfig", "QLoRAConfig", "QLoRAInt4Config",
            "IA3Config", "LoHaConfig", "DyLoRAConfig", "SoRAConfig", "LoKrConfig", "KronAConfig", "AdaLoRAConfig", "VeRAConfig", "TiedLoRAConfig"]
 __all__ += ["SSFConfig", "HoulsbyConfig"]
-__all__ += ["MultiTaskLoRAConfig"]
+__all__ += ["MultiTaskLoRAConfig", "LoRAMoEConfig"]
 
 
 def __getattr__(name):  # lazy sub-packages that later issues fill in

@@ -10,6 +10,7 @@ from lowrank_gpu.adapters.krona import KronALinear
 from lowrank_gpu.adapters.loha import LoHaLinear
 from lowrank_gpu.adapters.lokr import LoKrLinear
 from lowrank_gpu.adapters.lora import LoRALinear
+from lowrank_gpu.adapters.lora_moe import LoRAMoELinear
 from lowrank_gpu.adapters.multitask_lora import MultiTaskLoRALinear
 from lowrank_gpu.adapters.qlora import QLoRAInt4Linear, QLoRALinear
 from lowrank_gpu.adapters.sora import SoRALinear
@@ -20,5 +21,5 @@ from lowrank_gpu.adapters.vera import VeRALinear
 __all__ = ["LoRALinear", "DoRALinear", "QLoRALinear", "QLoRAInt4Linear", "IA3Linear", "LoHaLinear", "DyLoRALinear", "SoRALinear", "LoKrLinear", "KronALinear", "AdaLoRALinear", "RankAllocator", "VeRALinear", "TiedLoRALinear"]
 
 __all__ += ["SSFLinear", "HoulsbyLinear"]
-__all__ += ["MultiTaskLoRALinear"]
+__all__ += ["MultiTaskLoRALinear", "LoRAMoELinear"]
 __all__ += ["full_finetune", "bitfit"]  # whole-model baselines (functions)

@@ -11,6 +11,7 @@ from lowrank_ref.adapters.krona import KronALinear
 from lowrank_ref.adapters.loha import LoHaLinear
 from lowrank_ref.adapters.lokr import LoKrLinear
 from lowrank_ref.adapters.lora import LoRALinear
+from lowrank_ref.adapters.lora_moe import LoRAMoELinear
 from lowrank_ref.adapters.multitask_lora import MultiTaskLoRALinear
 from lowrank_ref.adapters.qlora import QLoRAInt4Linear, QLoRALinear
 from lowrank_ref.adapters.sora import SoRALinear
@@ -21,6 +22,6 @@ from lowrank_ref.adapters.vera import VeRALinear
 __all__ = ["LoRALinear", "DoRALinear", "QLoRALinear", "QLoRAInt4Linear", "IA3Linear", "LoHaLinear", "DyLoRALinear", "SoRALinear", "LoKrLinear", "KronALinear", "AdaLoRALinear", "RankAllocator", "VeRALinear", "TiedLoRALinear"]
 
 __all__ += ["SSFLinear", "HoulsbyLinear"]
-__all__ += ["MultiTaskLoRALinear"]
+__all__ += ["MultiTaskLoRALinear", "LoRAMoELinear"]
 __all__ += ["full_finetune", "bitfit"]  # whole-model baselines (functions)
 _ = AdapterLinear  # the shared base class, importable as lowrank_ref.adapters.base.AdapterLinear
