@@ -165,7 +165,7 @@ def train(model, data, steps: int, lr: float = 1e-3, batch_size: int = 16, optim
 
 @torch.no_grad()
 def evaluate(model, tokens, block_size: int | None = None, max_windows: int | None = 256,
-             batch_size: int = 64, backend: str | None = None) -> dict:
+             batch_size: int = 64, backend: str | None = None, cond: int | None = None) -> dict:
     """Next-token ``{"loss", "accuracy", "tokens"}``, as :func:`lowrank_ref.train.evaluate`."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -180,7 +180,8 @@ def evaluate(model, tokens, block_size: int | None = None, max_windows: int | No
         for i in range(0, xs.shape[0], batch_size):
             x = torch.from_numpy(xs[i : i + batch_size]).to(device)
             y = torch.from_numpy(ys[i : i + batch_size]).to(device)
-            logits = model(x)  # (b, T, V)
+            logits = model(x) if cond is None else \
+                model(x, cond=torch.full((x.shape[0],), int(cond), dtype=torch.int64, device=device))  # (b, T, V)
             logp = torch.log_softmax(logits.double(), dim=-1)
             nll -= float(logp.gather(-1, y[..., None]).sum())
             correct += int((logits.argmax(-1) == y).sum())

@@ -12,6 +12,7 @@ from lowrank_ref.adapters.adalora import AdaLoRAConfig
 from lowrank_ref.adapters.dora import DoRAConfig
 from lowrank_ref.adapters.dylora import DyLoRAConfig
 from lowrank_ref.adapters.houlsby import HoulsbyConfig
+from lowrank_ref.adapters.hyperlora import HyperLoRAConfig
 from lowrank_ref.adapters.ia3 import IA3Config
 from lowrank_ref.adapters.krona import KronAConfig
 from lowrank_ref.adapters.loha import LoHaConfig
@@ -37,6 +38,7 @@ quant.QLoRALinear = adapters.QLoRALinear
 __all__ = ["nn", "adapters", "registry", "adapt", "gradcheck", "LoRAConfig", "DoRAConfig", "QLoRAConfig", "QLoRAInt4Config",
            "IA3Config", "LoHaConfig", "DyLoRAConfig", "SoRAConfig", "LoKrConfig", "KronAConfig", "AdaLoRAConfig", "VeRAConfig", "TiedLoRAConfig"]
 __all__ += ["SSFConfig", "HoulsbyConfig"]
+__all__ += ["HyperLoRAConfig"]
 __all__ += ["MultiTaskLoRAConfig", "LoRAMoEConfig"]
 
 

@@ -409,8 +409,10 @@ def train(model, data, steps: int, lr: float = 1e-3, batch_size: int = 16, optim
 
 
 def evaluate(model, tokens, block_size: int | None = None, max_windows: int | None = 256,
-             batch_size: int = 64, backend: str | None = None) -> dict:
+             batch_size: int = 64, backend: str | None = None, cond: int | None = None) -> dict:
     """Next-token ``{"loss", "accuracy", "tokens"}`` on non-overlapping windows of ``tokens``.
+
+    ``cond``: a condition (task id) given to every window, for a model with a conditional layer.
 
     ``accuracy`` is the share of positions whose arg-max prediction is the true next token, in
     [0, 1]. The model is evaluated in eval mode (dropout off) and put back in the mode it was in.
@@ -420,7 +422,7 @@ def evaluate(model, tokens, block_size: int | None = None, max_windows: int | No
         from lowrank_gpu.train import evaluate as torch_evaluate
 
         return torch_evaluate(model, tokens, block_size=block_size, max_windows=max_windows,
-                              batch_size=batch_size, backend=backend)
+                              batch_size=batch_size, backend=backend, cond=cond)
     from lowrank_ref.nn.losses import log_softmax
 
     block_size = model.config.block_size if block_size is None else block_size
@@ -431,7 +433,8 @@ def evaluate(model, tokens, block_size: int | None = None, max_windows: int | No
     try:
         for i in range(0, x.shape[0], batch_size):
             xb, yb = x[i : i + batch_size], y[i : i + batch_size]
-            logits = model.forward(xb)  # (b, T, V)
+            logits = (model.forward(xb) if cond is None else
+                      model.forward(xb, cond=np.full(xb.shape[0], cond, dtype=np.int64)))  # (b, T, V)
             logp = log_softmax(logits.astype(np.float64))
             nll -= float(np.take_along_axis(logp, yb[..., None], axis=-1).sum())
             correct += int((logits.argmax(-1) == yb).sum())

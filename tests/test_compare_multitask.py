@@ -18,9 +18,9 @@ def test_task_is_checked():
 
 
 def test_multitask_rows_keep_per_task_numbers():
-    rows = run_compare("lora_shared,lora_per_task", steps=8, batch_size=4, eval_windows=8,
+    rows = run_compare("lora_shared,lora_per_task,hyperlora", steps=8, batch_size=4, eval_windows=8,
                        progress=False, verbose=False)
-    shared, per_task = rows
+    shared, per_task, hyper = rows
     from lowrank_ref.data.multitask import TASKS
 
     for r in rows:
@@ -31,6 +31,25 @@ def test_multitask_rows_keep_per_task_numbers():
     assert per_task["trainable_params"] == 4 * shared["trainable_params"]
     assert per_task["adapter_bytes"] > 3 * shared["adapter_bytes"]
     assert per_task["target_before"] == shared["target_before"]
+    # a conditional row starts where every row starts (ΔW = 0 for every task at init)
+    assert hyper["target_before"] == shared["target_before"]
+    assert all(0 < r["retained_after"] < 1 for r in rows)
+
+
+def test_evaluate_gives_a_condition_to_every_window():
+    from lowrank_ref import data
+    from lowrank_ref.adapters.hyperlora import HyperLoRAConfig
+    from lowrank_ref.inject import inject
+    from lowrank_ref.models import load_pretrained
+    from lowrank_ref.train import evaluate
+
+    model = load_pretrained(progress=False)
+    inject(model, HyperLoRAConfig(n_tasks=4), targets=("q",), rng=0)
+    tokens = data.builtin_task(0).base_heldout
+    with pytest.raises(ValueError, match="needs a condition"):
+        evaluate(model, tokens, max_windows=2)
+    plain = evaluate(load_pretrained(progress=False), tokens, max_windows=4)
+    assert evaluate(model, tokens, max_windows=4, cond=3) == plain  # ΔW = 0 at init, for every task
 
 
 def test_training_on_multitask_data_matches_across_backends():

@@ -5,6 +5,7 @@ from lowrank_gpu.adapters.baselines import bitfit, full_finetune
 from lowrank_gpu.adapters.dora import DoRALinear
 from lowrank_gpu.adapters.dylora import DyLoRALinear
 from lowrank_gpu.adapters.houlsby import HoulsbyLinear
+from lowrank_gpu.adapters.hyperlora import HyperLoRALinear
 from lowrank_gpu.adapters.ia3 import IA3Linear
 from lowrank_gpu.adapters.krona import KronALinear
 from lowrank_gpu.adapters.loha import LoHaLinear
@@ -21,5 +22,6 @@ from lowrank_gpu.adapters.vera import VeRALinear
 __all__ = ["LoRALinear", "DoRALinear", "QLoRALinear", "QLoRAInt4Linear", "IA3Linear", "LoHaLinear", "DyLoRALinear", "SoRALinear", "LoKrLinear", "KronALinear", "AdaLoRALinear", "RankAllocator", "VeRALinear", "TiedLoRALinear"]
 
 __all__ += ["SSFLinear", "HoulsbyLinear"]
+__all__ += ["HyperLoRALinear"]
 __all__ += ["MultiTaskLoRALinear", "LoRAMoELinear"]
 __all__ += ["full_finetune", "bitfit"]  # whole-model baselines (functions)

@@ -6,6 +6,7 @@ from lowrank_ref.adapters.baselines import bitfit, full_finetune
 from lowrank_ref.adapters.dora import DoRALinear
 from lowrank_ref.adapters.dylora import DyLoRALinear
 from lowrank_ref.adapters.houlsby import HoulsbyLinear
+from lowrank_ref.adapters.hyperlora import HyperLoRALinear
 from lowrank_ref.adapters.ia3 import IA3Linear
 from lowrank_ref.adapters.krona import KronALinear
 from lowrank_ref.adapters.loha import LoHaLinear
@@ -22,6 +23,7 @@ from lowrank_ref.adapters.vera import VeRALinear
 __all__ = ["LoRALinear", "DoRALinear", "QLoRALinear", "QLoRAInt4Linear", "IA3Linear", "LoHaLinear", "DyLoRALinear", "SoRALinear", "LoKrLinear", "KronALinear", "AdaLoRALinear", "RankAllocator", "VeRALinear", "TiedLoRALinear"]
 
 __all__ += ["SSFLinear", "HoulsbyLinear"]
+__all__ += ["HyperLoRALinear"]
 __all__ += ["MultiTaskLoRALinear", "LoRAMoELinear"]
 __all__ += ["full_finetune", "bitfit"]  # whole-model baselines (functions)
 _ = AdapterLinear  # the shared base class, importable as lowrank_ref.adapters.base.AdapterLinear

@@ -29,7 +29,8 @@ from a random task; a conditional method gets the task ids as ``cond``) and repo
 ``target_before``/``target_after`` the next-token accuracy averaged over the tasks' held-out text;
 they add ``task`` (the row's task) and ``per_task`` (``{task: {"before", "after",
 "changed_before", "changed_after"}}``, the last two on the positions a dialect's rules changed).
-``"multitask_per_task"`` trains one adapter per task (``steps // n_tasks`` steps each, so the
+A conditional model's ``retained_after`` is the base text read under each task id in turn
+(``eval_windows // n_tasks`` windows each), averaged. ``"multitask_per_task"`` trains one adapter per task (``steps // n_tasks`` steps each, so the
 total number of training windows is the same) and sums their trainable parameters and bytes.
 
 The rows are the registry's: each method's ``SPEC.compare`` names its rows (config, targets,
@@ -223,7 +224,13 @@ def _multitask_row(name: str, variant: Variant, task, backend: str, dtype, steps
                               for m in models.values()]))
     else:
         after = evaluate_multitask(models[None], mt, max_windows=windows)
-        kept = _retained_accuracy(models[None], task.base_heldout, mt, eval_windows)
+        m = models[None]
+        mods = (mm for _, mm in m.named_modules()) if hasattr(m, "trainable_parameters") else m.modules()
+        if any(getattr(mm, "takes_condition", False) for mm in mods):  # base text under each task's condition
+            kept = float(np.mean([evaluate(m, task.base_heldout, max_windows=windows, cond=t)["accuracy"]
+                                  for t in range(mt.n_tasks)]))
+        else:
+            kept = evaluate(m, task.base_heldout, max_windows=eval_windows)["accuracy"]
     row = {
         "method": name,
         "trainable_params": params,
@@ -242,23 +249,6 @@ def _multitask_row(name: str, variant: Variant, task, backend: str, dtype, steps
                "target_loss_before": before["loss"], "target_loss_after": after["loss"],
                "retained_loss_after": None}
     return row, history
-
-
-def _retained_accuracy(model, base_tokens, mt, eval_windows: int) -> float:
-    """Next-token accuracy on the base text after training. A conditional model (a layer takes a
-    task id per row: MTL-LoRA, HyperLoRA) has no update without a task: it reads the same base
-    windows once under each task's condition, and the mean over tasks is reported (as the
-    per-task row averages its one model per task)."""
-    import dataclasses
-
-    from lowrank_ref.data.multitask import _takes_condition, evaluate_multitask
-    from lowrank_ref.train import evaluate
-
-    if not _takes_condition(model):
-        return float(evaluate(model, base_tokens, max_windows=eval_windows)["accuracy"])
-    same = dataclasses.replace(mt, heldout=(base_tokens,) * mt.n_tasks,
-                               heldout_changed=(np.zeros(len(base_tokens), dtype=bool),) * mt.n_tasks)
-    return float(evaluate_multitask(model, same, max_windows=eval_windows)["accuracy"])
 
 
 def run_compare(methods=None, backend: str = "numpy", steps: int | None = None, out=None,

@@ -233,6 +233,19 @@ def _serving(data: dict) -> str:
 RENDERERS["serving"], SOURCES["serving"] = _serving, "08-serving.json"
 
 
+def _hyperlora_table(key: str):
+    def render_hyperlora(data: dict) -> str:
+        from lowrank_ref.experiments.hyperlora_experiments import tables
+
+        return "\n" + tables(data)[key] + "\n"
+    return render_hyperlora
+
+
+# chapter 08's HyperLoRA tables: hyperlora_experiments.tables() of the committed run
+for _key in ("accuracy", "speed", "interpolation"):
+    RENDERERS[f"hyperlora-{_key}"], SOURCES[f"hyperlora-{_key}"] = _hyperlora_table(_key), "08-hyperlora.json"
+
+
 def render(name: str) -> str:
     """The Markdown of block ``name``, from its committed result file."""
     if name not in RENDERERS:

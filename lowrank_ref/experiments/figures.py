@@ -272,6 +272,22 @@ def plot_hadamard_rank(d: dict):
     return fig
 
 
+# ---------------------------------------------------------------- 08: HyperLoRA's task embeddings
+
+
+def task_embeddings_data() -> dict:
+    """Chapter 08's learned task embeddings, from the committed HyperLoRA run (08-hyperlora.json)."""
+    from lowrank_ref.experiments.hyperlora_experiments import embedding_figure_data
+
+    return embedding_figure_data(json.loads((DATA / "08-hyperlora.json").read_text(encoding="utf-8")))
+
+
+def plot_task_embeddings(d: dict):
+    from lowrank_ref.experiments.hyperlora_experiments import embedding_figure
+
+    return embedding_figure(d)
+
+
 FIGURES = {
     "00-central-difference-error": (central_difference_errors, plot_eps_curve, "00-toolkit"),
     "01-rank-alpha": (rank_alpha_data, plot_rank_alpha, "01-lora"),
@@ -280,6 +296,7 @@ FIGURES = {
     "04-learned-vs-kept": (compare_data, plot_learned_vs_kept, "04-compare"),
     "04-learning-forgetting": (forgetting_data, plot_learning_forgetting, "04-compare"),
     "05-hadamard-rank": (hadamard_rank_data, plot_hadamard_rank, "05-products"),
+    "08-task-embeddings": (task_embeddings_data, plot_task_embeddings, "08-serving"),
 }
 
 
