@@ -190,3 +190,17 @@ def test_bad_configs_are_clear_errors():
         lr.LoRAMoEConfig(balance_weight=-1)
     with pytest.raises(ValueError, match="n_experts must be a positive integer"):
         lr.LoRAMoEConfig(n_experts=0)
+
+
+def test_the_update_is_not_one_matrix_so_nothing_can_merge_it():
+    """Chapter 08 §7: a linear layer's update is linear in x; the experts' part is not (the gates
+    depend on x), so no W' reproduces it. Scaling a token by 2 does not scale its update by 2."""
+    layer, W, b = make_layer(lr.LoRAMoEConfig(r=2, alpha=3.0, n_experts=3), seed=10)
+    x = np.random.default_rng(11).standard_normal((4, 6))
+
+    def update(v):
+        return layer.forward(v) - (v @ W.T + b)
+
+    assert not np.allclose(update(2 * x), 2 * update(x), rtol=1e-3, atol=1e-6)
+    with pytest.raises(ValueError, match="not mergeable: .*different matrix for every token"):
+        layer.merge()
