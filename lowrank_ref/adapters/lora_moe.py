@@ -72,7 +72,9 @@ class LoRAMoEConfig:
         n_experts: ``E``.
         top_k: ``None``: dense, every expert weighed by the softmax of the router's logits
             (LoRAMoE); ``k``: only each token's ``k`` largest logits, softmax over those (MixLoRA
-            uses ``k = 2``). ``k = E`` is dense.
+            uses ``k = 2``). ``k = E`` is dense. ``k = 1`` trains no router: a softmax over one
+            logit is 1 whatever the logit, so the router's gradient is exactly 0 (from the task
+            loss and from the balancing term alike); the first choice stays where the init put it.
         balance_weight: ``λ ≥ 0`` of the load-balancing term ``λ · cv²(I)`` (0: none).
     """
 

@@ -1,7 +1,7 @@
 r"""Chapter 08's measurements of MTL-LoRA and the mixture of LoRA experts, on the four dialects of
 :mod:`lowrank_ref.data.multitask` (the shipped model, NumPy, the compare rows' settings).
 
-* :func:`balancing`: LoRA MoE with top-1 routing over 4 experts, trained with and without the
+* :func:`balancing`: LoRA MoE with top-2 routing over 4 experts, trained with and without the
   balancing term; where the held-out tokens go (each expert's share, per layer, and the ``cv²``
   of the shares) and the accuracy averaged over the tasks.
 * :func:`mtl_merge`: MTL-LoRA trained on all four tasks at once; the mixing weights ``π_t`` each
@@ -38,8 +38,9 @@ from lowrank_ref.experiments.modes import quick_mode
 __all__ = ["DATA_FILE", "MOE_CONFIG", "MTL_CONFIG", "expert_shares", "balancing", "mtl_merge", "latency", "run_all"]
 
 DATA_FILE = Path(__file__).resolve().parents[2] / "chapters" / "data" / "08-mtl-moe.json"
-# top-1 routing shows the collapse the balancing term is for most plainly (each token, one expert)
-MOE_CONFIG = LoRAMoEConfig(r=2, alpha=4.0, n_experts=4, top_k=1, balance_weight=0.0)
+# top-2 of 4 (MixLoRA's k): with top-1, a softmax over the one kept logit is 1 whatever the logits
+# are, so the router gets no gradient at all (chapter 08 §7) and no balancing term can move it
+MOE_CONFIG = LoRAMoEConfig(r=2, alpha=4.0, n_experts=4, top_k=2, balance_weight=0.0)
 MTL_CONFIG = MultiTaskLoRAConfig(r=8, alpha=16.0, n_tasks=4, n_up=3, temperature=0.1)  # the compare row's
 TARGETS = ("q", "v")
 
@@ -87,10 +88,11 @@ def _cv2(shares) -> float:
     return float(s.var() / s.mean() ** 2)
 
 
-def balancing(weights=(0.0, 0.1), quick: bool | None = None, seed: int = 0) -> dict:
-    """LoRA MoE (top-1 of 4) trained once per balancing weight ``λ``: the experts' shares of the
-    held-out tokens per layer, their ``cv²`` (0: every expert gets a quarter; 3: one expert gets
-    everything), the accuracy averaged over tasks and the final training loss."""
+def balancing(weights=(0.0, 0.01, 1.0), quick: bool | None = None, seed: int = 0) -> dict:
+    """LoRA MoE (top-2 of 4) trained once per balancing weight ``λ``: each expert's share of the
+    held-out tokens' first choices per layer, the ``cv²`` of the shares (0: every expert gets a
+    quarter; 3: one expert gets everything), the accuracy averaged over tasks and the final
+    training loss (which includes ``λ·cv²``)."""
     from lowrank_ref.data import evaluate_multitask, multitask_data
 
     quick = quick_mode() if quick is None else quick
@@ -135,14 +137,18 @@ def mtl_merge(quick: bool | None = None, seed: int = 0) -> dict:
             "final_loss": float(np.mean(res.losses[-10:]))}
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def _interleaved_medians(fns: dict, repeats: int) -> dict:
+    """``{name: median seconds}``, the calls interleaved round by round (a busy machine slows
+    every candidate alike), after one warm-up call each."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def latency(quick: bool | None = None, seed: int = 0, batch: int = 16) -> dict:
@@ -165,15 +171,20 @@ def latency(quick: bool | None = None, seed: int = 0, batch: int = 16) -> dict:
     moe = load_pretrained(progress=False)
     inject(moe, LoRAMoEConfig(r=2, alpha=4.0, n_experts=4), targets=TARGETS, rng=np.random.default_rng(seed))
     moe.eval()
-    out = {"batch": batch, "block_size": base.config.block_size, "repeats": size["repeats"]}
-    out["base"] = _median_seconds(lambda: base.forward(idx), size["repeats"])
-    out["mtl_unmerged_mixed"] = _median_seconds(lambda: mtl.forward(idx, cond=mixed), size["repeats"])
-    for _, m in mtl.named_modules():
+    merged = load_pretrained(progress=False)
+    inject(merged, MTL_CONFIG, targets=TARGETS, rng=np.random.default_rng(seed))
+    for _, m in merged.named_modules():
         if isinstance(m, MultiTaskLoRALinear):
             m.merge(task=0)
-    out["mtl_merged_one_task"] = _median_seconds(lambda: mtl.forward(idx, cond=np.zeros(batch, dtype=np.int64)),
-                                                 size["repeats"])
-    out["moe_unmerged"] = _median_seconds(lambda: moe.forward(idx), size["repeats"])
+    merged.eval()
+    zeros = np.zeros(batch, dtype=np.int64)
+    out = {"batch": batch, "block_size": base.config.block_size, "repeats": size["repeats"]}
+    out.update(_interleaved_medians({
+        "base": lambda: base.forward(idx),
+        "mtl_unmerged_mixed": lambda: mtl.forward(idx, cond=mixed),
+        "mtl_merged_one_task": lambda: merged.forward(idx, cond=zeros),
+        "moe_unmerged": lambda: moe.forward(idx),
+    }, size["repeats"]))
     return out
 
 
@@ -185,7 +196,7 @@ def run_all(quick: bool | None = None, seed: int = 0) -> dict:
             "latency": latency(quick=quick, seed=seed)}
     data["meta"] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu_count": os.cpu_count(),
                     "machine": platform.machine(), "python": platform.python_version(),
-                    "numpy": np.__version__, "seconds": round(time.perf_counter() - t0, 1),
+                    "numpy": np.__version__, "loadavg": list(os.getloadavg()), "seconds": round(time.perf_counter() - t0, 1),
                     "quick": bool(quick_mode() if quick is None else quick)}
     return data
 

@@ -204,3 +204,16 @@ def test_the_update_is_not_one_matrix_so_nothing_can_merge_it():
     assert not np.allclose(update(2 * x), 2 * update(x), rtol=1e-3, atol=1e-6)
     with pytest.raises(ValueError, match="not mergeable: .*different matrix for every token"):
         layer.merge()
+
+
+def test_top_1_routing_gives_the_router_no_gradient_at_all():
+    """Chapter 08 §7's pitfall: with k = 1 the one kept gate is softmax of one logit = 1, so W̄_g = 0
+    from the task loss and from the balancing term; with k = 2 both reach the router."""
+    x, dy = np.random.default_rng(12).standard_normal((6, 6)), np.random.default_rng(13).standard_normal((6, 5))
+    for k, moves in ((1, False), (2, True)):
+        layer, *_ = make_layer(lr.LoRAMoEConfig(r=2, alpha=3.0, n_experts=4, top_k=k, balance_weight=1.0), seed=14)
+        layer.forward(x)
+        layer.backward(dy)
+        _, dWg = layer.balance_loss()
+        assert (np.abs(layer.Wg.grad).max() > 1e-8) == moves, f"task loss, k={k}"
+        assert (np.abs(dWg).max() > 1e-8) == moves, f"balancing term, k={k}"
