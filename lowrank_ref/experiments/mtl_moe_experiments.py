@@ -35,7 +35,7 @@ from lowrank_ref.adapters.multitask_lora import (
 )
 from lowrank_ref.experiments.modes import quick_mode
 
-__all__ = ["DATA_FILE", "MOE_CONFIG", "MTL_CONFIG", "expert_shares", "balancing", "mtl_merge", "latency", "run_all"]
+__all__ = ["DATA_FILE", "MOE_CONFIG", "MTL_CONFIG", "expert_shares", "balancing", "mtl_merge", "latency", "run_all", "tables"]
 
 DATA_FILE = Path(__file__).resolve().parents[2] / "chapters" / "data" / "08-mtl-moe.json"
 # top-2 of 4 (MixLoRA's k): with top-1, a softmax over the one kept logit is 1 whatever the logits
@@ -199,6 +199,41 @@ def run_all(quick: bool | None = None, seed: int = 0) -> dict:
                     "numpy": np.__version__, "loadavg": list(os.getloadavg()), "seconds": round(time.perf_counter() - t0, 1),
                     "quick": bool(quick_mode() if quick is None else quick)}
     return data
+
+
+def _pi_cell(row) -> str:
+    return "(" + ", ".join(f"{p:.2f}" for p in row) + ")"
+
+
+def tables(data: dict) -> dict:
+    """Chapter 08's Markdown tables of a run (:func:`run_all`'s dict): ``balancing``, ``mtl``, ``latency``."""
+    bal = data["balancing"]
+    layers = list(bal["runs"][0]["cv2"])
+    short = [n.replace("blocks.", "").replace(".attn", "") for n in layers]
+    t_bal = ("| λ | " + " | ".join(f"cv² {n}" for n in short) + " | mean cv² | accuracy | changed-word accuracy |\n"
+             "|---:|" + "---:|" * len(layers) + "---:|---:|---:|\n")
+    for r in bal["runs"]:
+        t_bal += (f"| {r['balance_weight']:g} | " + " | ".join(f"{r['cv2'][n]:.3f}" for n in layers)
+                  + f" | {np.mean(list(r['cv2'].values())):.3f} | {r['accuracy']:.3f} | {r['changed_accuracy']:.3f} |\n")
+    m = data["mtl_merge"]
+    first, last = list(m["pi"])[0], list(m["pi"])[-1]
+    t_mtl = (f"| task | accuracy, unmerged | accuracy, merged for the task | π_t at {first} | π_t at {last} |\n"
+             "|---|---:|---:|---|---|\n")
+    for t, name in enumerate(m["tasks"]):
+        t_mtl += (f"| {name} | {m['unmerged'][name]:.3f} | {m['merged'][name]:.3f} | "
+                  f"{_pi_cell(m['pi'][first][t])} | {_pi_cell(m['pi'][last][t])} |\n")
+    lat = data["latency"]
+    labels = [("base", "the base alone"), ("mtl_merged_one_task", "MTL-LoRA merged for one task"),
+              ("mtl_unmerged_mixed", "MTL-LoRA unmerged, four tasks in the batch"),
+              ("moe_unmerged", "LoRA MoE (cannot merge)")]
+    t_lat = "| forward of one batch | ms | × the base |\n|---|---:|---:|\n"
+    for k, label in labels:
+        t_lat += f"| {label} | {1e3 * lat[k]:.1f} | {lat[k] / lat['base']:.2f}× |\n"
+    meta = data["meta"]
+    about = (f"\n{meta['date']}, {meta['cpu_count']} cores (load average {meta['loadavg'][0]:.1f} at the end), "
+             f"NumPy {meta['numpy']}; {bal['steps']} steps per run; {lat['batch']} windows of {lat['block_size']} "
+             f"tokens per forward, the median of {lat['repeats']} interleaved runs.\n")
+    return {"balancing": t_bal + about, "mtl": t_mtl + about, "latency": t_lat + about}
 
 
 def main(argv=None) -> int:
