@@ -18,6 +18,8 @@ from lowrank_ref.adapters.krona import KronAConfig
 from lowrank_ref.adapters.loha import LoHaConfig
 from lowrank_ref.adapters.lokr import LoKrConfig
 from lowrank_ref.adapters.lora import LoRAConfig
+from lowrank_ref.adapters.lora_moe import LoRAMoEConfig
+from lowrank_ref.adapters.multitask_lora import MultiTaskLoRAConfig
 from lowrank_ref.adapters.qlora import QLoRAConfig, QLoRAInt4Config
 from lowrank_ref.adapters.sora import SoRAConfig
 from lowrank_ref.adapters.ssf import SSFConfig
@@ -37,6 +39,7 @@ __all__ = ["nn", "adapters", "registry", "adapt", "gradcheck", "LoRAConfig", "Do
            "IA3Config", "LoHaConfig", "DyLoRAConfig", "SoRAConfig", "LoKrConfig", "KronAConfig", "AdaLoRAConfig", "VeRAConfig", "TiedLoRAConfig"]
 __all__ += ["SSFConfig", "HoulsbyConfig"]
 __all__ += ["HyperLoRAConfig"]
+__all__ += ["MultiTaskLoRAConfig", "LoRAMoEConfig"]
 
 
 def __getattr__(name):  # lazy sub-packages that later issues fill in

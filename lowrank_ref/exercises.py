@@ -1156,3 +1156,76 @@ def check_hyper_backward(fn, verbose=True) -> CheckResult:
 
 
 CHECKS["08-multitask"] = [("hyper_backward", check_hyper_backward)]
+
+
+# ---------------------------------------------------------------- chapter 08: MTL-LoRA and LoRA MoE
+# (a block of its own at the end, so other chapters' edits above do not collide)
+
+
+def _mtl_mixing_body(fn):
+    from lowrank_ref.adapters.multitask_lora import mixing_weights, task_up_projections
+
+    rng = _rng(82)
+    T, n, out, r, tau = 3, 4, 5, 2, 0.3
+    B, w = rng.standard_normal((n, out, r)), rng.standard_normal((T, n))
+    G = rng.standard_normal((T, out, r))  # B̄_t, as the per-task backward hands it on
+    dB, dw = _unpack(fn(G.copy(), B.copy(), w.copy(), tau), 2, "(dB, dw)")
+    # the loss whose gradient this is: L = Σ_t ⟨B̄_t, B_t(w, B)⟩ with B̄_t held fixed
+    _gradcheck(lambda: float(np.sum(G * task_up_projections(B, mixing_weights(w, tau)))), {"B": B, "w": w},
+               {"B": dB, "w": dw}, "mtl_mixing_grad")
+    return "B̄_i = Σ_t π_ti B̄_t and w̄_t = π_t ⊙ (π̄_t − ⟨π_t, π̄_t⟩)/τ agree with central differences"
+
+
+def check_mtl_mixing_grad(fn, verbose=True) -> CheckResult:
+    """``fn(dBt (T, out, r), B (n, out, r), w (T, n), tau) -> (dB (n, out, r), dw (T, n))``: the
+    backward of ``B_t = Σ_i softmax(w_t/τ)_i B_i`` (MTL-LoRA's task up-projections)."""
+    return check("mtl_mixing_grad", fn, _mtl_mixing_body, verbose)
+
+
+def _topk_gates_body(fn):
+    from lowrank_ref.adapters.lora_moe import router_gates
+
+    rng = _rng(83)
+    z, dg = rng.standard_normal((6, 5)), rng.standard_normal((6, 5))
+    for k in (5, 2, 1):
+        dz = fn(dg.copy(), z.copy(), k)
+        _gradcheck(lambda k=k: float(np.sum(router_gates(z, k) * dg)), {"z": z}, {"z": dz},
+                   f"topk_gates_backward (k={k})")
+        dropped = router_gates(z, k) == 0
+        compare(f"z̄ of the dropped logits (k={k})", np.asarray(dz)[dropped], np.zeros(int(dropped.sum())))
+    return "z̄ = g ⊙ (ḡ − ⟨g, ḡ⟩) on each token's kept logits, 0 on the dropped ones, for k = 5 (dense), 2, 1"
+
+
+def check_topk_gates_backward(fn, verbose=True) -> CheckResult:
+    """``fn(dg (N, E), z (N, E), k) -> dz (N, E)``: the backward of the top-k router gates
+    (softmax over each row's k largest logits, 0 elsewhere)."""
+    return check("topk_gates_backward", fn, _topk_gates_body, verbose)
+
+
+def _balance_grad_body(fn):
+    rng = _rng(84)
+    g = rng.uniform(0.05, 1.0, (7, 4))
+    g /= g.sum(axis=1, keepdims=True)  # gates: each row sums to 1
+    value, dg = _unpack(fn(g.copy()), 2, "(value, dg)")
+    imp = g.sum(axis=0)
+    compare("cv²", value, np.var(imp) / np.mean(imp) ** 2)
+
+    def cv2():
+        i = g.sum(axis=0)
+        return float(np.var(i) / np.mean(i) ** 2)
+
+    _gradcheck(cv2, {"g": g}, {"g": dg}, "balance_loss_grad")
+    one = np.zeros((4, 4))
+    one[:, 1] = 1.0
+    compare("cv² when every token picks expert 1", _unpack(fn(one), 2, "(value, dg)")[0], 3.0)
+    return "cv²(I) = var(I)/mean(I)² and its gradient agree (and one busy expert of 4 gives cv² = E − 1 = 3)"
+
+
+def check_balance_loss_grad(fn, verbose=True) -> CheckResult:
+    """``fn(g (N, E)) -> (cv², dcv²/dg (N, E))``: the load-balancing term of a mixture of LoRA
+    experts, ``I = Σ_n g_n``, ``cv² = var(I)/mean(I)²`` (population variance), and its gradient."""
+    return check("balance_loss_grad", fn, _balance_grad_body, verbose)
+
+
+CHECKS["08-mtl-moe"] = [("mtl_mixing_grad", check_mtl_mixing_grad), ("topk_gates_backward", check_topk_gates_backward),
+                        ("balance_loss_grad", check_balance_loss_grad)]

@@ -120,13 +120,17 @@ class PeftMapping:
 @dataclass(frozen=True)
 class Example:
     """A small layer for the contract tests: a base of ``(out_features, in_features)`` (with a bias
-    when ``bias``) and the method's ``config``; ``kwargs`` go to the constructor."""
+    when ``bias``) and the method's ``config``; ``kwargs`` go to the constructor. ``condition``:
+    for a conditional layer (``takes_condition = True``: a task id per batch row), the condition
+    the tests set as ``layer.condition`` after building it, one integer (the same task for every
+    row, whatever the batch shape); ``None`` for every other method."""
 
     in_features: int = 6
     out_features: int = 5
     config: object = None
     bias: bool = True
     kwargs: dict = field(default_factory=dict)
+    condition: object = None
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ from lowrank_gpu.adapters.krona import KronALinear
 from lowrank_gpu.adapters.loha import LoHaLinear
 from lowrank_gpu.adapters.lokr import LoKrLinear
 from lowrank_gpu.adapters.lora import LoRALinear
+from lowrank_gpu.adapters.lora_moe import LoRAMoELinear
+from lowrank_gpu.adapters.multitask_lora import MultiTaskLoRALinear
 from lowrank_gpu.adapters.qlora import QLoRAInt4Linear, QLoRALinear
 from lowrank_gpu.adapters.sora import SoRALinear
 from lowrank_gpu.adapters.ssf import SSFLinear
@@ -21,4 +23,5 @@ __all__ = ["LoRALinear", "DoRALinear", "QLoRALinear", "QLoRAInt4Linear", "IA3Lin
 
 __all__ += ["SSFLinear", "HoulsbyLinear"]
 __all__ += ["HyperLoRALinear"]
+__all__ += ["MultiTaskLoRALinear", "LoRAMoELinear"]
 __all__ += ["full_finetune", "bitfit"]  # whole-model baselines (functions)

@@ -275,6 +275,19 @@ for _key in ("accuracy", "speed", "interpolation"):
     RENDERERS[f"hyperlora-{_key}"], SOURCES[f"hyperlora-{_key}"] = _hyperlora_table(_key), "08-hyperlora.json"
 
 
+def _mtl_moe_table(key: str):
+    def render_mtl_moe(data: dict) -> str:
+        from lowrank_ref.experiments.mtl_moe_experiments import tables
+
+        return "\n" + tables(data)[key]
+    return render_mtl_moe
+
+
+# chapter 08's MTL-LoRA / LoRA MoE tables: mtl_moe_experiments.tables() of the committed run
+for _key in ("balancing", "mtl", "latency"):
+    RENDERERS[f"mtl-moe-{_key}"], SOURCES[f"mtl-moe-{_key}"] = _mtl_moe_table(_key), "08-mtl-moe.json"
+
+
 def render(name: str) -> str:
     """The Markdown of block ``name``, from its committed result file."""
     if name not in RENDERERS:

@@ -247,6 +247,7 @@ def build(method: str, backend: str, seed: int = 0, dtype: str | None = None, sc
         layer = lr.adapt(base, ex.config, backend="numpy", method=method, rng=seed + 1, **kw)
         if dtype is not None:
             layer.astype(np.dtype(dtype))
+    set_example_condition(layer, ex)
     case = Case(method, backend, layer, W, b)
     perturb(case, rng)
     if backend == "cupy":  # as lr.adapt(backend="cupy") does: the layer's arrays onto the GPU
@@ -255,6 +256,14 @@ def build(method: str, backend: str, seed: int = 0, dtype: str | None = None, sc
         for p in layer.parameters().values():
             p.data = cupy.asarray(p.data)
     return case
+
+
+def set_example_condition(layer, ex) -> None:
+    """A conditional method's example condition (``Example.condition``, one task id for every
+    row) as the layer's ``.condition``, as ``GPT.forward(idx, cond=...)`` would set it."""
+    if ex.condition is not None:
+        assert getattr(layer, "takes_condition", False), "Example.condition for a layer that takes none"
+        layer.condition = ex.condition
 
 
 def perturb(case: Case, rng: np.random.Generator, scale: float = 0.5) -> None:
@@ -272,6 +281,7 @@ def torch_twin(case: Case, seed: int = 12345):
     base = lr.nn.Linear.from_arrays(case.W.copy(), None if case.b is None else case.b.copy())
     tl = lr.adapt(base, ex.config, backend="torch", method=case.method, rng=seed, **dict(ex.kwargs))
     tl = tl.to(getattr(tc, case.dtype))
+    set_example_condition(tl, ex)
     copy_adapter_state(case.layer, tl)
     return Case(case.method, "torch", tl, case.W, case.b)
 

@@ -67,6 +67,8 @@ for job in jobs:
         b = np.load(d + "/b.npy") if job["bias"] else None
         layer = lr.adapt(lr.nn.Linear.from_arrays(W, b), ex.config, backend=job["backend"],
                          method=job["method"], rng=4242, **ex.kwargs)
+        if ex.condition is not None:  # a conditional method: the example's task id, as the parent set it
+            layer.condition = ex.condition
         x = np.load(d + "/x.npy")
         run = (lambda: layer.forward(x.astype(job["dtype"]))) if job["backend"] == "numpy" else \\
               (lambda: layer(torch.from_numpy(x).to(getattr(torch, job["dtype"]))).detach().numpy())
