@@ -21,6 +21,7 @@ def test_the_docs_hold_the_generated_tables():
                                               "compare-seeds", "compare-lr"]
     assert names["chapters/02-dora.md"] == ["compare-dora"]
     assert names["chapters/03-qlora.md"] == ["compare-qlora"]
+    assert names["chapters/90-claims.md"] == ["seed-table", "seed-verdicts"]
 
 
 def test_a_hand_edit_is_caught(tmp_path, monkeypatch):
@@ -58,3 +59,43 @@ def test_accuracies_are_bit_reproducible_run_to_run():
     for ra, rb in zip(a, b):
         for k in ("target_before", "target_after", "retained_after", "trainable_params", "adapter_bytes"):
             assert ra[k] == rb[k], (ra["method"], k)
+
+
+def _with_rows(extra: list[dict]) -> dict:
+    data = json.loads((dt.DATA / "compare.json").read_text(encoding="utf-8"))
+    data["rows"] = [r for r in data["rows"] if r["method"] not in {e["method"] for e in extra}] + extra
+    return data
+
+
+def test_the_seed_table_has_every_cell_and_waits_for_missing_methods():
+    data = _with_rows([])
+    data["rows"] = [r for r in data["rows"] if r["method"] != "hyperlora"]
+    cells = dt.seed_cells(data)
+    assert list(cells) == [label for label, _ in dt.SEED_METHODS]
+    for label, cols in cells.items():
+        assert list(cols) == list(dt.SEED_COLUMNS)
+        assert all(meas for meas, _ in cols.values()), label
+    assert all(meas == dt.NOT_BUILT for meas, _ in cells["HyperLoRA"].values())
+    lora = next(r for r in data["rows"] if r["method"] == "lora")
+    assert cells["LoRA"]["parameter efficiency"][0].startswith(f"{lora['trainable_params']:,} trainable")
+    assert f"{1000 * lora['seconds_per_step']:.1f} ms/step" == cells["LoRA"]["fine-tuning speed"][0]
+
+
+def test_the_seed_table_fills_in_from_a_recorded_row():
+    """When the lead re-records compare.json with a hyperlora row, its cells and verdicts come from it."""
+    lora = next(r for r in _with_rows([])["rows"] if r["method"] == "lora")
+    hyper = {**lora, "method": "hyperlora", "trainable_params": 12_345, "seconds_per_step": 3 * lora["seconds_per_step"],
+             "target_before": 0.2, "target_after": 0.41, "task": "multitask", "per_task": {}}
+    per_task = {**lora, "method": "lora_per_task", "target_after": 0.40, "task": "multitask_per_task", "per_task": {}}
+    data = _with_rows([hyper, per_task])
+    cells = dt.seed_cells(data)["HyperLoRA"]
+    assert cells["parameter efficiency"][0].startswith("12,345 trainable")
+    assert cells["multi-task"][0] == "4 dialects, mean after: 0.410" and "0.400 for `lora_per_task`" in cells["multi-task"][1]
+    assert cells["fine-tuning speed"][1].startswith("3.00× LoRA's")
+    v = {x["column"]: x for x in dt.seed_verdicts(data) if x["method"] == "HyperLoRA"}
+    assert v["fine-tuning speed"]["verdict"] == "holds"  # 3× the per-task LoRA's step time is slow
+    assert v["multi-task"]["verdict"] == "holds here"
+    slow_learner = _with_rows([{**hyper, "target_after": 0.30}, per_task])
+    v = {x["column"]: x for x in dt.seed_verdicts(slow_learner) if x["method"] == "HyperLoRA"}
+    assert v["multi-task"]["verdict"].startswith("**wrong here**")
+    assert "not yet built" not in dt._seed_table(data).split("| inference speed |")[0].split("HyperLoRA")[-1]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["run", "revivals", "DATA_FILE"]
+__all__ = ["run", "steps_for", "revivals", "DATA_FILE"]
 
 DATA_FILE = Path(__file__).resolve().parents[2] / "chapters" / "data" / "07-adalora.json"
 
@@ -43,6 +43,14 @@ def revivals(keep_history: list[dict]) -> dict:
     return out
 
 
+def steps_for(mode: str | None = None) -> int:
+    """Training steps of :func:`run` for a run size (default: the current mode): 20 in quick mode,
+    100 in classroom mode (the allocation still settles: budget schedule over steps 10–80), 300 in full."""
+    from lowrank_ref.experiments.modes import sized
+
+    return sized(quick=20, classroom=100, full=300, current=mode)
+
+
 def run(steps: int | None = None, targets="all", seed: int = 0, out: Path | None = DATA_FILE,
         progress: bool = False) -> dict:
     from lowrank_ref import data
@@ -54,7 +62,7 @@ def run(steps: int | None = None, targets="all", seed: int = 0, out: Path | None
     from lowrank_ref.train import evaluate, train
 
     quick = quick_mode()
-    steps = (20 if quick else 300) if steps is None else int(steps)
+    steps = steps_for() if steps is None else int(steps)
     task = data.builtin_task(0)
     tinit, tfinal = steps // 10, steps // 5
     cfg = AdaLoRAConfig(init_r=12, target_r=4, alpha=16, tinit=tinit, tfinal=tfinal, deltaT=1, total_step=steps)

@@ -31,7 +31,7 @@ __all__ = ["ROOT", "DOCS", "render", "blocks", "check", "write", "record_compare
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "chapters" / "data"
 DOCS = ["README.md", "chapters/01-lora.md", "chapters/02-dora.md", "chapters/03-qlora.md", "chapters/04-compare.md",
-        "chapters/08-serving.md"]
+        "chapters/08-serving.md", "chapters/90-claims.md"]
 
 # how README and chapter 04 name each compare row
 LABELS = {
@@ -286,6 +286,189 @@ def _mtl_moe_table(key: str):
 # chapter 08's MTL-LoRA / LoRA MoE tables: mtl_moe_experiments.tables() of the committed run
 for _key in ("balancing", "mtl", "latency"):
     RENDERERS[f"mtl-moe-{_key}"], SOURCES[f"mtl-moe-{_key}"] = _mtl_moe_table(_key), "08-mtl-moe.json"
+# -- the seed's comparison table (chapter 90): every cell from the committed results -----------------
+SEED_METHODS = (("LoRA", "lora"), ("DoRA", "dora"), ("QLoRA", "qlora"), ("AdaLoRA", "adalora"),
+                ("HyperLoRA", "hyperlora"))
+SEED_COLUMNS = ("parameter efficiency", "memory", "overhead", "adaptability", "multi-task", "fine-tuning speed",
+                "inference speed")
+NOT_BUILT = "not yet built"
+
+
+def _json_or_none(path: Path):
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def _bench_ratio(bench, name: str, impl: str):
+    for r in (bench or {}).get("rows", []):
+        if r["name"] == name and r["impl"] == impl and r.get("ratio") is not None:
+            return float(r["ratio"])
+    return None
+
+
+def _mergeable(method: str):
+    from lowrank_ref import registry
+
+    try:
+        return registry.get_method(method).mergeable
+    except (KeyError, ValueError):
+        return None
+
+
+def seed_cells(data: dict) -> dict:
+    """``{method label: {column: (measurement, comparison with LoRA)}}`` for the seed's comparison
+    table, from ``compare.json`` (``data``) and the committed experiment and benchmark files. A method
+    without a compare row gets :data:`NOT_BUILT` in every cell; a cell with no measurement says what
+    is missing."""
+    rows = {r["method"]: r for r in data["rows"]}
+    base_params = rows["full"]["trainable_params"] if "full" in rows else None
+    lora = rows["lora"]
+    bench = _json_or_none(ROOT / "bench" / "results" / "bench.json")
+    ada = _json_or_none(DATA / "07-adalora.json")
+    merged = _bench_ratio(bench, "lora_layer_infer_numpy", "merged")
+    unmerged = _bench_ratio(bench, "lora_layer_infer_numpy", "unmerged")
+    out = {}
+    for label, m in SEED_METHODS:
+        r = rows.get(m)
+        if r is None:
+            out[label] = {c: (NOT_BUILT, "") for c in SEED_COLUMNS}
+            continue
+        multi = r.get("task", "dialect") != "dialect"
+        cells = {}
+        share = f" ({100 * r['trainable_params'] / base_params:.1f}% of the base's {base_params:,})" if base_params else ""
+        cells["parameter efficiency"] = (f"{r['trainable_params']:,} trainable{share}",
+                                         f"{r['trainable_params'] / lora['trainable_params']:.2f}× LoRA's")
+        d_mem = r["peak_memory_bytes"] - lora["peak_memory_bytes"]
+        cells["memory"] = (f"{_human_bytes(r['peak_memory_bytes'])} peak in a step",
+                           "LoRA's" if d_mem == 0 else f"{'+' if d_mem > 0 else '−'}{_human_bytes(abs(d_mem))} vs LoRA")
+        extra = ""
+        if m == "dora":
+            ratio = _bench_ratio(bench, "dora_vs_lora_step_numpy", "dora")
+            extra = "" if ratio is None else f"; a layer step {ratio:.2f}× LoRA's (bench)"
+        elif m == "qlora":
+            ratio = _bench_ratio(bench, "nf4_dequantize_4096x4096_vs_memcpy", "numpy")
+            extra = "" if ratio is None else f"; dequantising every forward: {ratio:.1f}× a copy of the weight (bench)"
+        elif m == "adalora" and ada is not None:
+            sps = ada["seconds_per_step"]
+            extra = f"; the allocator: {100 * sps['allocator'] / sps['adalora']:.1f}% of a step, no SVD (ch. 07)"
+        cells["overhead"] = (f"{_human_bytes(r['adapter_bytes'])} adapter file{extra}",
+                             f"{r['adapter_bytes'] / lora['adapter_bytes']:.2f}× LoRA's file")
+        what = "4 dialects, mean" if multi else "dialect"
+        cells["adaptability"] = (f"{what}: {r['target_before']:.3f} → {r['target_after']:.3f}",
+                                 "" if multi else f"{r['target_after'] - lora['target_after']:+.3f} vs LoRA".replace("-", "−"))
+        if multi:
+            ref = {k: rows[k]["target_after"] for k in ("lora_per_task", "lora_shared") if k in rows}
+            cells["multi-task"] = (f"4 dialects, mean after: {r['target_after']:.3f}",
+                                   "; ".join(f"{v:.3f} for `{k}`" for k, v in ref.items()) or "no LoRA multi-task row recorded")
+        elif m == "lora":
+            ref = {k: rows[k]["target_after"] for k in ("lora_per_task", "lora_shared") if k in rows}
+            cells["multi-task"] = (("; ".join(f"`{k}`: {v:.3f}" for k, v in ref.items()) + " (4 dialects, mean)")
+                                   if ref else "not yet recorded (rows `lora_per_task`, `lora_shared`)",
+                                   "one adapter per task, or one for all; many served in one batch (ch. 08)")
+        else:
+            cells["multi-task"] = ("not measured: no multi-task row", "one adapter per task, as LoRA's")
+        cells["fine-tuning speed"] = (f"{1000 * r['seconds_per_step']:.1f} ms/step",
+                                      f"{r['seconds_per_step'] / lora['seconds_per_step']:.2f}× LoRA's (one shared machine)")
+        mg = _mergeable(r.get("method_name", m))
+        if m == "qlora":
+            inf = ("merges into a float weight (4 bytes a weight while merged); unmerged it dequantises every forward",
+                   "merged: the base's cost; kept 4-bit: slower")
+        elif mg is False:
+            inf = ("cannot merge: the adapter runs at inference", "slower than a merged LoRA")
+        elif mg is None:
+            inf = ("not in the registry", "")
+        else:
+            cost = "" if merged is None else f" (LoRA merged: {merged:.2f}× the base layer, unmerged {unmerged:.2f}×, bench)"
+            inf = (f"merges into the base weight: the base's cost{cost}", "as LoRA")
+        cells["inference speed"] = inf
+        out[label] = cells
+    return out
+
+
+def _seed_table(data: dict) -> str:
+    cells = seed_cells(data)
+    head = "| column | " + " | ".join(label for label, _ in SEED_METHODS) + " |\n"
+    head += "|---|" + "---|" * len(SEED_METHODS) + "\n"
+    body = ""
+    for col in SEED_COLUMNS:
+        row = []
+        for label, _ in SEED_METHODS:
+            meas, cmp_ = cells[label][col]
+            row.append(meas if not cmp_ else f"{meas} — *{cmp_}*")
+        body += f"| {col} | " + " | ".join(row) + " |\n"
+    return f"\n*{_about(data)}.*\n\n" + head + body
+
+
+def seed_verdicts(data: dict) -> list[dict]:
+    """The seeds' quoted ratings of cells of their table, each with the verdict the cells give:
+    ``{"method", "column", "seed", "measured", "verdict"}``."""
+    rows = {r["method"]: r for r in data["rows"]}
+    lora = rows["lora"]
+    out = []
+
+    def add(method, column, seed, measured, verdict):
+        out.append({"method": method, "column": column, "seed": seed, "measured": measured, "verdict": verdict})
+
+    q = rows.get("qlora")
+    if q is not None:
+        t = q["seconds_per_step"] / lora["seconds_per_step"]
+        add("QLoRA", "fine-tuning speed", "“very fast fine-tuning”", f"{t:.2f}× LoRA's step time",
+            "**wrong**: not faster than LoRA" if t >= 0.97 else "holds here")
+        saved = 1 - q["peak_memory_bytes"] / lora["peak_memory_bytes"]
+        add("QLoRA", "memory", "“memory reduction 87.5%”", f"peak of a step {100 * saved:.1f}% below LoRA's",
+            "**holds, with a caveat**: 87.5% is the 4-bit codes against float32 weights (chapter 03 §7); "
+            "on this small model the frozen weights are a small part of a step's peak")
+    d = rows.get("dora")
+    if d is not None:
+        diff = d["target_after"] - lora["target_after"]
+        add("DoRA", "adaptability", "“better at the same parameter count”",
+            f"dialect {d['target_after']:.3f} against LoRA's {lora['target_after']:.3f} "
+            f"({d['trainable_params']:,} against {lora['trainable_params']:,} parameters)",
+            "**wrong here**" if diff < 0 else "holds here")
+    a = rows.get("adalora")
+    ada = _json_or_none(DATA / "07-adalora.json")
+    if a is not None and ada is not None:
+        share = ada["seconds_per_step"]["allocator"] / ada["seconds_per_step"]["adalora"]
+        add("AdaLoRA", "overhead", "“SVD overhead”", f"no SVD; the allocator {100 * share:.1f}% of a step",
+            "**wrong**" if share < 0.05 else "holds, with a caveat")
+    h = rows.get("hyperlora")
+    for col, seed in (("fine-tuning speed", "“slow”"), ("inference speed", "“moderate”"),
+                      ("multi-task", "“excellent”"), ("adaptability", "“highly dynamic”")):
+        if h is None:
+            add("HyperLoRA", col, seed, NOT_BUILT, "not measured yet")
+            continue
+        per = rows.get("lora_per_task")
+        if col == "fine-tuning speed":
+            ref = per or lora
+            t = h["seconds_per_step"] / ref["seconds_per_step"]
+            add("HyperLoRA", col, seed, f"{t:.2f}× `{ref['method']}`'s step time",
+                "holds" if t > 1.2 else "**wrong here**: about as fast")
+        elif col == "inference speed":
+            mg = _mergeable("hyperlora")
+            add("HyperLoRA", col, seed, "generate once, merge: the base's cost for a fixed task" if mg
+                else "cannot merge", "**wrong** for a fixed task (merged); per-row mixed batches pay the adapter"
+                if mg else "holds")
+        elif col == "multi-task":
+            refs = {k: rows[k]["target_after"] for k in ("lora_per_task", "lora_shared") if k in rows}
+            best = max(refs.values()) if refs else None
+            add("HyperLoRA", col, seed, f"mean over 4 dialects {h['target_after']:.3f}"
+                + "".join(f"; `{k}` {v:.3f}" for k, v in refs.items()),
+                "not comparable: no LoRA multi-task row" if best is None else
+                ("holds here" if h["target_after"] >= best - 0.005 else "**wrong here**: below a LoRA baseline"))
+        else:
+            add("HyperLoRA", col, seed, "unseen conditions: chapter 08's interpolation experiment",
+                "see chapter 08")
+    return out
+
+
+def _seed_verdicts(data: dict) -> str:
+    out = "\n| method | column | the seed says | measured | verdict |\n|---|---|---|---|---|\n"
+    for v in seed_verdicts(data):
+        out += f"| {v['method']} | {v['column']} | {v['seed']} | {v['measured']} | {v['verdict']} |\n"
+    return out
+
+
+RENDERERS["seed-table"], SOURCES["seed-table"] = _seed_table, "compare.json"
+RENDERERS["seed-verdicts"], SOURCES["seed-verdicts"] = _seed_verdicts, "compare.json"
 
 
 def render(name: str) -> str:

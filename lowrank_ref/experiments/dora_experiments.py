@@ -26,7 +26,7 @@ from lowrank_ref.experiments.runner import experiment_main
 from lowrank_ref.nn.module import Parameter
 
 __all__ = ["DoubleLoRALinear", "magnitude_direction", "quick_mode", "base_model", "finetune",
-           "rank_sweep", "double_lora_vs_lora_vs_dora", "layerwise_targets", "magnitude_direction_run",
+           "rank_sweep", "rank_sweep_ranks", "double_lora_vs_lora_vs_dora", "layerwise_targets", "magnitude_direction_run",
            "magnitude_direction_summary", "pretrained_losses",
            "dora_vs_lora_lr", "double_equals_lora_float64",
            "run_all", "main"]
@@ -215,6 +215,13 @@ def pretrained_losses(base, eval_windows: int | None = None) -> dict:
 
 def _strip(row: dict) -> dict:
     return {k: v for k, v in row.items() if k != "model"}
+
+
+def rank_sweep_ranks(mode: str | None = None) -> tuple:
+    """The ranks of :func:`rank_sweep` for a run size (default: the current mode)."""
+    from lowrank_ref.experiments.modes import sized
+
+    return sized(quick=(2, 8), classroom=(1, 4, 16, 64), full=(1, 2, 4, 8, 16, 32, 64), current=mode)
 
 
 def rank_sweep(base, ranks=(1, 2, 4, 8, 16, 32, 64), alpha: float = 8.0, steps: int = 300, lr: float = 1e-2,

@@ -97,15 +97,25 @@ def bert_lora_counts(shape: dict | None = None) -> list[dict]:
 RS_ALPHA = 2.0 * math.sqrt(8.0)  # rsLoRA's alpha that gives s = 2 at r = 8, like alpha = 16 with alpha/r
 
 
-def settings(quick: bool | None = None) -> dict:
-    """Steps, seeds, evaluation size: ``compare``'s defaults, or a smoke test in quick mode."""
+def settings(quick: bool | None = None, mode: str | None = None) -> dict:
+    """Steps, seeds, evaluation size and the rank sweep's ranks for a run size
+    (:func:`lowrank_ref.experiments.modes.mode`, or ``quick=True``): ``compare``'s defaults over
+    three seeds (full), the same runs on one seed and five ranks (classroom), or a smoke test."""
     from lowrank_ref.experiments.compare import DEFAULTS
+    from lowrank_ref.experiments.modes import mode as current_mode
 
-    quick = quick_mode() if quick is None else quick
-    if quick:
-        return {"steps": 40, "batch_size": 16, "warmup": 4, "eval_windows": 32, "seeds": (0,), "quick": True}
-    return {"steps": DEFAULTS["steps"], "batch_size": DEFAULTS["batch_size"], "warmup": DEFAULTS["warmup"],
-            "eval_windows": DEFAULTS["eval_windows"], "seeds": (0, 1, 2), "quick": False}
+    m = ("quick" if quick else "full") if quick is not None else (mode or current_mode())
+    if m == "quick":
+        return {"steps": 40, "batch_size": 16, "warmup": 4, "eval_windows": 32, "seeds": (0,), "quick": True,
+                "mode": "quick", "ranks": (1, 8, 32)}
+    full = {"steps": DEFAULTS["steps"], "batch_size": DEFAULTS["batch_size"], "warmup": DEFAULTS["warmup"],
+            "eval_windows": DEFAULTS["eval_windows"], "seeds": (0, 1, 2), "quick": False, "mode": "full",
+            "ranks": (1, 2, 4, 8, 16, 32, 64)}
+    if m == "classroom":
+        return {**full, "seeds": (0,), "mode": "classroom", "ranks": (1, 2, 8, 16, 64)}
+    if m != "full":
+        raise ValueError(f"mode must be one of quick, classroom, full, got {m!r}")
+    return full
 
 
 def compare_lr() -> float:
@@ -188,7 +198,8 @@ def rank_alpha_sweep(ranks=None, cfg: dict | None = None, lr: float | None = Non
     (``s = 16/r``: the paper's scaling with alpha held fixed) and ``"rsLoRA alpha/sqrt(r)"``
     (``s = RS_ALPHA/sqrt(r)``). One row per (rule, rank, seed)."""
     cfg = settings() if cfg is None else cfg
-    ranks = ((1, 8, 32) if cfg["quick"] else (1, 2, 4, 8, 16, 32, 64)) if ranks is None else ranks
+    if ranks is None:
+        ranks = cfg.get("ranks", (1, 8, 32) if cfg["quick"] else (1, 2, 4, 8, 16, 32, 64))
     rows = []
     for r in ranks:
         for rule, c in (("alpha=2r", LoRAConfig(r=r, alpha=2 * r)),
