@@ -17,6 +17,8 @@ from lowrank_ref.adapters.krona import KronAConfig
 from lowrank_ref.adapters.loha import LoHaConfig
 from lowrank_ref.adapters.lokr import LoKrConfig
 from lowrank_ref.adapters.lora import LoRAConfig
+from lowrank_ref.adapters.prefix_tuning import PrefixTuningConfig
+from lowrank_ref.adapters.prompt_tuning import PromptTuningConfig
 from lowrank_ref.adapters.qlora import QLoRAConfig, QLoRAInt4Config
 from lowrank_ref.adapters.sora import SoRAConfig
 from lowrank_ref.adapters.ssf import SSFConfig
@@ -35,6 +37,7 @@ quant.QLoRALinear = adapters.QLoRALinear
 __all__ = ["nn", "adapters", "registry", "adapt", "gradcheck", "LoRAConfig", "DoRAConfig", "QLoRAConfig", "QLoRAInt4Config",
            "IA3Config", "LoHaConfig", "DyLoRAConfig", "SoRAConfig", "LoKrConfig", "KronAConfig", "AdaLoRAConfig", "VeRAConfig", "TiedLoRAConfig"]
 __all__ += ["SSFConfig", "HoulsbyConfig"]
+__all__ += ["PromptTuningConfig", "PrefixTuningConfig"]
 
 
 def __getattr__(name):  # lazy sub-packages that later issues fill in
