@@ -10,8 +10,8 @@ from lowrank_gpu.adapters.krona import KronALinear
 from lowrank_gpu.adapters.loha import LoHaLinear
 from lowrank_gpu.adapters.lokr import LoKrLinear
 from lowrank_gpu.adapters.lora import LoRALinear
-from lowrank_gpu.adapters.prefix_tuning import PrefixEncoder, prefix_tuning
-from lowrank_gpu.adapters.prompt_tuning import PromptEmbedding, prompt_tuning
+from lowrank_gpu.adapters.prefix_tuning import PrefixEncoder
+from lowrank_gpu.adapters.prompt_tuning import PromptEmbedding
 from lowrank_gpu.adapters.qlora import QLoRAInt4Linear, QLoRALinear
 from lowrank_gpu.adapters.sora import SoRALinear
 from lowrank_gpu.adapters.ssf import SSFLinear
@@ -21,5 +21,5 @@ from lowrank_gpu.adapters.vera import VeRALinear
 __all__ = ["LoRALinear", "DoRALinear", "QLoRALinear", "QLoRAInt4Linear", "IA3Linear", "LoHaLinear", "DyLoRALinear", "SoRALinear", "LoKrLinear", "KronALinear", "AdaLoRALinear", "RankAllocator", "VeRALinear", "TiedLoRALinear"]
 
 __all__ += ["SSFLinear", "HoulsbyLinear"]
-__all__ += ["PromptEmbedding", "prompt_tuning", "PrefixEncoder", "prefix_tuning"]  # whole-model modes
+__all__ += ["PromptEmbedding", "PrefixEncoder"]  # what prompt and prefix tuning (whole-model modes) add
 __all__ += ["full_finetune", "bitfit"]  # whole-model baselines (functions)

@@ -11,8 +11,8 @@ from lowrank_ref.adapters.krona import KronALinear
 from lowrank_ref.adapters.loha import LoHaLinear
 from lowrank_ref.adapters.lokr import LoKrLinear
 from lowrank_ref.adapters.lora import LoRALinear
-from lowrank_ref.adapters.prefix_tuning import PrefixEncoder, prefix_tuning
-from lowrank_ref.adapters.prompt_tuning import PromptEmbedding, prompt_tuning
+from lowrank_ref.adapters.prefix_tuning import PrefixEncoder
+from lowrank_ref.adapters.prompt_tuning import PromptEmbedding
 from lowrank_ref.adapters.qlora import QLoRAInt4Linear, QLoRALinear
 from lowrank_ref.adapters.sora import SoRALinear
 from lowrank_ref.adapters.ssf import SSFLinear
@@ -22,6 +22,6 @@ from lowrank_ref.adapters.vera import VeRALinear
 __all__ = ["LoRALinear", "DoRALinear", "QLoRALinear", "QLoRAInt4Linear", "IA3Linear", "LoHaLinear", "DyLoRALinear", "SoRALinear", "LoKrLinear", "KronALinear", "AdaLoRALinear", "RankAllocator", "VeRALinear", "TiedLoRALinear"]
 
 __all__ += ["SSFLinear", "HoulsbyLinear"]
-__all__ += ["PromptEmbedding", "prompt_tuning", "PrefixEncoder", "prefix_tuning"]  # whole-model modes
+__all__ += ["PromptEmbedding", "PrefixEncoder"]  # what prompt and prefix tuning (whole-model modes) add
 __all__ += ["full_finetune", "bitfit"]  # whole-model baselines (functions)
 _ = AdapterLinear  # the shared base class, importable as lowrank_ref.adapters.base.AdapterLinear
