@@ -207,5 +207,5 @@ SPEC = MethodSpec(
     # no PeftMapping (chapter 09, §Prompt tuning)
     example=lambda: Example(config=PromptTuningConfig(k=2)),
     mergeable=False,
-    compare={"prompt_tuning": CompareRow(PromptTuningConfig(k=8, init="vocab"), targets=(), lr=3e-2, order=38)},
+    compare={"prompt_tuning": CompareRow(PromptTuningConfig(k=8, init="vocab"), targets=(), lr=0.3, order=38)},
 )
