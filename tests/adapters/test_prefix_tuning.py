@@ -213,3 +213,32 @@ def test_bad_configs_and_a_second_inject():
 def test_the_compare_row_uses_no_linear_targets():
     row = SPEC.compare["prefix_tuning"]
     assert row.targets == () and row.config.projection and not SPEC.mergeable and not SPEC.is_layer
+
+
+def test_one_head_with_prefixes_mixes_the_prefix_values_and_the_plain_attention():
+    # chapter 09 §5.1: Y_t = λ_t Y_t^prefix + (1 − λ_t) Y_t^plain with λ_t the softmax mass on the
+    # prefixes; o is affine, so the same mixture holds after it (one head: λ is one number per t)
+    attn = CausalSelfAttention(C, 1, rng=np.random.default_rng(0), dtype=np.float64)
+    rng = np.random.default_rng(9)
+    for p in attn.parameters().values():
+        p.data = rng.standard_normal(p.shape) * 0.5
+    x, kv = rng.standard_normal((B, T, C)), rng.standard_normal((2, P_LEN, C))
+    attn.kv_prefix = None
+    plain = attn.forward(x)
+    attn._cache = None
+    attn.kv_prefix = kv
+    mixed = attn.forward(x)
+    attn._cache = None
+    prm = attn.parameters()
+    q = x @ prm["q.weight"].data.T + prm["q.bias"].data  # (B, T, C)
+    k = x @ prm["k.weight"].data.T + prm["k.bias"].data
+    s_pre = q @ kv[0].T / np.sqrt(C)  # (B, T, p)
+    s_own = np.where(np.triu(np.ones((T, T), bool), 1), -np.inf, q @ k.transpose(0, 2, 1) / np.sqrt(C))
+    m = np.maximum(s_pre.max(-1), s_own.max(-1))[..., None]
+    e_pre, e_own = np.exp(s_pre - m).sum(-1), np.exp(s_own - m).sum(-1)
+    lam = (e_pre / (e_pre + e_own))[..., None]  # (B, T, 1)
+    a_pre = np.exp(s_pre - s_pre.max(-1, keepdims=True))
+    a_pre /= a_pre.sum(-1, keepdims=True)
+    prefix_only = (a_pre @ kv[1]) @ prm["o.weight"].data.T + prm["o.bias"].data  # attention to the prefixes alone
+    assert np.all((lam > 0) & (lam < 1))  # no prefix is ever invisible, none takes all the mass
+    assert_close(mixed, lam * prefix_only + (1 - lam) * plain, "λ-mixture")
