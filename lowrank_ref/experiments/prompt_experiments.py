@@ -15,7 +15,7 @@ dialect):
 
 ``python -m lowrank_ref.experiments.prompt_experiments [--quick] [--out FILE]`` writes the JSON
 that ``chapters/data/09-prompt-tuning.json`` holds; :func:`format_tables` renders the chapter's
-tables from it, :func:`plot_k_sweep` its figure.
+tables from it, :func:`plot_k_sweep` its figure (``chapters/figures/09-prompt-k.png``).
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ import numpy as np
 
 from lowrank_ref.experiments.modes import quick_mode
 
-__all__ = ["run", "k_sweep", "context_cost", "summarise", "format_tables", "plot_k_sweep", "main", "KS",
+__all__ = ["run", "k_sweep", "lr_check", "context_cost", "summarise", "format_tables", "plot_k_sweep", "k_sweep_data", "main", "KS",
            "INITS", "SEEDS", "LR"]
 
 KS = (1, 2, 4, 8, 16, 24)
 INITS = ("random", "vocab")
 SEEDS = (0, 1, 2)
-LR = 0.3  # the compare row's; 3e-2 and 1.0 reach the same dialect accuracy at k = 8 (chapter 09 §4.4)
+LR = 0.3  # the compare row's (lr_check: chapter 09 §4.4)
+LRS = (0.03, 0.3, 1.0)
 
 
 def context_cost(ks=KS, windows: int = 256) -> list[dict]:
@@ -90,6 +91,16 @@ def k_sweep(ks=KS, inits=INITS, seeds=SEEDS, steps: int = 300, lr: float = LR, e
     return runs
 
 
+def lr_check(lrs=LRS, k: int = 8, init: str = "vocab", seed: int = 0, steps: int = 300,
+             eval_windows: int = 256) -> list[dict]:
+    """The compare row's setting (``k = 8``, ``vocab``) at a few learning rates, one seed each."""
+    runs = []
+    for lr in lrs:
+        r = k_sweep((k,), (init,), (seed,), steps=steps, lr=lr, eval_windows=eval_windows)[0]
+        runs.append({"lr": float(lr), **r})
+    return runs
+
+
 def summarise(runs: list[dict]) -> dict:
     """Per init: the mean and spread (max - min) over seeds of the dialect accuracy at each ``k``,
     whether the mean rises at every step of ``k`` (``monotonic``), the steps where it falls, and
@@ -115,17 +126,18 @@ def run(quick: bool | None = None, steps: int = 300) -> dict:
 
     quick = quick_mode() if quick is None else quick
     if quick:
-        ks, inits, seeds, steps, windows = (1, 4), ("vocab",), (0,), 2, 4
+        ks, inits, seeds, steps, windows, lrs = (1, 4), ("vocab",), (0,), 2, 4, (LR,)
     else:
-        ks, inits, seeds, windows = KS, INITS, SEEDS, 256
+        ks, inits, seeds, windows, lrs = KS, INITS, SEEDS, 256, LRS
     with blas_threads(1):
         runs = k_sweep(ks, inits, seeds, steps=steps, eval_windows=windows)
+        lrs_runs = lr_check(lrs, steps=steps, eval_windows=windows)
     return {"quick": bool(quick), "steps": int(steps), "lr": LR, "context": context_cost(ks, windows),
-            "runs": runs, "summary": summarise(runs)}
+            "runs": runs, "summary": summarise(runs), "lr_check": lrs_runs}
 
 
 def format_tables(res: dict) -> dict:
-    """``{"context": ..., "k_sweep": ...}``: the chapter's two Markdown tables."""
+    """``{"context": ..., "k_sweep": ..., "lr": ...}``: the chapter's three Markdown tables."""
     ctx = ("\n| k | prompt tuning: longest input | one token more | prefix tuning: longest input | "
            "shipped model, base text, full windows | same, windows of block_size − k |\n"
            "|---:|---:|---|---:|---:|---:|\n")
@@ -147,14 +159,25 @@ def format_tables(res: dict) -> dict:
         sweep += (f"\n`{i}`: the mean rises at every step of k: {'yes' if s['monotonic'] else 'no'} "
                   f"(falls: {falls}); largest step between neighbouring k {s['largest_step']:.3f}, "
                   f"largest seed spread {s['largest_spread']:.3f}.\n")
-    return {"context": ctx, "k_sweep": sweep}
+    lrs = ("\n| lr (k = 8, init `vocab`, seed 0) | dialect | base text kept |\n|---:|---:|---:|\n"
+           + "".join(f"| {r['lr']:g} | {r['target_after']:.3f} | {r['retained_after']:.3f} |\n"
+                     for r in res.get("lr_check", [])))
+    return {"context": ctx, "k_sweep": sweep, "lr": lrs}
 
 
-def plot_k_sweep(res: dict, path) -> None:
+def k_sweep_data() -> dict:
+    """The committed k sweep (``chapters/data/09-prompt-tuning.json``): its runs and summary."""
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "chapters" / "data" / "09-prompt-tuning.json"
+    res = json.loads(path.read_text(encoding="utf-8"))
+    keep = ("k", "init", "seed", "trainable_params", "target_after")
+    return {"runs": [{f: r[f] for f in keep} for r in res["runs"]], "summary": res["summary"]}
+
+
+def plot_k_sweep(res: dict):
     """Dialect accuracy against trainable parameters, one point per run, the mean per init."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
@@ -170,8 +193,7 @@ def plot_k_sweep(res: dict, path) -> None:
     ax.set_title("prompt tuning over k")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def main(argv=None) -> int:
