@@ -83,7 +83,7 @@ def train(model, data, steps: int, lr: float = 1e-3, batch_size: int = 16, optim
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     backend = resolve_backend(model, backend)
     check_train_args(steps, lr, batch_size, optimizer, schedule, warmup, clip, weight_decay)
-    block_size = model.config.block_size
+    block_size = getattr(model, "max_input_length", model.config.block_size)  # less a prompt's k positions
     next_batch = batch_source(data, block_size, model)
     rng = as_rng(rng)
     device = next(model.parameters()).device
@@ -170,7 +170,7 @@ def evaluate(model, tokens, block_size: int | None = None, max_windows: int | No
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     resolve_backend(model, backend)
-    block_size = model.config.block_size if block_size is None else block_size
+    block_size = getattr(model, "max_input_length", model.config.block_size) if block_size is None else block_size
     xs, ys = eval_windows(tokens, block_size, max_windows)
     device = next(model.parameters()).device
     was_training = model.training

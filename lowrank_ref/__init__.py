@@ -20,6 +20,8 @@ from lowrank_ref.adapters.lokr import LoKrConfig
 from lowrank_ref.adapters.lora import LoRAConfig
 from lowrank_ref.adapters.lora_moe import LoRAMoEConfig
 from lowrank_ref.adapters.multitask_lora import MultiTaskLoRAConfig
+from lowrank_ref.adapters.prefix_tuning import PrefixTuningConfig
+from lowrank_ref.adapters.prompt_tuning import PromptTuningConfig
 from lowrank_ref.adapters.qlora import QLoRAConfig, QLoRAInt4Config
 from lowrank_ref.adapters.sora import SoRAConfig
 from lowrank_ref.adapters.ssf import SSFConfig
@@ -40,6 +42,7 @@ __all__ = ["nn", "adapters", "registry", "adapt", "gradcheck", "LoRAConfig", "Do
 __all__ += ["SSFConfig", "HoulsbyConfig"]
 __all__ += ["HyperLoRAConfig"]
 __all__ += ["MultiTaskLoRAConfig", "LoRAMoEConfig"]
+__all__ += ["PromptTuningConfig", "PrefixTuningConfig"]
 
 
 def __getattr__(name):  # lazy sub-packages that later issues fill in

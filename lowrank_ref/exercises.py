@@ -1229,3 +1229,79 @@ def check_balance_loss_grad(fn, verbose=True) -> CheckResult:
 
 CHECKS["08-mtl-moe"] = [("mtl_mixing_grad", check_mtl_mixing_grad), ("topk_gates_backward", check_topk_gates_backward),
                         ("balance_loss_grad", check_balance_loss_grad)]
+# ---------------------------------------------------------------- chapter 09: prompt and prefix tuning
+# (appended to chapter 09's block; tests/test_exercises.py runs them with the rest)
+
+
+def _prompt_backward_body(fn):
+    rng = _rng(93)
+    B, k, T, C = 3, 2, 4, 5
+    P, X = rng.standard_normal((k, C)), rng.standard_normal((B, T, C))
+    w = rng.standard_normal((B, k + T, C))  # the loss is sum(H ⊙ w), so H̄ = w
+
+    def loss():
+        H = np.concatenate([np.broadcast_to(P, (B, k, C)), X], axis=1)  # H = [P; X_e]
+        return float(np.sum(H * w))
+
+    out = _unpack(fn(w.copy(), k), 2, "(dX_e, dP)")
+    _gradcheck(loss, {"X_e": X, "P": P}, dict(zip(("X_e", "P"), out)), "prompt_backward")
+    return "dX_e and dP agree with central differences (P's gradient sums over the batch)"
+
+
+def check_prompt_backward(fn, verbose=True) -> CheckResult:
+    """``fn(dH (B, k+T, C), k) -> (dX_e (B, T, C), dP (k, C))`` for ``H = [P; X_e]``."""
+    return check("prompt_backward", fn, _prompt_backward_body, verbose)
+
+
+def _prefix_attention_body(fn):
+    rng = _rng(94)
+    T, p, hs = 4, 2, 3
+    q, k, v = (rng.standard_normal((T, hs)) for _ in range(3))
+    pk, pv = rng.standard_normal((p, hs)), rng.standard_normal((p, hs))
+    w = rng.standard_normal((T, hs))  # the loss is sum(Y ⊙ w), so Ȳ = w
+
+    def loss():  # one head: every query sees the p prefixes and its own past, s <= t
+        y = np.zeros((T, hs))
+        for t in range(T):
+            keys, vals = np.concatenate([pk, k[: t + 1]]), np.concatenate([pv, v[: t + 1]])
+            s = keys @ q[t] / np.sqrt(hs)
+            a = np.exp(s - s.max())
+            y[t] = (a / a.sum()) @ vals
+        return float(np.sum(y * w))
+
+    out = _unpack(fn(w.copy(), q.copy(), k.copy(), v.copy(), pk.copy(), pv.copy()), 5, "(dq, dk, dv, dpk, dpv)")
+    _gradcheck(loss, {"q": q, "k": k, "v": v, "pk": pk, "pv": pv},
+               dict(zip(("q", "k", "v", "pk", "pv"), out)), "prefix_attention_backward")
+    return "the gradients of the queries, keys, values and both prefixes agree with central differences"
+
+
+def check_prefix_attention_backward(fn, verbose=True) -> CheckResult:
+    """``fn(dy (T, hs), q, k, v (T, hs), pk, pv (p, hs)) -> (dq, dk, dv, dpk, dpv)``: one head of
+    causal attention with key/value prefixes, ``Y = softmax(Q [P_k; K]ᵀ/√hs + M') [P_v; V]``."""
+    return check("prefix_attention_backward", fn, _prefix_attention_body, verbose)
+
+
+def _prefix_params_body(fn):
+    import lowrank_ref as lr
+    from lowrank_ref.inject import inject
+    from lowrank_ref.nn.gpt import GPT, GPTConfig
+
+    for n_layer, d_model, k, hidden, projection in [(2, 8, 3, 5, True), (2, 8, 3, 5, False), (3, 16, 8, 32, True),
+                                                    (1, 4, 1, 2, False)]:
+        model = GPT(GPTConfig(vocab_size=7, block_size=4, n_layer=n_layer, n_head=2, d_model=d_model), rng=_rng(95))
+        want = inject(model, lr.PrefixTuningConfig(k=k, hidden=hidden, projection=projection), rng=0).trainable_params
+        got = fn(n_layer, d_model, k, hidden, projection)
+        if got != want:
+            raise Mismatch(f"prefix_params({n_layer}, {d_model}, {k}, {hidden}, {projection}) = {got!r}, "
+                           f"expected {want} (what inject(PrefixTuningConfig) trains)")
+    return "matches what inject(PrefixTuningConfig) trains, with and without the MLP"
+
+
+def check_prefix_params(fn, verbose=True) -> CheckResult:
+    """``fn(n_layer, d_model, k, hidden, projection) -> int``: prefix tuning's trained numbers."""
+    return check("prefix_params", fn, _prefix_params_body, verbose)
+
+
+CHECKS["09-baselines"] += [("prompt_backward", check_prompt_backward),
+                           ("prefix_attention_backward", check_prefix_attention_backward),
+                           ("prefix_params", check_prefix_params)]

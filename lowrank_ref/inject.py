@@ -519,7 +519,10 @@ class Injector:
             if any(patterns for _, patterns in given.values()):
                 raise ValueError(f"method {spec.name!r} is a whole-model mode: per-layer overrides "
                                  f"({', '.join(w for w, _ in given.values())}) do not apply")
-            load_object(spec.model_fn.for_backend(ops.backend))(model)
+            config = spec.coerce_config(config, dict(kwargs))
+            # (model, config, rng): a mode with hyper-parameters (prompt tuning's k) reads them;
+            # it checks everything before it changes the model, so an error leaves it as it was
+            load_object(spec.model_fn.for_backend(ops.backend))(model, config, rng=ops.rng(rng))
             return InjectResult(spec.name, [], *self.count(model))
         linears = self.plain_linears(model)
         try:

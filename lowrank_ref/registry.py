@@ -24,10 +24,16 @@ field              what it says                                                 
                    given to each layer as ``shared=`` (a SharedRef), saved once per file
 ``hooks``          :class:`PerBackend` training hooks (loss terms, before/after step)     train loops
 ``compare``        ``{row name: CompareRow}``: the method's rows in ``lowrank-ref compare``  compare
-``model_fn``       whole-model modes (full, BitFit): :class:`PerBackend` functions        inject
+``model_fn``       whole-model modes (full, BitFit, prompt and prefix tuning):            inject
+                   :class:`PerBackend` functions ``(model, config, rng) -> trainable
+                   count``; a mode may add modules to the model (``model.prompt``), and
+                   checks everything before it changes anything; ``example`` (optional
+                   for a mode) gives its config for the contract tests' small GPT
 ``mergeable``      ``False`` for a layer no plain Linear can compute (Houlsby adapters: a  tests/contract
                    non-linearity): ``merge()``/``delta_weight()`` refuse with a ValueError;
-                   must equal the layer classes' ``MERGEABLE`` (checked at discovery)
+                   must equal the layer classes' ``MERGEABLE`` (checked at discovery).
+                   A whole-model mode that adds modules no weight can absorb (a prompt)
+                   says ``False`` too: each module it adds refuses ``merge()`` the same way
 =================  =====================================================================  ==============
 
 Discovery happens on the first lookup (``import lowrank_ref`` stays cheap) and checks every
@@ -320,6 +326,8 @@ def check_spec(spec, where: str = "SPEC") -> MethodSpec:
             raise SpecError(f"{where}: model_fn of {spec.name!r} must be a PerBackend with numpy and torch")
         _check_path(spec.model_fn.numpy, "model_fn.numpy", where, import_it=True)
         _check_path(spec.model_fn.torch, "model_fn.torch", where, import_it=False)
+        if spec.example is not None and not callable(spec.example):
+            raise SpecError(f"{where}: example of {spec.name!r} must be a callable -> Example")
     fields_ = {f.name for f in dataclasses.fields(spec.config)}
     bad = [f for f in spec.overridable if f not in fields_]
     if bad:

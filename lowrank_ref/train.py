@@ -353,7 +353,7 @@ def train(model, data, steps: int, lr: float = 1e-3, batch_size: int = 16, optim
     from lowrank_ref import optim
     from lowrank_ref.nn.losses import cross_entropy
 
-    block_size = model.config.block_size
+    block_size = getattr(model, "max_input_length", model.config.block_size)  # less a prompt's k positions
     next_batch = batch_source(data, block_size, model)
     rng = as_rng(rng)
     params = model.trainable_parameters()
@@ -444,7 +444,7 @@ def evaluate(model, tokens, block_size: int | None = None, max_windows: int | No
                               batch_size=batch_size, backend=backend, cond=cond)
     from lowrank_ref.nn.losses import log_softmax
 
-    block_size = model.config.block_size if block_size is None else block_size
+    block_size = getattr(model, "max_input_length", model.config.block_size) if block_size is None else block_size
     x, y = eval_windows(tokens, block_size, max_windows)
     was_training = model.training
     model.eval()

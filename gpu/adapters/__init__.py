@@ -13,6 +13,8 @@ from lowrank_gpu.adapters.lokr import LoKrLinear
 from lowrank_gpu.adapters.lora import LoRALinear
 from lowrank_gpu.adapters.lora_moe import LoRAMoELinear
 from lowrank_gpu.adapters.multitask_lora import MultiTaskLoRALinear
+from lowrank_gpu.adapters.prefix_tuning import PrefixEncoder
+from lowrank_gpu.adapters.prompt_tuning import PromptEmbedding
 from lowrank_gpu.adapters.qlora import QLoRAInt4Linear, QLoRALinear
 from lowrank_gpu.adapters.sora import SoRALinear
 from lowrank_gpu.adapters.ssf import SSFLinear
@@ -24,4 +26,5 @@ __all__ = ["LoRALinear", "DoRALinear", "QLoRALinear", "QLoRAInt4Linear", "IA3Lin
 __all__ += ["SSFLinear", "HoulsbyLinear"]
 __all__ += ["HyperLoRALinear"]
 __all__ += ["MultiTaskLoRALinear", "LoRAMoELinear"]
+__all__ += ["PromptEmbedding", "PrefixEncoder"]  # what prompt and prefix tuning (whole-model modes) add
 __all__ += ["full_finetune", "bitfit"]  # whole-model baselines (functions)

@@ -8,14 +8,14 @@ from lowrank_ref.adapters.baselines import BitFitConfig, FullFinetuneConfig
 __all__ = ["full_finetune", "bitfit", "FullFinetuneConfig", "BitFitConfig"]
 
 
-def full_finetune(model) -> int:
+def full_finetune(model, config=None, rng=None) -> int:
     """Every parameter trainable; returns the trainable count."""
     from lowrank_gpu.inject import set_trainable
 
     return set_trainable(model, "all")
 
 
-def bitfit(model) -> int:
+def bitfit(model, config=None, rng=None) -> int:
     """Only parameters named ``...bias`` trainable; returns the trainable count (0 raises)."""
     from lowrank_gpu.inject import set_trainable
 

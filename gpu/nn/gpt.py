@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lowrank_gpu.nn.convert import to_numpy as _tensor_to_numpy
-from lowrank_ref.nn.gpt import GPTConfig
+from lowrank_ref.nn.gpt import GPTConfig, check_input_length
 from lowrank_ref.nn.module import check_condition, set_condition
 
 __all__ = ["CausalSelfAttention", "MLP", "Block", "GPT", "GPTConfig", "from_numpy", "to_numpy",
@@ -48,9 +48,15 @@ class CausalSelfAttention(nn.Module):
         q = self.q(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = self.v(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        s = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # S = Q Kᵀ/√hs   (B, nh, T, T)
-        future = torch.triu(torch.ones(T, T, dtype=torch.bool, device=x.device), diagonal=1)
-        s = s.masked_fill(future, float("-inf"))  # + M
+        n_prefix = 0
+        kv = getattr(self, "kv_prefix", None)  # prefix tuning: (2, p, C) set by the model, or None
+        if kv is not None:  # K ← [P_k; K], V ← [P_v; V], the same prefixes for every batch row
+            n_prefix = kv.shape[1]
+            pk, pv = (t.view(1, n_prefix, nh, hs).transpose(1, 2).expand(B, -1, -1, -1).to(k.dtype) for t in kv)
+            k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # (B, nh, p+T, hs)
+        s = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # S = Q Kᵀ/√hs   (B, nh, T, p+T)
+        future = torch.triu(torch.ones(T, n_prefix + T, dtype=torch.bool, device=x.device), diagonal=1 + n_prefix)
+        s = s.masked_fill(future, float("-inf"))  # + M (prefixes always open)
         p = self.attn_drop(torch.softmax(s, dim=-1))  # P̃ = softmax(S) ⊙ D
         y = (p @ v).transpose(1, 2).reshape(B, T, C)  # Y = P̃ V, heads concatenated   (B, T, C)
         return self.resid_drop(self.o(y))
@@ -125,18 +131,29 @@ class GPT(nn.Module):
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape (B, T), got {tuple(idx.shape)}")
         B, T = idx.shape
-        if not 1 <= T <= self.config.block_size:
-            raise ValueError(f"sequence length T={T} must be in [1, block_size={self.config.block_size}]")
+        prompt, prefix = getattr(self, "prompt", None), getattr(self, "prefix", None)
+        check_input_length(T, self.config.block_size, prompt)
         if cond is not None and not isinstance(cond, torch.Tensor):
             cond = torch.as_tensor(cond)
         if cond is not None:
             cond = cond.to(idx.device)
         set_condition(self.modules(), check_condition(cond, B))
-        pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
-        for block in self.blocks:
+        x = self.tok_emb(idx)  # (B, T, C)
+        if prompt is not None:  # prompt tuning: [P; E_tok[idx]]   (B, k+T, C)
+            x = prompt(x)
+        pos = torch.arange(x.shape[1], device=idx.device)
+        x = self.drop(x + self.pos_emb(pos))  # (B, T, C)
+        kv = None if prefix is None else prefix()  # prefix tuning: (L, 2, p, C)
+        for i, block in enumerate(self.blocks):
+            block.attn.kv_prefix = None if kv is None else kv[i]
             x = block(x)
-        return self.head(self.ln_f(x))  # (B, T, V)
+        return self.head(self.ln_f(x[:, x.shape[1] - T:]))  # the prompt's positions dropped   (B, T, V)
+
+    @property
+    def max_input_length(self) -> int:
+        """The longest input ``T``: ``block_size``, less the ``k`` positions a prompt takes."""
+        prompt = getattr(self, "prompt", None)
+        return self.config.block_size - (0 if prompt is None else prompt.k)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, n_new: int, rng=None, temperature: float = 1.0,
@@ -154,7 +171,7 @@ class GPT(nn.Module):
         self.eval()
         try:
             for _ in range(n_new):
-                logits = self(idx[:, -self.config.block_size:])[:, -1, :].double().cpu()  # (B, V)
+                logits = self(idx[:, -self.max_input_length:])[:, -1, :].double().cpu()  # (B, V)
                 if temperature == 0:
                     nxt = logits.argmax(dim=-1, keepdim=True)
                 else:

@@ -14,6 +14,8 @@ from lowrank_ref.adapters.lokr import LoKrLinear
 from lowrank_ref.adapters.lora import LoRALinear
 from lowrank_ref.adapters.lora_moe import LoRAMoELinear
 from lowrank_ref.adapters.multitask_lora import MultiTaskLoRALinear
+from lowrank_ref.adapters.prefix_tuning import PrefixEncoder
+from lowrank_ref.adapters.prompt_tuning import PromptEmbedding
 from lowrank_ref.adapters.qlora import QLoRAInt4Linear, QLoRALinear
 from lowrank_ref.adapters.sora import SoRALinear
 from lowrank_ref.adapters.ssf import SSFLinear
@@ -25,5 +27,6 @@ __all__ = ["LoRALinear", "DoRALinear", "QLoRALinear", "QLoRAInt4Linear", "IA3Lin
 __all__ += ["SSFLinear", "HoulsbyLinear"]
 __all__ += ["HyperLoRALinear"]
 __all__ += ["MultiTaskLoRALinear", "LoRAMoELinear"]
+__all__ += ["PromptEmbedding", "PrefixEncoder"]  # what prompt and prefix tuning (whole-model modes) add
 __all__ += ["full_finetune", "bitfit"]  # whole-model baselines (functions)
 _ = AdapterLinear  # the shared base class, importable as lowrank_ref.adapters.base.AdapterLinear

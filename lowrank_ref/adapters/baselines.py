@@ -7,8 +7,9 @@ r"""The two baselines every parameter-efficient method is measured against.
   is frozen. For a linear layer ``y = x W^T + b`` that is ``out`` trainable scalars against
   ``out · in``. A model built without biases (such as the GPT's ``head``) gains nothing there.
 
-These are whole-model modes, not layers: each takes a model, sets which parameters train, and
-returns how many scalars now train. They are registered as the methods ``"full"`` and
+These are whole-model modes, not layers: each takes a model (and, as every ``SPEC.model_fn``
+does, the mode's config and an rng, unused here), sets which parameters train, and returns how
+many scalars now train. They are registered as the methods ``"full"`` and
 ``"bitfit"``, so ``inject(model, method="bitfit")`` applies them like any other method.
 """
 
@@ -41,14 +42,14 @@ class BitFitConfig:
         return self
 
 
-def full_finetune(model) -> int:
+def full_finetune(model, config=None, rng=None) -> int:
     """Make every parameter of ``model`` trainable; return the trainable count."""
     from lowrank_ref.inject import set_trainable
 
     return set_trainable(model, "all")
 
 
-def bitfit(model) -> int:
+def bitfit(model, config=None, rng=None) -> int:
     """Make only parameters named ``...bias`` trainable; return the trainable count (0 raises)."""
     from lowrank_ref.inject import _is_torch_module, set_trainable
 

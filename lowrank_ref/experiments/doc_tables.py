@@ -469,6 +469,20 @@ def _seed_verdicts(data: dict) -> str:
 
 RENDERERS["seed-table"], SOURCES["seed-table"] = _seed_table, "compare.json"
 RENDERERS["seed-verdicts"], SOURCES["seed-verdicts"] = _seed_verdicts, "compare.json"
+def _prompt_table(key: str):
+    def render_prompt(data: dict) -> str:
+        from lowrank_ref.experiments.prompt_experiments import format_tables
+
+        return format_tables(data)[key]
+    return render_prompt
+
+
+# chapter 09's prompt-tuning tables (lowrank_ref.experiments.prompt_experiments)
+for _key in ("context", "k_sweep", "lr"):
+    RENDERERS[f"prompt-{_key.replace('_', '-')}"] = _prompt_table(_key)
+    SOURCES[f"prompt-{_key.replace('_', '-')}"] = "09-prompt-tuning.json"
+if "chapters/09-baselines.md" not in DOCS:
+    DOCS.append("chapters/09-baselines.md")
 
 
 def render(name: str) -> str:

@@ -300,6 +300,24 @@ FIGURES = {
 }
 
 
+# ---------------------------------------------------------------- 09: prompt tuning over k
+
+
+def _prompt_k_data() -> dict:
+    from lowrank_ref.experiments.prompt_experiments import k_sweep_data
+
+    return k_sweep_data()
+
+
+def _plot_prompt_k(d: dict):
+    from lowrank_ref.experiments.prompt_experiments import plot_k_sweep
+
+    return plot_k_sweep(d)
+
+
+FIGURES["09-prompt-k"] = (_prompt_k_data, _plot_prompt_k, "09-baselines")
+
+
 def data_of(name: str):
     """The data figure ``name`` is drawn from, computed now."""
     return FIGURES[name][0]()

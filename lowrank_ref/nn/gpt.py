@@ -33,7 +33,7 @@ from lowrank_ref.nn.linear import Dropout, Linear
 from lowrank_ref.nn.module import Module, ModuleList, array_module, check_condition, set_condition
 from lowrank_ref.nn.transformer import Block
 
-__all__ = ["GPTConfig", "GPT"]
+__all__ = ["GPTConfig", "GPT", "check_input_length"]
 
 
 def _pos_int(v, name: str) -> int:
@@ -73,11 +73,26 @@ class GPTConfig:
         return asdict(self)
 
 
+def check_input_length(T: int, block_size: int, prompt=None) -> None:
+    """``T`` in ``[1, block_size - k]`` (``k``: the prompt's length, 0 without one), else a
+    ``ValueError`` that says what the prompt takes (shared by the NumPy and the torch GPT)."""
+    k = 0 if prompt is None else prompt.k
+    if 1 <= T <= block_size - k:
+        return
+    if k:
+        raise ValueError(f"sequence length T={T} must be in [1, block_size - k = {block_size - k}]: the "
+                         f"prompt of k={k} tokens takes {k} of the model's block_size={block_size} positions")
+    raise ValueError(f"sequence length T={T} must be in [1, block_size={block_size}]")
+
+
 class GPT(Module):
     """``forward(idx (B, T) int) -> logits (B, T, vocab_size)``; ``backward(dlogits) -> None``.
 
     Submodules: ``tok_emb``, ``pos_emb``, ``drop``, ``blocks`` (a ModuleList of :class:`Block`),
-    ``ln_f``, ``head``. Parameter names therefore read ``blocks.0.attn.q.weight``,
+    ``ln_f``, ``head``; after prompt tuning also ``prompt`` (its ``k`` vectors go in front of the
+    token embeddings and take positions ``0..k-1``, so the input may be at most ``block_size - k``
+    long, :attr:`max_input_length`), after prefix tuning ``prefix`` (each forward hands layer
+    ``i``'s key/value prefixes to ``blocks.i.attn.kv_prefix``). Parameter names therefore read ``blocks.0.attn.q.weight``,
     ``tok_emb.weight``, ``head.weight``, the same as in :mod:`lowrank_gpu.nn.gpt`.
     """
 
@@ -122,29 +137,49 @@ class GPT(Module):
         if idx.ndim != 2:
             raise ValueError(f"idx must have shape (B, T), got {idx.shape}")
         B, T = idx.shape
-        if not 1 <= T <= self.config.block_size:
-            raise ValueError(f"sequence length T={T} must be in [1, block_size={self.config.block_size}]")
+        check_input_length(T, self.config.block_size, self._modules.get("prompt"))
         set_condition((m for _, m in self.named_modules()), check_condition(cond, B))
-        x = self.tok_emb.forward(idx) + self.pos_emb.forward(np.arange(T))  # x0 = E_tok[idx] + E_pos[t]  (B, T, C)
+        prompt, prefix = self._modules.get("prompt"), self._modules.get("prefix")
+        x = self.tok_emb.forward(idx)  # E_tok[idx]   (B, T, C)
+        if prompt is not None:  # prompt tuning: [P; E_tok[idx]], the prompt takes positions 0..k-1
+            x = prompt.forward(x)  # (B, k+T, C)
+        x = x + self.pos_emb.forward(np.arange(x.shape[1]))  # x0 = E_tok[idx] + E_pos[t]  (B, T, C)
         x = self.drop.forward(x)
-        for block in self.blocks:
+        kv = None if prefix is None else prefix.forward()  # prefix tuning: (L, 2, p, C)
+        for i, block in enumerate(self.blocks):
+            block.attn.kv_prefix = None if kv is None else kv[i]  # layer i's (P_k, P_v), or none
             x = block.forward(x)  # (B, T, C)
+        n_prompt = x.shape[1] - T
+        x = x[:, n_prompt:]  # the prompt's own positions predict nothing: drop them  (B, T, C)
         logits = self.head.forward(self.ln_f.forward(x))  # z = LN_f(x_L) W_headᵀ   (B, T, V)
-        self._cache = (B, T)
+        self._cache = (B, T, n_prompt)
         return logits
 
     def backward(self, dlogits: np.ndarray) -> None:
-        B, T = self._pop_cache()
+        B, T, n_prompt = self._pop_cache()
         dlogits = array_module(dlogits).asarray(dlogits)
         if dlogits.shape != (B, T, self.config.vocab_size):
             raise ValueError(f"dlogits must have shape {(B, T, self.config.vocab_size)}, got {dlogits.shape}")
         dx = self.ln_f.backward(self.head.backward(dlogits))  # (B, T, C)
+        if n_prompt:  # no gradient reaches the prompt's positions from the head
+            dx = np.concatenate([np.zeros((B, n_prompt, dx.shape[2]), dtype=dx.dtype), dx], axis=1)  # (B, k+T, C)
         for block in reversed(list(self.blocks)):
             dx = block.backward(dx)
+        prefix = self._modules.get("prefix")
+        if prefix is not None:  # each layer's P̄_k, P̄_v, into the prefix encoder
+            prefix.backward(np.stack([block.attn.kv_prefix_grad for block in self.blocks]))  # (L, 2, p, C)
         dx = self.drop.backward(dx)
+        self.pos_emb.backward(dx.sum(axis=0))  # Ē_pos[t] = Σ_b x̄0[b, t]   (k+T, C)
+        if n_prompt:
+            dx = self._modules["prompt"].backward(dx)  # P̄ = Σ_b x̄0[b, :k], the rest to the tokens   (B, T, C)
         self.tok_emb.backward(dx)  # scatter-add into the token table
-        self.pos_emb.backward(dx.sum(axis=0))  # Ē_pos[t] = Σ_b x̄0[b, t]   (T, C)
         return None
+
+    @property
+    def max_input_length(self) -> int:
+        """The longest input ``T``: ``block_size``, less the ``k`` positions a prompt takes."""
+        prompt = self._modules.get("prompt")
+        return self.config.block_size - (0 if prompt is None else prompt.k)
 
     def loss(self, idx, targets, ignore_index: int = -100, cond=None):
         """``(loss, dlogits)`` of the next-token cross-entropy; forward only (call backward after)."""
@@ -174,7 +209,7 @@ class GPT(Module):
         try:
             out = idx.astype(np.int64)
             for _ in range(n_new):
-                logits = self.forward(out[:, -self.config.block_size:])[:, -1, :].astype(np.float64)  # (B, V)
+                logits = self.forward(out[:, -self.max_input_length:])[:, -1, :].astype(np.float64)  # (B, V)
                 if temperature == 0:
                     nxt = logits.argmax(axis=-1)
                 else:

@@ -23,3 +23,31 @@ def adapter_backward(dy, h, W_down, b_down, W_up):
 def adapter_params(d, m):
     # W_down (m, d) + b_down (m) + W_up (d, m) + b_up (d)
     return 2 * d * m + m + d
+
+
+def prompt_backward(dH, k):
+    # H = [P; X_e]: the last T positions are X_e's; P sits in front of every row, so its gradient
+    # is the sum over the batch of the first k positions'
+    return dH[:, k:], dH[:, :k].sum(axis=0)
+
+
+def prefix_attention_backward(dy, q, k, v, pk, pv):
+    T, hs = q.shape
+    p = pk.shape[0]
+    K, V = np.concatenate([pk, k]), np.concatenate([pv, v])  # K' = [P_k; K], V' = [P_v; V]   (p+T, hs)
+    closed = np.triu(np.ones((T, p + T), dtype=bool), k=1 + p)  # the future; the p prefix columns stay open
+    s = np.where(closed, -np.inf, q @ K.T / np.sqrt(hs))
+    P = np.exp(s - s.max(axis=1, keepdims=True))
+    P /= P.sum(axis=1, keepdims=True)
+    dV = P.T @ dy  # V̄' = Pᵀ Ȳ
+    dP = dy @ V.T
+    dS = P * (dP - (dP * P).sum(axis=1, keepdims=True)) / np.sqrt(hs)  # softmax backward, with the 1/√hs
+    dq, dK = dS @ K, dS.T @ q  # Q̄ = S̄ K', K̄' = S̄ᵀ Q
+    return dq, dK[p:], dV[p:], dK[:p], dV[:p]  # the first p rows are the prefixes'
+
+
+def prefix_params(n_layer, d_model, k, hidden, projection):
+    if not projection:
+        return 2 * n_layer * k * d_model  # P (L, 2, k, C)
+    out = 2 * n_layer * d_model  # the MLP's output width
+    return k * d_model + hidden * d_model + hidden + out * hidden + out  # E, W1, b1, W2, b2

@@ -304,7 +304,15 @@ def with_layout(x: np.ndarray, layout: str) -> np.ndarray:
 IDX = np.random.default_rng(5).integers(0, 11, (2, 6))  # (B, T) token ids
 
 
-GPT_CFG = dict(vocab_size=11, block_size=6, n_layer=1, n_head=2, d_model=8)
+# block_size 8 > T = 6: room for a whole-model mode that takes positions (prompt tuning's k = 2)
+GPT_CFG = dict(vocab_size=11, block_size=8, n_layer=1, n_head=2, d_model=8)
+
+
+def mode_config(method: str):
+    """The config a whole-model mode is injected with here: its ``SPEC.example()``'s (sized for
+    this small GPT), or ``None`` (its defaults) when it has no example."""
+    spec = registry.get_method(method)
+    return None if spec.example is None else spec.example().config
 
 
 def gpt_in(backend: str):

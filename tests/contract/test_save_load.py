@@ -24,6 +24,7 @@ from contract_build import (
     MODEL_METHODS,
     build,
     gpt_in,
+    mode_config,
     perturb_trainable,
     torch,
 )
@@ -77,7 +78,8 @@ for job in jobs:
         np.save(d + "/loaded.npy", run())
     else:
         model = gpt_in(job["backend"])
-        lr.inject.inject(model, method=job["method"])
+        spec = registry.get_method(job["method"])
+        lr.inject.inject(model, None if spec.example is None else spec.example().config, method=job["method"])
         tensors = load_file(d + "/trained.safetensors")
         if job["backend"] == "numpy":
             model.load_state_dict(tensors, strict=False)
@@ -115,7 +117,7 @@ def loaded(tmp_path_factory):
             d = root / f"{method}-{backend}"
             d.mkdir()
             model = gpt_in(backend)
-            inject(model, method=method)
+            inject(model, mode_config(method), method=method)
             names = perturb_trainable(model, np.random.default_rng(5))
             save_trained(model, d / "trained.safetensors")
             out = model.forward(IDX) if backend == "numpy" else \
