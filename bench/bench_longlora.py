@@ -20,8 +20,8 @@ import numpy as np
 
 from bench.run import single_thread, time_interleaved, time_torch_steps
 
-FULL = {"gpt": {"vocab_size": 256, "block_size": 128, "n_layer": 4, "n_head": 4, "d_model": 256},
-        "T": 128, "batches": (1, 32), "m": 8, "r": 8, "repeats": 7,
+FULL = {"gpt": {"vocab_size": 256, "block_size": 32, "n_layer": 4, "n_head": 4, "d_model": 128},
+        "T": 32, "batches": (1, 32), "m": 8, "r": 8, "repeats": 15,
         "attn": ({"T": 128, "B": 8, "d": 64, "H": 4}, {"T": 1024, "B": 1, "d": 64, "H": 4})}
 QUICK = {"gpt": {"vocab_size": 16, "block_size": 16, "n_layer": 1, "n_head": 2, "d_model": 16},
          "T": 16, "batches": (1, 2), "m": 2, "r": 2, "repeats": 1,

@@ -36,7 +36,7 @@ import numpy as np
 from lowrank_ref.experiments.modes import quick_mode
 
 __all__ = ["interpolate_positions", "long_context_model", "forward_flops", "loss_by_quarter", "run",
-           "format_table", "main", "FACTOR", "RUNS"]
+           "format_table", "format_bench_tables", "main", "FACTOR", "RUNS"]
 
 FACTOR = 4  # the context is extended four-fold: 32 -> 128
 # (row name, method, attention, train_also, lr)
@@ -218,6 +218,31 @@ def format_table(res: dict) -> str:
               "|---|---:|---:|---:|"]
     for k in ("attention", "total"):
         lines.append(f"| {k} | {f['full'][k] / 1e6:.1f} M | {f['s2'][k] / 1e6:.1f} M | {f['s2'][k] / f['full'][k]:.2f} |")
+    return "\n".join(lines)
+
+
+def format_bench_tables(data: dict) -> str:
+    """Chapter 09's two benchmark tables from ``chapters/data/09-baselines-bench.json`` (the rows of
+    ``python -m bench.run --only longlora``): the adapter's inference latency against merged LoRA,
+    and S²-Attn's forward + backward against full attention."""
+    rows = [r for r in data["rows"] if r.get("seconds") is not None]
+    lines = ["| backend | batch | merged LoRA (ms) | LoRA, unmerged | Houlsby adapter |", "|---|---:|---:|---:|---:|"]
+    for backend in ("numpy", "torch"):
+        for B in sorted({r["batch"] for r in rows if r["name"].startswith("adapter_latency_")}):
+            by = {r["impl"]: r["seconds"] for r in rows if r["name"] == f"adapter_latency_b{B}_{backend}"}
+            if "merged_lora" in by:
+                lines.append(f"| {backend} | {B} | {1e3 * by['merged_lora']:.2f} | "
+                             f"{by['lora_unmerged'] / by['merged_lora']:.2f}× | {by['houlsby'] / by['merged_lora']:.2f}× |")
+    lines += ["", "| one attention layer, forward + backward | full attention (ms) | S²-Attn |", "|---|---:|---:|"]
+    for r in rows:
+        if r["name"].startswith("s2_attn_") and r["impl"] == "full":
+            s2 = next(x for x in rows if x["name"] == r["name"] and x["impl"] == "s2")
+            lines.append(f"| {r['shape'].split(', S²')[0].removeprefix('one attention layer, ')}, "
+                         f"{r['name'].rsplit('_', 1)[-1]} | {1e3 * r['seconds']:.2f} | {s2['seconds'] / r['seconds']:.2f}× |")
+    m = data["meta"]
+    lines += ["", f"{m['date']}, {m['cpu']}, {m['cpu_count']} cores (load average {m['loadavg'][0]:.1f} at the end), "
+              f"NumPy {m['numpy']} and torch {m.get('torch')}, one thread each; the median of "
+              f"{rows[0].get('repeats')} interleaved runs."]
     return "\n".join(lines)
 
 
