@@ -226,14 +226,14 @@ def format_bench_tables(data: dict) -> str:
     ``python -m bench.run --only longlora``): the adapter's inference latency against merged LoRA,
     and S²-Attn's forward + backward against full attention."""
     rows = [r for r in data["rows"] if r.get("seconds") is not None]
-    lines = ["| backend | batch | merged LoRA (ms) | LoRA, unmerged | Houlsby adapter |", "|---|---:|---:|---:|---:|"]
+    lines = ["| backend | batch | merged LoRA (CPU ms) | LoRA, unmerged | Houlsby adapter |", "|---|---:|---:|---:|---:|"]
     for backend in ("numpy", "torch"):
         for B in sorted({r["batch"] for r in rows if r["name"].startswith("adapter_latency_")}):
             by = {r["impl"]: r["seconds"] for r in rows if r["name"] == f"adapter_latency_b{B}_{backend}"}
             if "merged_lora" in by:
                 lines.append(f"| {backend} | {B} | {1e3 * by['merged_lora']:.2f} | "
                              f"{by['lora_unmerged'] / by['merged_lora']:.2f}× | {by['houlsby'] / by['merged_lora']:.2f}× |")
-    lines += ["", "| one attention layer, forward + backward | full attention (ms) | S²-Attn |", "|---|---:|---:|"]
+    lines += ["", "| one attention layer, forward + backward | full attention (CPU ms) | S²-Attn |", "|---|---:|---:|"]
     for r in rows:
         if r["name"].startswith("s2_attn_") and r["impl"] == "full":
             s2 = next(x for x in rows if x["name"] == r["name"] and x["impl"] == "s2")
@@ -241,8 +241,9 @@ def format_bench_tables(data: dict) -> str:
                          f"{r['name'].rsplit('_', 1)[-1]} | {1e3 * r['seconds']:.2f} | {s2['seconds'] / r['seconds']:.2f}× |")
     m = data["meta"]
     lines += ["", f"{m['date']}, {m['cpu']}, {m['cpu_count']} cores (load average {m['loadavg'][0]:.1f} at the end), "
-              f"NumPy {m['numpy']} and torch {m.get('torch')}, one thread each; the median of "
-              f"{rows[0].get('repeats')} interleaved runs."]
+              f"NumPy {m['numpy']} and torch {m.get('torch')}, one thread each; each time is the process's CPU "
+              f"time, the median of {min(r['repeats'] for r in rows)} to {max(r['repeats'] for r in rows)} "
+              "interleaved runs."]
     return "\n".join(lines)
 
 
