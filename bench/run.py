@@ -83,12 +83,14 @@ REQUIRED = ("name", "impl", "seconds", "ratio_to")
 
 
 # -- timing ---------------------------------------------------------------------------------
-def time_interleaved(fns: dict, repeats: int = 10, warmup: int = 2) -> dict:
+def time_interleaved(fns: dict, repeats: int = 10, warmup: int = 2, clock=time.perf_counter) -> dict:
     """Time each zero-argument callable in ``fns`` (``{impl: fn}``), taking turns.
 
     Each callable runs ``warmup`` times first (untimed), then ``repeats`` rounds in which every
     callable runs once, in an order rotated each round. The garbage collector is paused while
     timing. Returns ``{impl: {"seconds": median, "min_seconds": min, "repeats": repeats}}``.
+    ``clock``: wall time by default; ``time.process_time`` counts this process's CPU time only,
+    which a machine busy with other jobs disturbs far less (for single-threaded work).
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -104,9 +106,9 @@ def time_interleaved(fns: dict, repeats: int = 10, warmup: int = 2) -> dict:
         for i in range(repeats):
             k = i % len(names)
             for name in names[k:] + names[:k]:
-                t0 = time.perf_counter()
+                t0 = clock()
                 fns[name]()
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(clock() - t0)
     finally:
         if was_enabled:
             gc.enable()
@@ -114,7 +116,7 @@ def time_interleaved(fns: dict, repeats: int = 10, warmup: int = 2) -> dict:
             for n, ts in times.items()}
 
 
-def time_torch_steps(modules: dict, x, dy, repeats: int, device: str = "cpu") -> dict:
+def time_torch_steps(modules: dict, x, dy, repeats: int, device: str = "cpu", clock=time.perf_counter) -> dict:
     """:func:`time_interleaved` of one forward + backward step of each torch module in
     ``modules`` (``{impl: module}``) on ``x`` with upstream ``dy``; on the CPU torch runs on one
     thread, as the NumPy rows do (the benchmarks of the methods share this step)."""
@@ -134,7 +136,7 @@ def time_torch_steps(modules: dict, x, dy, repeats: int, device: str = "cpu") ->
     if device == "cpu":
         torch.set_num_threads(1)
     try:
-        return time_interleaved({k: step(v) for k, v in modules.items()}, repeats=repeats)
+        return time_interleaved({k: step(v) for k, v in modules.items()}, repeats=repeats, clock=clock)
     finally:
         torch.set_num_threads(threads)
 

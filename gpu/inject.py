@@ -43,6 +43,9 @@ class TorchOps(InjectOps):
     def is_adapter(self, obj):
         return isinstance(obj, AdapterLinear)
 
+    def layer_kind(self, obj):
+        return "embeddings" if isinstance(obj, nn.Embedding) else "norms" if isinstance(obj, nn.LayerNorm) else None
+
     def named_modules(self, model):
         return model.named_modules()
 
@@ -133,14 +136,14 @@ def _check_model(model) -> None:
 
 
 def inject(model: nn.Module, config=None, targets=("q", "v"), ranks=None, alphas=None, method=None,
-           rng=None, overrides=None, **kwargs) -> InjectResult:
+           rng=None, overrides=None, train_also=None, **kwargs) -> InjectResult:
     """Replace the matching ``torch.nn.Linear`` layers of ``model`` in place; freeze the rest.
 
     Arguments as :func:`lowrank_ref.inject.inject`; ``rng`` seeds the adapters' init (an int seed
     or a numpy Generator gives one stream for all layers; a ``torch.Generator`` is used as is)."""
     _check_model(model)
     return TORCH.inject(model, config, targets=targets, ranks=ranks, alphas=alphas, method=method,
-                        rng=rng, overrides=overrides, **kwargs)
+                        rng=rng, overrides=overrides, train_also=train_also, **kwargs)
 
 
 def build_adapters(model: nn.Module, plan: dict, rng=None, **kwargs) -> Snapshot:

@@ -1305,3 +1305,56 @@ def check_prefix_params(fn, verbose=True) -> CheckResult:
 CHECKS["09-baselines"] += [("prompt_backward", check_prompt_backward),
                            ("prefix_attention_backward", check_prefix_attention_backward),
                            ("prefix_params", check_prefix_params)]
+# ---------------------------------------------------------------- chapter 09: LongLoRA (§4)
+# (appended to chapter 09's CHECKS)
+
+
+def _s2_mask_body(fn):
+    from lowrank_ref.nn.attention import s2_attention_mask
+
+    for T, H, n_groups in [(8, 2, 2), (16, 4, 4), (24, 3, 3), (32, 4, 4)]:
+        got = np.asarray(fn(T, H, n_groups))
+        if got.shape != (H, T, T):
+            raise Mismatch(f"s2_mask({T}, {H}, {n_groups}) has shape {got.shape}, expected {(H, T, T)}")
+        want = s2_attention_mask(T, H, n_groups)
+        if got.dtype != bool:
+            raise Mismatch(f"s2_mask must return booleans (True where t may look at s), got {got.dtype}")
+        bad = np.argwhere(got != want)
+        if bad.size:
+            h, t, s = bad[0]
+            wrap = s2_attention_mask(T, H, n_groups, roll=True)
+            hint = " (that is the roll version's wrap-around: token t sees a later token)" \
+                if bool(got[h, t, s]) == bool(wrap[h, t, s]) and s > t else ""
+            raise Mismatch(f"s2_mask({T}, {H}, {n_groups})[head {h}, query {t}, key {s}] = {bool(got[h, t, s])}, "
+                           f"expected {bool(want[h, t, s])}{hint}")
+    return "the no-wrap S²-Attn mask on four shapes, odd head counts included"
+
+
+def check_s2_mask(fn, verbose=True) -> CheckResult:
+    """``fn(T, n_head, n_groups) -> (n_head, T, T) bool``: where query ``t`` may attend to key ``s``
+    under S²-Attn without wrap-around (chapter 09, §4.1)."""
+    return check("s2_mask", fn, _s2_mask_body, verbose)
+
+
+def _interpolate_positions_body(fn):
+    rng = _rng(93)
+    table = rng.standard_normal((8, 3))
+    got = np.asarray(fn(table.copy(), 32), dtype=np.float64)
+    if got.shape != (32, 3):
+        raise Mismatch(f"interpolate_positions(table (8, 3), 32) has shape {got.shape}, expected (32, 3)")
+    # by hand, independently: new position j sits at u = j/4 on the old axis
+    for j in (0, 4, 28):
+        compare(f"row {j} (= old row {j // 4})", got[j], table[j // 4])
+    compare("row 2 (halfway between old rows 0 and 1)", got[2], (table[0] + table[1]) / 2)
+    compare("row 5 (a quarter of the way from old row 1 to 2)", got[5], 0.75 * table[1] + 0.25 * table[2])
+    compare("rows 29-31 (past the last old row: kept at row 7)", got[29:], np.repeat(table[7:8], 3, axis=0))
+    return "rows on, between and past the old positions are the interpolated table's"
+
+
+def check_interpolate_positions(fn, verbose=True) -> CheckResult:
+    """``fn(table (L, d), new_length) -> (new_length, d)``: position interpolation of a learned
+    position table (chapter 09, §4.3)."""
+    return check("interpolate_positions", fn, _interpolate_positions_body, verbose)
+
+
+CHECKS["09-baselines"] += [("s2_mask", check_s2_mask), ("interpolate_positions", check_interpolate_positions)]

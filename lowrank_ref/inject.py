@@ -15,6 +15,14 @@ Target matching, for a linear layer with dotted name ``N`` (``"blocks.0.attn.q"`
 
 A target that matches nothing is an error that lists the linear layers there are.
 
+**Training more than the adapters.** ``train_also=`` keeps other parameters trainable next to the
+adapters: ``"embeddings"`` (the token and position tables), ``"norms"`` (every LayerNorm's ``γ``
+and ``β``), or a glob over parameter names (``"ln_f.*"``). LongLoRA's "LoRA+" is LoRA with
+``train_also=("embeddings", "norms")`` (its code selects the parameters whose names contain
+"embed" or "norm", REFERENCES §11); Houlsby et al. train the layer norms next to their adapters.
+A selector that matches nothing is an error. Adapter files hold the adapters only: save the
+extra parameters yourself (as LongLoRA keeps ``trainable_params.bin`` beside the adapter).
+
 **Per-layer overrides.** ``overrides={field: {pattern: value}}`` gives the layers that
 ``pattern`` matches (same matching; a later pattern wins) a config with ``field = value``, the
 way PEFT's ``rank_pattern`` / ``alpha_pattern`` do. Only the fields in the method's
@@ -53,11 +61,13 @@ __all__ = ["inject", "InjectResult", "set_trainable", "select_targets", "resolve
            "layer_configs", "per_layer_overrides", "resolve_spec", "build_adapters", "adapter_layers",
            "shared_modules", "shared_state", "check_shared_state", "load_shared_state",
            "Injector", "InjectOps", "NumpyOps", "NUMPY", "Snapshot", "SharedRef", "as_rng", "no_match_error",
-           "check_trainable_mode", "SHARED_ATTR", "TARGET_ALIASES", "HEAD_NAMES", "TRAINABLE_MODES"]
+           "check_trainable_mode", "SHARED_ATTR", "TARGET_ALIASES", "HEAD_NAMES", "TRAINABLE_MODES",
+           "TRAIN_ALSO_ALIASES"]
 
 TARGET_ALIASES = {"attn": ("q", "k", "v", "o"), "mlp": ("fc", "proj")}
 HEAD_NAMES = ("head", "lm_head")
 TRAINABLE_MODES = ("all", "none", "bias", "adapters")
+TRAIN_ALSO_ALIASES = ("embeddings", "norms")  # train_also=: the modules' kinds (InjectOps.layer_kind)
 #: the attribute of a model that holds the shared-state modules, one per method: ``model.lowrank_shared.<method>``
 SHARED_ATTR = "lowrank_shared"
 _SHORTHANDS = (("ranks", "r"), ("alphas", "alpha"))  # inject(ranks=...) sets the field r, alphas= alpha
@@ -218,6 +228,7 @@ class InjectResult:
         total_params: every scalar in the model (adapters and shared state included).
         shared: dotted names of the shared-state modules this call attached
             (``["lowrank_shared.vera"]``), empty for methods without shared state.
+        also_trained: the parameters ``train_also=`` kept trainable (dotted names).
     """
 
     method: str
@@ -226,6 +237,7 @@ class InjectResult:
     total_params: int
     configs: dict = field(default_factory=dict)
     shared: list = field(default_factory=list)
+    also_trained: list = field(default_factory=list)
 
     @property
     def trainable_fraction(self) -> float:
@@ -239,6 +251,8 @@ class InjectResult:
             lines.append(f"  {n}: {self.configs.get(n)}")
         for n in self.shared:
             lines.append(f"  {n}: shared by every layer of the method")
+        if self.also_trained:
+            lines.append(f"  also trained: {', '.join(self.also_trained)}")
         return "\n".join(lines)
 
 
@@ -284,6 +298,7 @@ class InjectOps:
     def is_module(self, obj) -> bool: ...
     def is_linear(self, obj) -> bool: ...  # a plain linear layer: a target
     def is_adapter(self, obj) -> bool: ...
+    def layer_kind(self, obj) -> str | None: ...  # "embeddings" / "norms" (train_also's aliases) or None
     def named_modules(self, model): ...  # (dotted name, module), the model itself as ""
     def get(self, model, name: str): ...
     def set(self, model, name: str, module) -> None: ...  # replace the existing submodule ``name``
@@ -324,6 +339,12 @@ class NumpyOps(InjectOps):
 
     def is_adapter(self, obj):
         return isinstance(obj, AdapterLinear)
+
+    def layer_kind(self, obj):
+        from lowrank_ref.nn.embedding import Embedding
+        from lowrank_ref.nn.layernorm import LayerNorm
+
+        return "embeddings" if isinstance(obj, Embedding) else "norms" if isinstance(obj, LayerNorm) else None
 
     def named_modules(self, model):
         return model.named_modules()
@@ -508,17 +529,49 @@ class Injector:
         return (sum(self.ops.numel(p) for p in params if self.ops.trainable(p)),
                 sum(self.ops.numel(p) for p in params))
 
+    def train_also_params(self, model, selectors) -> dict:
+        """``{dotted name: parameter}`` that ``train_also`` selects (module docstring); a selector
+        that is not a string, or that matches nothing, is an error. Adapters and shared state are
+        not searched (the adapters train anyway)."""
+        ops = self.ops
+        if selectors is None:
+            return {}
+        sel = (selectors,) if isinstance(selectors, str) else tuple(selectors)
+        if not sel or not all(isinstance(x, str) and x for x in sel):
+            raise TypeError(f"train_also must be a non-empty string or a sequence of them "
+                            f"({', '.join(TRAIN_ALSO_ALIASES)} or parameter-name patterns), got {selectors!r}")
+        inside = [n for n, m in ops.named_modules(model) if n and (ops.is_adapter(m) or n.rsplit(".", 1)[-1] == SHARED_ATTR)]
+        params = {n: p for n, p in ops.named_parameters(model) if not any(_under(n, q) for q in inside)}
+        kinds = {}
+        for mname, mod in ops.named_modules(model):
+            kind = ops.layer_kind(mod)
+            if kind is not None and not any(_under(mname, q) or mname == q for q in inside):
+                for pname, _ in ops.named_parameters(mod):
+                    kinds[f"{mname}.{pname}" if mname else pname] = kind
+        out: dict = {}
+        for x in sel:
+            hits = [n for n in params if (kinds.get(n) == x if x in TRAIN_ALSO_ALIASES else fnmatch.fnmatchcase(n, x))]
+            if not hits:
+                raise ValueError(f"train_also={x!r} matches no parameter of the model; use "
+                                 f"{' or '.join(map(repr, TRAIN_ALSO_ALIASES))} or a pattern over: {', '.join(params)}")
+            out.update((n, params[n]) for n in hits)
+        return {n: out[n] for n in params if n in out}  # model order
+
     # -- inject -----------------------------------------------------------------------------
     def inject(self, model, config=None, targets=("q", "v"), ranks=None, alphas=None, method=None,
-               rng=None, overrides=None, **kwargs) -> InjectResult:
+               rng=None, overrides=None, train_also=None, **kwargs) -> InjectResult:
         """:func:`inject` on a model of this backend (already checked to be one)."""
         ops = self.ops
+        extra = self.train_also_params(model, train_also)  # checked before anything changes
         spec = resolve_spec(config, method)
         given = per_layer_overrides(overrides, ranks, alphas)
         if not spec.is_layer:
             if any(patterns for _, patterns in given.values()):
                 raise ValueError(f"method {spec.name!r} is a whole-model mode: per-layer overrides "
                                  f"({', '.join(w for w, _ in given.values())}) do not apply")
+            if extra:
+                raise ValueError(f"method {spec.name!r} is a whole-model mode and sets what trains "
+                                 "itself: train_also does not apply")
             config = spec.coerce_config(config, dict(kwargs))
             # (model, config, rng): a mode with hyper-parameters (prompt tuning's k) reads them;
             # it checks everything before it changes the model, so an error leaves it as it was
@@ -536,9 +589,17 @@ class Injector:
         config = spec.coerce_config(config, kwargs)
         cfgs = layer_configs(config, names, overrides, spec.overridable, ranks, alphas)
         before = set(self.shared_modules(model))
-        self.build_adapters(model, {n: (spec, cfgs[n]) for n in names}, rng=rng, **kwargs)
+        snap = self.build_adapters(model, {n: (spec, cfgs[n]) for n in names}, rng=rng, **kwargs)
+        in_bases = {id(p) for m in self.adapter_layers(model).values() for _, p in ops.named_parameters(m.base)}
+        clash = [n for n, p in extra.items() if id(p) in in_bases]
+        if clash:
+            snap.restore()
+            raise ValueError(f"train_also selects {', '.join(clash)}, the frozen base of an adapter this call "
+                             "makes: train the adapter, or leave that layer out of targets")
+        for p in extra.values():
+            ops.set_trainable(p, True)
         shared = [f"{SHARED_ATTR}.{m}" for m in self.shared_modules(model) if m not in before]
-        return InjectResult(spec.name, names, *self.count(model), cfgs, shared)
+        return InjectResult(spec.name, names, *self.count(model), cfgs, shared, list(extra))
 
     def build_shared(self, spec: MethodSpec, configs: dict, bases: dict, rng):
         """The method's shared-state module for the layers ``bases`` (``{name: base layer}``)
@@ -694,7 +755,7 @@ def _injector(model) -> Injector:
 
 
 def inject(model, config=None, targets=("q", "v"), ranks=None, alphas=None, method=None, rng=None,
-           overrides=None, **kwargs) -> InjectResult:
+           overrides=None, train_also=None, **kwargs) -> InjectResult:
     """Replace the matching linear layers of ``model`` in place with adapters; freeze the rest.
 
     Args:
@@ -711,11 +772,14 @@ def inject(model, config=None, targets=("q", "v"), ranks=None, alphas=None, meth
             and the shared state; torch models also take a ``torch.Generator``).
         overrides: ``{field: {pattern: value}}``, per-layer values of the config fields in the
             method's ``SPEC.overridable`` (later patterns win).
+        train_also: parameters that train next to the adapters: ``"embeddings"``, ``"norms"``,
+            glob patterns over parameter names, or a sequence of them (LongLoRA's LoRA+:
+            ``("embeddings", "norms")``); ``None``: only the adapters.
         **kwargs: extra constructor keywords for the adapter class, or config fields that a
             config of a parent class lacks (``blocksize=64`` for ``method="qlora"``).
     """
     return _injector(model).inject(model, config, targets=targets, ranks=ranks, alphas=alphas,
-                                   overrides=overrides, method=method, rng=rng, **kwargs)
+                                   overrides=overrides, method=method, rng=rng, train_also=train_also, **kwargs)
 
 
 def build_adapters(model, plan: dict, rng=None, **kwargs) -> Snapshot:

@@ -10,10 +10,12 @@ from lowrank_gpu.nn.gpt import (
            Block,
            CausalSelfAttention,
            GPTConfig,
+           ShiftedSparseAttention,
            copy_state,
            from_numpy,
            to_numpy,
 )
 
 __all__ = ["as_torch_linear", "to_torch", "to_numpy", "generator_from",
-           "GPT", "GPTConfig", "CausalSelfAttention", "MLP", "Block", "from_numpy", "copy_state"]
+           "GPT", "GPTConfig", "CausalSelfAttention", "MLP", "Block", "from_numpy", "copy_state",
+           "ShiftedSparseAttention"]

@@ -19,11 +19,12 @@ import torch
 from torch import nn
 
 from lowrank_gpu.nn.convert import to_numpy as _tensor_to_numpy
+from lowrank_ref.nn.attention import S2_GROUPS, check_attention, s2_group_size, s2_pieces
 from lowrank_ref.nn.gpt import GPTConfig, check_input_length
 from lowrank_ref.nn.module import check_condition, set_condition
 
 __all__ = ["CausalSelfAttention", "MLP", "Block", "GPT", "GPTConfig", "from_numpy", "to_numpy",
-           "copy_state"]
+           "copy_state", "ShiftedSparseAttention", "s2_attention"]
 
 
 class CausalSelfAttention(nn.Module):
@@ -62,6 +63,55 @@ class CausalSelfAttention(nn.Module):
         return self.resid_drop(self.o(y))
 
 
+def s2_attention(q, k, v, n_groups: int = S2_GROUPS, dropout: float = 0.0, training: bool = True):
+    """LongLoRA's S²-Attn without wrap-around, the twin of ``lowrank_ref.nn.attention.s2_attention_forward``:
+    ``q, k, v (B, H, T, hs)`` -> ``(B, H, T, hs)``, causal attention inside each group of
+    ``s2_pieces`` (heads ``[0, H//2)`` in groups of ``G = T/n_groups``, heads ``[H//2, H)`` shifted
+    by ``G/2``, with half groups at both ends). Autograd does the backward."""
+    B, H, T, hs = q.shape
+    y = torch.empty_like(v)
+    for heads, ranges, g in s2_pieces(T, H, n_groups):
+        def grouped(t, heads=heads, ranges=ranges, g=g):
+            t = torch.cat([t[:, heads, a:b] for a, b in ranges], dim=2)
+            return t.reshape(B, t.shape[1], -1, g, hs)  # (B, h, n, g, hs)
+
+        qg, kg, vg = grouped(q), grouped(k), grouped(v)
+        s = (qg @ kg.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, h, n, g, g)
+        future = torch.triu(torch.ones(g, g, dtype=torch.bool, device=q.device), diagonal=1)
+        p = torch.softmax(s.masked_fill(future, float("-inf")), dim=-1)
+        if dropout > 0.0:
+            p = torch.nn.functional.dropout(p, dropout, training)
+        yg = (p @ vg).reshape(B, qg.shape[1], -1, hs)  # (B, h, L, hs)
+        i = 0
+        for a, b in ranges:
+            y[:, heads, a:b] = yg[:, :, i:i + b - a]
+            i += b - a
+    return y
+
+
+class ShiftedSparseAttention(CausalSelfAttention):
+    """S²-Attn while training, full attention in eval mode: the twin of
+    ``lowrank_ref.nn.attention.ShiftedSparseAttention`` (same names, same ``n_groups``)."""
+
+    def __init__(self, d_model: int, n_head: int, dropout: float = 0.0, dtype=None, device=None,
+                 n_groups: int = S2_GROUPS):
+        super().__init__(d_model, n_head, dropout, dtype=dtype, device=device)
+        s2_group_size(2 * n_groups, n_groups)  # checks n_groups
+        self.n_groups = int(n_groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)  # full attention at inference
+        B, T, C = x.shape
+        s2_group_size(T, self.n_groups)
+        nh, hs = self.n_head, C // self.n_head
+        q = self.q(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k(x).view(B, T, nh, hs).transpose(1, 2)
+        v = self.v(x).view(B, T, nh, hs).transpose(1, 2)
+        y = s2_attention(q, k, v, self.n_groups, self.attn_drop.p, self.training)
+        return self.resid_drop(self.o(y.transpose(1, 2).reshape(B, T, C)))
+
+
 class MLP(nn.Module):
     def __init__(self, d_model: int, hidden: int, dropout: float = 0.0, dtype=None, device=None):
         super().__init__()
@@ -78,11 +128,12 @@ class Block(nn.Module):
     """Pre-LN block: ``x + attn(ln1(x))``, then ``h + mlp(ln2(h))``."""
 
     def __init__(self, d_model: int, n_head: int, mlp_ratio: int = 4, dropout: float = 0.0,
-                 dtype=None, device=None):
+                 dtype=None, device=None, attention: str = "full"):
         super().__init__()
         kw = {"dtype": dtype, "device": device}
         self.ln1 = nn.LayerNorm(d_model, eps=1e-5, **kw)
-        self.attn = CausalSelfAttention(d_model, n_head, dropout, **kw)
+        attn_cls = ShiftedSparseAttention if check_attention(attention) == "s2" else CausalSelfAttention
+        self.attn = attn_cls(d_model, n_head, dropout, **kw)
         self.ln2 = nn.LayerNorm(d_model, eps=1e-5, **kw)
         self.mlp = MLP(d_model, mlp_ratio * d_model, dropout, **kw)
 
@@ -92,18 +143,20 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """``forward(idx (B, T) long) -> logits (B, T, vocab_size)``; the same names as the NumPy GPT."""
+    """``forward(idx (B, T) long) -> logits (B, T, vocab_size)``; the same names as the NumPy GPT.
+    ``attention="s2"``: LongLoRA's S²-Attn in every block while training (full attention in eval)."""
 
-    def __init__(self, config: GPTConfig, dtype=torch.float32, device=None, rng=None):
+    def __init__(self, config: GPTConfig, dtype=torch.float32, device=None, rng=None, attention: str = "full"):
         super().__init__()
         if not isinstance(config, GPTConfig):
             raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
         c = self.config = config
+        self.attention = check_attention(attention)
         kw = {"dtype": dtype, "device": device}
         self.tok_emb = nn.Embedding(c.vocab_size, c.d_model, **kw)
         self.pos_emb = nn.Embedding(c.block_size, c.d_model, **kw)
         self.drop = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList(Block(c.d_model, c.n_head, c.mlp_ratio, c.dropout, **kw)
+        self.blocks = nn.ModuleList(Block(c.d_model, c.n_head, c.mlp_ratio, c.dropout, **kw, attention=attention)
                                     for _ in range(c.n_layer))
         self.ln_f = nn.LayerNorm(c.d_model, eps=1e-5, **kw)
         self.head = nn.Linear(c.d_model, c.vocab_size, bias=False, **kw)
@@ -221,7 +274,7 @@ def from_numpy(np_gpt, device=None, dtype=None) -> GPT:
     if not isinstance(np_gpt, NumpyGPT):
         raise TypeError(f"np_gpt must be a lowrank_ref.nn.GPT, got {type(np_gpt).__name__}")
     dtype = _numpy_dtype_to_torch(np_gpt.dtype) if dtype is None else dtype
-    model = GPT(np_gpt.config, dtype=dtype, device=device, rng=0)
+    model = GPT(np_gpt.config, dtype=dtype, device=device, rng=0, attention=getattr(np_gpt, "attention", "full"))
     copy_state(np_gpt, model)
     model.train(np_gpt.training)
     return model
@@ -240,7 +293,7 @@ def to_numpy(torch_gpt: GPT):
     if not isinstance(torch_gpt, GPT):
         raise TypeError(f"torch_gpt must be a lowrank_gpu.nn.GPT (or a tensor), got {type(torch_gpt).__name__}")
     w = _tensor_to_numpy(torch_gpt.tok_emb.weight)
-    model = NumpyGPT(torch_gpt.config, rng=np.random.default_rng(0), dtype=w.dtype)
+    model = NumpyGPT(torch_gpt.config, rng=np.random.default_rng(0), dtype=w.dtype, attention=torch_gpt.attention)
     copy_state(torch_gpt, model)
     model.train(torch_gpt.training)
     return model

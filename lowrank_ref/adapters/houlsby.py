@@ -10,7 +10,8 @@ With ``h = x W0ᵀ + b`` (PyTorch layout, ``W0 (out, in)``) and a bottleneck of 
 The paper puts two adapters in each layer: after the attention's output projection and after the
 feed-forward network, before the residual add and the layer norm. Here that is an adapter around
 the attention's ``o`` and the MLP's ``proj`` (the compare row's targets). The paper also trains the
-layer norms; this layer method does not reach them (the chapter says so).
+layer norms: a layer method does not reach them, so ``inject(..., train_also="norms")`` keeps every
+LayerNorm trainable next to the adapters, as the ``adapter`` compare row does.
 
 **The non-linearity** ``f``: GELU by default, ReLU as an option. The paper's figure names only "a
 nonlinearity"; GELU is the model's own MLP activation here (one smooth function in the whole
@@ -243,6 +244,8 @@ SPEC = MethodSpec(
     mergeable=False,
     compare={
         # the paper's two adapters per layer: after the attention output and after the feed-forward
-        "adapter": CompareRow(HoulsbyConfig(bottleneck=8), targets=("o", "proj"), lr=1e-2, order=37),
+        # ...with the layer norms trained too, as in the paper (inject's train_also)
+        "adapter": CompareRow(HoulsbyConfig(bottleneck=8), targets=("o", "proj"), lr=1e-2, order=37,
+                              kwargs={"train_also": ("norms",)}),
     },
 )

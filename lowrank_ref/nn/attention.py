@@ -41,6 +41,7 @@ are shared by every row), are :math:`\bar P_k`, :math:`\bar P_v` (stored as ``kv
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import numpy as np
 
@@ -48,7 +49,9 @@ from lowrank_ref.nn.activations import softmax, softmax_backward
 from lowrank_ref.nn.linear import Dropout, Linear, check_last_dim
 from lowrank_ref.nn.module import Module, array_module, where_is
 
-__all__ = ["CausalSelfAttention", "causal_mask", "additive_causal_mask"]
+__all__ = ["CausalSelfAttention", "causal_mask", "additive_causal_mask",
+           "ShiftedSparseAttention", "S2_GROUPS", "ATTENTIONS", "check_attention", "s2_group_size", "s2_attention_mask", "s2_pieces",
+           "s2_attention_forward", "s2_attention_backward", "s2_attention_roll"]
 
 
 def causal_mask(T: int) -> np.ndarray:
@@ -157,3 +160,252 @@ class CausalSelfAttention(Module):
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, n_head={self.n_head}"
+
+
+# --- LongLoRA's shifted sparse attention (S²-Attn) -----------------------------------------
+S2_GROUPS = 4  # LongLoRA's group_size_ratio = 1/4: four groups of G = T/4 tokens
+ATTENTIONS = ("full", "s2")  # the models' ``attention=`` choices
+
+
+def check_attention(attention) -> str:
+    """``attention`` checked against :data:`ATTENTIONS` (a ``TypeError``/``ValueError`` naming it)."""
+    if not isinstance(attention, str):
+        raise TypeError(f"attention must be a string, one of {ATTENTIONS}, got {type(attention).__name__}")
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+    return attention
+
+
+def s2_group_size(T: int, n_groups: int = S2_GROUPS) -> int:
+    """``G = T / n_groups``, checked: S²-Attn needs whole groups of an even size (the shift is G/2).
+
+    A length that does not divide is a ``ValueError`` (no silent padding): pad the batch to a
+    multiple of ``2·n_groups`` tokens, or run full attention."""
+    for name, v in (("n_groups", n_groups), ("T", T)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if T % (2 * n_groups):
+        raise ValueError(f"S²-Attn splits the sequence into n_groups={n_groups} groups of an even size G "
+                         f"(half of the heads are shifted by G/2), so the sequence length must be a multiple "
+                         f"of {2 * n_groups}, got T={T}; pad the batch or use full attention")
+    return int(T) // int(n_groups)
+
+
+def s2_attention_mask(T: int, n_head: int, n_groups: int = S2_GROUPS, roll: bool = False) -> np.ndarray:
+    r"""The dense picture of S²-Attn: ``(n_head, T, T)`` booleans, ``True`` where query ``t`` may
+    attend to key ``s`` (the reference implementation for tests and the chapter, not the fast path).
+
+    With ``G = T/n_groups`` and ``seg(t)`` a position's segment, ``t`` sees ``s`` iff
+    ``s <= t`` and ``seg(s) = seg(t)``:
+
+    * heads ``[0, H//2)``: ``seg(t) = ⌊t/G⌋`` (groups ``[0, G), [G, 2G), ...``);
+    * heads ``[H//2, H)``, shifted by half a group, no wrap: ``seg(t) = ⌊(t + G/2)/G⌋``
+      (segments ``[0, G/2), [G/2, 3G/2), ..., [T - G/2, T)``, as LongLoRA's flash version's
+      ``cu_seqlens``);
+    * ``roll=True``, the shifted heads of the reference's ``roll`` version: position ``t`` sits at
+      ``i(t) = (t - G/2) mod T``; ``t`` sees ``s`` iff ``⌊i(s)/G⌋ = ⌊i(t)/G⌋`` and ``i(s) <= i(t)``.
+      Tokens ``[0, G/2)`` land after tokens ``[T - G/2, T)`` in the last group and see them: the
+      future (the leak, REFERENCES §11).
+    """
+    G = s2_group_size(T, n_groups)
+    h = G // 2
+    t, s = np.arange(T)[:, None], np.arange(T)[None, :]
+    plain = (t // G == s // G) & (s <= t)
+    if roll:
+        it, js = (t - h) % T, (s - h) % T
+        shifted = (it // G == js // G) & (js <= it)
+    else:
+        shifted = ((t + h) // G == (s + h) // G) & (s <= t)
+    h0 = n_head // 2
+    return np.stack([plain] * h0 + [shifted] * (n_head - h0))
+
+
+def s2_pieces(T: int, n_head: int, n_groups: int = S2_GROUPS) -> list[tuple[slice, tuple, int]]:
+    """How S²-Attn cuts ``(heads, tokens)`` into independent causal attentions: a list of
+    ``(heads, token ranges, group size)``. Each range is a whole number of groups; together the
+    pieces cover every (head, token) once.
+
+    * heads ``[0, H//2)``: all of ``[0, T)`` in groups of ``G``;
+    * heads ``[H//2, H)``: ``[G/2, T - G/2)`` in groups of ``G`` (the shifted groups), and the two
+      half groups at the ends, ``[0, G/2)`` and ``[T - G/2, T)``, as two groups of ``G/2``."""
+    G = s2_group_size(T, n_groups)
+    h, h0 = G // 2, n_head // 2
+    pieces = [(slice(0, h0), ((0, T),), G),
+              (slice(h0, n_head), ((h, T - h),), G),
+              (slice(h0, n_head), ((0, h), (T - h, T)), h)]
+    return [p for p in pieces if p[0].stop > p[0].start and sum(b - a for a, b in p[1]) > 0]
+
+
+def _gather_groups(x: np.ndarray, ranges, g: int) -> np.ndarray:
+    """``x (B, h, T, hs)`` -> the tokens in ``ranges`` as groups ``(B, h, n, g, hs)``."""
+    parts = [x[:, :, a:b] for a, b in ranges]
+    y = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=2)
+    B, nh, L, hs = y.shape
+    return y.reshape(B, nh, L // g, g, hs)
+
+
+def _scatter_groups(out: np.ndarray, yg: np.ndarray, ranges) -> None:
+    """Write groups ``yg (B, h, n, g, hs)`` back into the token ``ranges`` of ``out (B, h, T, hs)``."""
+    B, nh, n, g, hs = yg.shape
+    flat = yg.reshape(B, nh, n * g, hs)
+    i = 0
+    for a, b in ranges:
+        out[:, :, a:b] = flat[:, :, i:i + b - a]
+        i += b - a
+
+
+class S2Part(NamedTuple):
+    """One piece of :func:`s2_attention_forward`'s cache: where it sits and what its backward needs."""
+
+    heads: slice
+    ranges: tuple
+    g: int
+    q: np.ndarray  # (B, h, n, g, hs)
+    k: np.ndarray
+    v: np.ndarray
+    p: np.ndarray  # P = softmax(S)   (B, h, n, g, g)
+    keep: np.ndarray | None  # the inverted-dropout mask D, or None
+
+
+class S2Cache(NamedTuple):
+    parts: list
+    scale: float
+    shape: tuple  # (B, nh, T, hs)
+
+
+def s2_attention_forward(q, k, v, n_groups: int = S2_GROUPS, dropout: float = 0.0, rng=None):
+    r"""Shifted sparse attention (LongLoRA, Chen et al. 2024, arXiv:2309.12307, §3.2), the version
+    that does not wrap around.
+
+    Args:
+        q, k, v: ``(B, H, T, hs)``, the heads already split.
+        n_groups: the groups per sequence (LongLoRA: 4, ``G = T/4``); ``T`` must be a multiple of
+            ``2·n_groups`` (:func:`s2_group_size`).
+        dropout, rng: attention-weight dropout (inverted), as the full attention's ``attn_drop``.
+    Returns:
+        ``(Y (B, H, T, hs), cache)``.
+
+    Each piece of :func:`s2_pieces` (a set of heads, groups of ``g`` tokens) is causal attention
+    within each group, exactly the formulas of this module's docstring with ``T`` replaced by
+    ``g``: per group ``S = Q_g K_gᵀ/√hs + M_g``, ``P = softmax(S)``, ``Y_g = (P ⊙ D) V_g``. Heads
+    ``[0, H//2)`` use groups ``[0, G), [G, 2G), ...``; heads ``[H//2, H)`` use the groups shifted by
+    ``G/2`` — ``[G/2, 3G/2), ...`` plus the two half groups ``[0, G/2)`` and ``[T - G/2, T)`` at the
+    ends, so no token sees a later one. Equal to attention with the dense mask
+    :func:`s2_attention_mask`; the work is ``O(T·G)`` per head instead of ``O(T²)``.
+
+    Backward (:func:`s2_attention_backward`): the groups share nothing, so it is the full
+    attention's backward in every group, and each (head, token) gets its gradient from the one
+    group it belongs to.
+    """
+    B, H, T, hs = q.shape
+    scale = 1.0 / np.sqrt(hs)
+    y = np.zeros_like(v)
+    parts = []
+    for heads, ranges, g in s2_pieces(T, H, n_groups):
+        qg, kg, vg = (_gather_groups(t[:, heads], ranges, g) for t in (q, k, v))  # (B, h, n, g, hs)
+        s = qg @ kg.swapaxes(-1, -2)  # Q_g K_gᵀ   (B, h, n, g, g)
+        s *= np.asarray(scale, dtype=s.dtype)
+        s += additive_causal_mask(g, s.dtype)  # + M_g: causal inside the group
+        p = softmax(s, axis=-1)
+        keep = None
+        if dropout > 0.0:
+            keep = ((rng.random(p.shape) >= dropout) / (1.0 - dropout)).astype(p.dtype)
+        pd = p if keep is None else p * keep  # P̃ = P ⊙ D
+        _scatter_groups(y[:, heads], pd @ vg, ranges)  # Y_g = P̃ V_g
+        parts.append(S2Part(heads, ranges, g, qg, kg, vg, p, keep))
+    return y, S2Cache(parts, scale, (B, H, T, hs))
+
+
+def s2_attention_backward(dy, cache: S2Cache):
+    r"""``(Q̄, K̄, V̄)``, each ``(B, H, T, hs)``, for upstream ``Ȳ``: per group, as the full
+    attention's, ``V̄ = P̃ᵀ Ȳ``, ``P̄ = (Ȳ Vᵀ) ⊙ D``, ``S̄ = P ⊙ (P̄ - rowsum(P̄ ⊙ P))``,
+    ``Q̄ = S̄ K/√hs``, ``K̄ = S̄ᵀ Q/√hs``."""
+    dq, dk, dv = (np.zeros(cache.shape, dtype=np.result_type(dy, cache.parts[0].q)) for _ in range(3))
+    for part in cache.parts:
+        dyg = _gather_groups(dy[:, part.heads], part.ranges, part.g)  # Ȳ_g   (B, h, n, g, hs)
+        pd = part.p if part.keep is None else part.p * part.keep
+        dvg = pd.swapaxes(-1, -2) @ dyg  # V̄ = P̃ᵀ Ȳ
+        dp = dyg @ part.v.swapaxes(-1, -2)  # Ȳ Vᵀ   (B, h, n, g, g)
+        if part.keep is not None:
+            dp *= part.keep  # P̄ = (Ȳ Vᵀ) ⊙ D
+        ds = softmax_backward(dp, part.p)  # S̄
+        ds *= np.asarray(cache.scale, dtype=ds.dtype)
+        _scatter_groups(dq[:, part.heads], ds @ part.k, part.ranges)  # Q̄ = S̄ K/√hs
+        _scatter_groups(dk[:, part.heads], ds.swapaxes(-1, -2) @ part.q, part.ranges)  # K̄ = S̄ᵀ Q/√hs
+        _scatter_groups(dv[:, part.heads], dvg, part.ranges)
+    return dq, dk, dv
+
+
+def s2_attention_roll(q, k, v, n_groups: int = S2_GROUPS) -> np.ndarray:
+    r"""The LongLoRA reference's ``roll`` version of S²-Attn (``forward_noflashattn``), forward
+    only, kept to show its leak: the shifted heads are rolled by ``-G/2`` along the sequence,
+    attention runs causally within groups of ``G``, and the output is rolled back by ``+G/2``.
+
+    ``roll`` wraps around: the last group of the shifted heads holds tokens ``[T - G/2, T)`` and
+    then ``[0, G/2)``, so under the in-group causal mask the first ``G/2`` tokens attend to the
+    last ``G/2`` — later tokens, at training time. :func:`s2_attention_forward` does not wrap."""
+    B, H, T, hs = q.shape
+    G = s2_group_size(T, n_groups)
+    h0, shift = H // 2, G // 2
+
+    def rolled(t, by):
+        t = t.copy()
+        t[:, h0:] = np.roll(t[:, h0:], by, axis=2)
+        return t
+
+    q, k, v = (rolled(t, -shift) for t in (q, k, v))
+    qg, kg, vg = (t.reshape(B, H, T // G, G, hs) for t in (q, k, v))  # (B, H, n, G, hs)
+    s = (qg @ kg.swapaxes(-1, -2)) * (1.0 / np.sqrt(hs)) + additive_causal_mask(G, q.dtype)
+    y = (softmax(s, axis=-1) @ vg).reshape(B, H, T, hs)
+    return rolled(y, shift)
+
+
+class ShiftedSparseAttention(CausalSelfAttention):
+    r"""Causal self-attention that runs LongLoRA's S²-Attn while training and full attention in
+    eval mode (LongLoRA: S²-Attn "is not required during inference"). The same ``q``, ``k``, ``v``,
+    ``o`` and parameter names as :class:`CausalSelfAttention`, so adapters inject the same way and
+    weights load unchanged.
+
+    Args:
+        n_groups: groups per sequence while training (4: ``G = T/4``); a training sequence whose
+            length is not a multiple of ``2·n_groups`` is a ``ValueError``.
+        the rest: as :class:`CausalSelfAttention`.
+    """
+
+    def __init__(self, d_model: int, n_head: int, dropout: float = 0.0, rng=None, dtype=np.float32,
+                 n_groups: int = S2_GROUPS):
+        super().__init__(d_model, n_head, dropout=dropout, rng=rng, dtype=dtype)
+        s2_group_size(2 * n_groups, n_groups)  # checks n_groups
+        self.n_groups = int(n_groups)
+        self._s2 = False
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        if not self.training:
+            self._s2 = False
+            return super().forward(x)  # full attention at inference
+        x = check_last_dim(x, self.d_model)
+        if x.ndim != 3:
+            raise ValueError(f"x must have shape (B, T, {self.d_model}), got {x.shape}")
+        s2_group_size(x.shape[1], self.n_groups)  # a clear error before any work
+        q = self._split(self.q.forward(x))  # (B, nh, T, hs)
+        k = self._split(self.k.forward(x))
+        v = self._split(self.v.forward(x))
+        y, cache = s2_attention_forward(q, k, v, self.n_groups, self.attn_drop.p, self.attn_drop.rng)
+        out = self.resid_drop.forward(self.o.forward(self._merge(y)))  # (B, T, C)
+        self._s2 = True
+        self._cache = cache
+        return out
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        if not self._s2:
+            return super().backward(dout)
+        cache = self._pop_cache()
+        dy = self._split(self.o.backward(self.resid_drop.backward(dout)))  # Ȳ   (B, nh, T, hs)
+        dq, dk, dv = s2_attention_backward(dy, cache)
+        dx = self.q.backward(self._merge(dq))
+        dx = dx + self.k.backward(self._merge(dk))
+        dx = dx + self.v.backward(self._merge(dv))  # x̄ = x̄_q + x̄_k + x̄_v
+        return dx
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, s2_groups={self.n_groups}"

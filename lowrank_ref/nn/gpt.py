@@ -94,20 +94,25 @@ class GPT(Module):
     long, :attr:`max_input_length`), after prefix tuning ``prefix`` (each forward hands layer
     ``i``'s key/value prefixes to ``blocks.i.attn.kv_prefix``). Parameter names therefore read ``blocks.0.attn.q.weight``,
     ``tok_emb.weight``, ``head.weight``, the same as in :mod:`lowrank_gpu.nn.gpt`.
+
+    ``attention="s2"`` builds every block with LongLoRA's shifted sparse attention, used while
+    training (full attention in eval mode and in :meth:`generate`); the weights are the same.
     """
 
-    def __init__(self, config: GPTConfig, rng=None, dtype=np.float32):
+    def __init__(self, config: GPTConfig, rng=None, dtype=np.float32, attention: str = "full"):
         super().__init__()
         if not isinstance(config, GPTConfig):
             raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
         rng = np.random.default_rng() if rng is None else rng
         c = config
         self.config = c
+        self.attention = attention
         self.tok_emb = Embedding(c.vocab_size, c.d_model, rng=rng, dtype=dtype)
         self.pos_emb = Embedding(c.block_size, c.d_model, rng=rng, dtype=dtype)
         self.drop = Dropout(c.dropout, rng=rng)
         self.blocks = ModuleList(
-            Block(c.d_model, c.n_head, c.mlp_ratio, c.dropout, rng=rng, dtype=dtype) for _ in range(c.n_layer)
+            Block(c.d_model, c.n_head, c.mlp_ratio, c.dropout, rng=rng, dtype=dtype, attention=attention)
+            for _ in range(c.n_layer)
         )
         self.ln_f = LayerNorm(c.d_model, dtype=dtype)
         self.head = Linear(c.d_model, c.vocab_size, bias=False, rng=rng, dtype=dtype)

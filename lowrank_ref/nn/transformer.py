@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from lowrank_ref.nn.activations import GELU
-from lowrank_ref.nn.attention import CausalSelfAttention
+from lowrank_ref.nn.attention import CausalSelfAttention, ShiftedSparseAttention, check_attention
 from lowrank_ref.nn.layernorm import LayerNorm
 from lowrank_ref.nn.linear import Dropout, Linear
 from lowrank_ref.nn.module import Module
@@ -52,16 +52,20 @@ class MLP(Module):
 
 
 class Block(Module):
-    """Pre-LN transformer block: ``x + attn(ln1(x))``, then ``h + mlp(ln2(h))``."""
+    """Pre-LN transformer block: ``x + attn(ln1(x))``, then ``h + mlp(ln2(h))``.
+
+    ``attention``: ``"full"`` (:class:`CausalSelfAttention`) or ``"s2"``
+    (:class:`ShiftedSparseAttention`: LongLoRA's S²-Attn while training, full attention in eval)."""
 
     def __init__(self, d_model: int, n_head: int, mlp_ratio: int = 4, dropout: float = 0.0,
-                 rng=None, dtype=np.float32):
+                 rng=None, dtype=np.float32, attention: str = "full"):
         super().__init__()
         if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, np.integer)) or mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio must be a positive integer, got {mlp_ratio!r}")
         rng = np.random.default_rng() if rng is None else rng
         self.ln1 = LayerNorm(d_model, dtype=dtype)
-        self.attn = CausalSelfAttention(d_model, n_head, dropout=dropout, rng=rng, dtype=dtype)
+        attn_cls = ShiftedSparseAttention if check_attention(attention) == "s2" else CausalSelfAttention
+        self.attn = attn_cls(d_model, n_head, dropout=dropout, rng=rng, dtype=dtype)
         self.ln2 = LayerNorm(d_model, dtype=dtype)
         self.mlp = MLP(d_model, mlp_ratio * d_model, dropout=dropout, rng=rng, dtype=dtype)
 

@@ -51,3 +51,21 @@ def prefix_params(n_layer, d_model, k, hidden, projection):
         return 2 * n_layer * k * d_model  # P (L, 2, k, C)
     out = 2 * n_layer * d_model  # the MLP's output width
     return k * d_model + hidden * d_model + hidden + out * hidden + out  # E, W1, b1, W2, b2
+
+
+def s2_mask(T, n_head, n_groups):
+    G = T // n_groups
+    t, s = np.arange(T)[:, None], np.arange(T)[None, :]
+    plain = (t // G == s // G) & (s <= t)  # groups [0, G), [G, 2G), ...
+    shifted = ((t + G // 2) // G == (s + G // 2) // G) & (s <= t)  # [0, G/2), [G/2, 3G/2), ..., no wrap
+    h0 = n_head // 2  # heads [h0, H) are shifted, as the reference's qkv[:, H//2:]
+    return np.stack([plain] * h0 + [shifted] * (n_head - h0))
+
+
+def interpolate_positions(table, new_length):
+    L = table.shape[0]
+    u = np.arange(new_length) * L / new_length  # where each new position falls on the old axis
+    lo = np.minimum(np.floor(u).astype(int), L - 1)
+    hi = np.minimum(lo + 1, L - 1)
+    w = np.where(hi > lo, u - lo, 0.0)[:, None]  # past the last row: keep it
+    return (1 - w) * table[lo] + w * table[hi]
