@@ -114,7 +114,6 @@ def krona_shapes(cfg: KronAConfig, in_features: int, out_features: int) -> dict:
 
 class KronACache(NamedTuple):
     x2: np.ndarray
-    T: np.ndarray
     A: np.ndarray
     B: np.ndarray
     Wq: object
@@ -146,19 +145,17 @@ def krona_forward(x, params, cfg: KronAConfig):
     del W
     if b is not None:
         y += b
-    k, T = kron_apply(x2, s * A, B)  # s folded into the small factor
-    y += k
-    return y.reshape(*lead, y.shape[-1]), KronACache(x2, T, A, B, Wq, s, lead)
+    kron_apply(x2, s * A, B, out=y)  # y += s x (A ⊗ B)ᵀ; s folded into the small factor
+    return y.reshape(*lead, y.shape[-1]), KronACache(x2, A, B, Wq, s, lead)
 
 
 def krona_backward(dy, cache: KronACache):
     r"""Return ``(x̄, grads)``; grads: ``A``, ``B`` arrays, ``W`` and ``b`` None (frozen)."""
-    x2, T, A, B, Wq, s, lead = cache
+    x2, A, B, Wq, s, lead = cache
     W = weight_array(Wq, dy.dtype)
     dy2 = dy.reshape(-1, dy.shape[-1])
-    dxk, dA, dB = kron_apply_backward(dy2, x2, T, s * A, B)  # x̄ and B̄ come out scaled by s
-    dx = dy2 @ W
-    dx += dxk
+    dx = dy2 @ W  # ȳ W0
+    _, dA, dB = kron_apply_backward(dy2, x2, s * A, B, dx=dx)  # dx += X̄; x̄ and B̄ come out scaled by s
     return dx.reshape(*lead, W.shape[1]), {"A": s * dA, "B": dB, "W": None, "b": None}
 
 

@@ -75,22 +75,34 @@ def test_low_rank_or_full_rule():
 
 
 # --- the reshape identity and the backward ----------------------------------------------------------
-def test_kron_apply_is_x_times_kron_transposed():
+@pytest.mark.parametrize("rows", [None, 1, 3, 7, 100])
+def test_kron_apply_is_x_times_kron_transposed_in_any_row_blocks(rows):
     rng = np.random.default_rng(0)
     C, D, x = rng.standard_normal((3, 2)), rng.standard_normal((4, 5)), rng.standard_normal((7, 10))
-    y, _ = kron_apply(x, C, D)
-    assert_close(y, x @ np.kron(C, D).T, "C X Dᵀ vs x (C ⊗ D)ᵀ", RTOL, ATOL)
+    y = kron_apply(x, C, D, rows=rows)
+    assert_close(y, x @ np.kron(C, D).T, f"rows={rows}: C X Dᵀ vs x (C ⊗ D)ᵀ", RTOL, ATOL)
+    base = rng.standard_normal((7, 12))
+    out = base.copy()
+    assert kron_apply(x, C, D, out=out, rows=rows) is out
+    assert_close(out, base + y, f"rows={rows}: out= adds", RTOL, ATOL)
 
 
-def test_kron_apply_backward_gradcheck():
+@pytest.mark.parametrize("rows", [None, 2, 7])
+def test_kron_apply_backward_gradcheck_and_blocks_equal_the_plain_form(rows):
     rng = np.random.default_rng(1)
     C, D, x = rng.standard_normal((3, 2)), rng.standard_normal((4, 5)), rng.standard_normal((7, 10))
     w = rng.standard_normal((7, 12))
-    _, T = kron_apply(x, C, D)
-    dx, dC, dD = kron_apply_backward(w, x, T, C, D)
-    report = check_gradients(lambda: float(np.sum(kron_apply(x, C, D)[0] * w)),
+    dx, dC, dD = kron_apply_backward(w, x, C, D, rows=rows)
+    report = check_gradients(lambda: float(np.sum(kron_apply(x, C, D) * w)),
                              {"x": x, "C": C, "D": D}, {"x": dx, "C": dC, "D": dD})
     assert report.ok, str(report)
+    plain = kron_apply_backward(w, x, C, D, rows=None)
+    for name, mine, one_block in zip(("x̄", "C̄", "D̄"), (dx, dC, dD), plain):
+        assert_close(mine, one_block, f"rows={rows}: {name} vs one block", RTOL, ATOL)
+    base = rng.standard_normal((7, 10))
+    acc = base.copy()
+    assert kron_apply_backward(w, x, C, D, dx=acc, rows=rows)[0] is acc
+    assert_close(acc, base + dx, "dx= adds", RTOL, ATOL)
 
 
 CFGS = {
