@@ -13,7 +13,7 @@ from lowrank_ref.adapters.dora import DoRAConfig
 from lowrank_ref.adapters.dylora import DyLoRAConfig
 from lowrank_ref.adapters.houlsby import HoulsbyConfig
 from lowrank_ref.adapters.ia3 import IA3Config
-from lowrank_ref.adapters.krona import KronAConfig
+from lowrank_ref.adapters.krona import KronAConfig, KronAResConfig
 from lowrank_ref.adapters.loha import LoHaConfig
 from lowrank_ref.adapters.lokr import LoKrConfig
 from lowrank_ref.adapters.lora import LoRAConfig
@@ -35,6 +35,7 @@ quant.QLoRALinear = adapters.QLoRALinear
 __all__ = ["nn", "adapters", "registry", "adapt", "gradcheck", "LoRAConfig", "DoRAConfig", "QLoRAConfig", "QLoRAInt4Config",
            "IA3Config", "LoHaConfig", "DyLoRAConfig", "SoRAConfig", "LoKrConfig", "KronAConfig", "AdaLoRAConfig", "VeRAConfig", "TiedLoRAConfig"]
 __all__ += ["SSFConfig", "HoulsbyConfig"]
+__all__ += ["KronAResConfig"]  # KronA^B_res (a block wrapper, not a registered method)
 
 
 def __getattr__(name):  # lazy sub-packages that later issues fill in
