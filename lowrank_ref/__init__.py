@@ -14,7 +14,7 @@ from lowrank_ref.adapters.dylora import DyLoRAConfig
 from lowrank_ref.adapters.houlsby import HoulsbyConfig
 from lowrank_ref.adapters.hyperlora import HyperLoRAConfig
 from lowrank_ref.adapters.ia3 import IA3Config
-from lowrank_ref.adapters.krona import KronAConfig
+from lowrank_ref.adapters.krona import KronAConfig, KronAResConfig
 from lowrank_ref.adapters.loha import LoHaConfig
 from lowrank_ref.adapters.lokr import LoKrConfig
 from lowrank_ref.adapters.lora import LoRAConfig
@@ -43,6 +43,7 @@ __all__ += ["SSFConfig", "HoulsbyConfig"]
 __all__ += ["HyperLoRAConfig"]
 __all__ += ["MultiTaskLoRAConfig", "LoRAMoEConfig"]
 __all__ += ["PromptTuningConfig", "PrefixTuningConfig"]
+__all__ += ["KronAResConfig"]  # KronA^B_res (a block wrapper, not a registered method)
 
 
 def __getattr__(name):  # lazy sub-packages that later issues fill in

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["CheckResult", "CHECKS", "KRONECKER_CHECKS", "check", "compare"]
+__all__ = ["CheckResult", "CHECKS", "check", "compare"]
 
 
 @dataclass
@@ -694,7 +694,7 @@ DRAFT_CHECKS: dict[str, list[tuple[str, Callable]]] = {
 
 
 # ---------------------------------------------------------------- chapter 05: KronA and LoKr
-# (kept as their own block, KRONECKER_CHECKS, until chapter 05's exercise notebook takes them in)
+# (a block of its own: its checks join chapter 05's entry in CHECKS, after LoHa's)
 
 
 def _kron_problem(rng):
@@ -786,10 +786,8 @@ def check_lokr_params(fn, verbose=True) -> CheckResult:
     return check("lokr_params", fn, _lokr_params_body, verbose)
 
 
-KRONECKER_CHECKS: dict[str, list[tuple[str, Callable]]] = {
-    "05-kronecker": [("kron_matvec", check_kron_matvec), ("kron_backward", check_kron_backward),
-                     ("lokr_factorization", check_lokr_factorization), ("lokr_params", check_lokr_params)],
-}
+CHECKS["05-products"] += [("kron_matvec", check_kron_matvec), ("kron_backward", check_kron_backward),
+                          ("lokr_factorization", check_lokr_factorization), ("lokr_params", check_lokr_params)]
 
 
 # ---------------------------------------------------------------- chapter 08: serving many adapters

@@ -18,7 +18,23 @@ from lowrank_gpu.adapters.base import AdapterLinear
 from lowrank_gpu.nn.convert import generator_from
 from lowrank_ref.adapters.loha import LoHaConfig, loha_route
 
-__all__ = ["LoHaLinear", "face_split"]
+__all__ = ["LoHaLinear", "face_split", "draw_row_dropout"]
+
+
+def draw_row_dropout(generator, out_features: int, rank_dropout: float, module_dropout: float, training: bool):
+    """``(keep (out,) float64 0/1 or None, active)``: the twin of
+    :func:`lowrank_ref.adapters.loha.draw_row_dropout` on a ``torch.Generator`` (not rescaled;
+    an all-dropped draw is ``active = False``)."""
+    if not training:
+        return None, True
+    if module_dropout > 0 and float(torch.rand(1, generator=generator)) < module_dropout:
+        return None, False
+    if rank_dropout > 0:
+        keep = (torch.rand(out_features, generator=generator) > rank_dropout).double()
+        if not bool(keep.any()):
+            return None, False  # every row dropped: the branch is off (PEFT's rescale divides by zero)
+        return keep, True
+    return None, True
 
 
 def face_split(A1, A2, B1, B2):
@@ -63,16 +79,9 @@ class LoHaLinear(AdapterLinear):
     def _row_mask(self):
         """``(m or None, active)``: the rescaled row mask and whether the branch acts (training only)."""
         c = self.config
-        if not self.training:
-            return None, True
-        if c.module_dropout > 0 and float(torch.rand(1, generator=self.generator)) < c.module_dropout:
-            return None, False
-        if c.rank_dropout > 0:
-            keep = (torch.rand(self.out_features, generator=self.generator) > c.rank_dropout).double()
-            if not bool(keep.any()):
-                return None, False  # every row dropped: the branch is off (PEFT divides by zero)
-            return keep / keep.mean(), True
-        return None, True
+        keep, active = draw_row_dropout(self.generator, self.out_features, c.rank_dropout, c.module_dropout,
+                                        self.training)
+        return (None if keep is None else keep / keep.mean()), active
 
     def _forward(self, x):
         y = self.base(x)  # x W0ᵀ + b   (..., out)

@@ -3,6 +3,8 @@ r"""LoKr in PyTorch: the twin of :mod:`lowrank_ref.adapters.lokr`, backward by a
 ``y = x W0ᵀ + b + s · x (C ⊗ D)ᵀ`` through the reshape identity ``C X Dᵀ`` (the Kronecker product
 is never formed in the forward); ``C = w1`` or ``w1_a w1_b``, ``D = w2`` or ``w2_a w2_b``, sizes by
 PEFT's ``factorization`` rule. Same config, names and shapes; wraps any ``torch.nn.Linear``.
+PEFT's ``rank_dropout`` (a 0/1 mask over the rows of ΔW, divided by its mean only with
+``rank_dropout_scale``) and ``module_dropout``, drawn by LoHa's :func:`draw_row_dropout`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 from torch import nn
 
 from lowrank_gpu.adapters.base import AdapterLinear
+from lowrank_gpu.adapters.loha import draw_row_dropout
 from lowrank_gpu.nn.convert import generator_from
 from lowrank_ref.adapters.lokr import FACTOR_NAMES, LoKrConfig, lokr_layout, lokr_shapes
 
@@ -42,6 +45,7 @@ class LoKrLinear(AdapterLinear):
         config = self.check_config(config)
         super().__init__(base, config)
         g = generator_from(rng, device="cpu")
+        self.generator = g  # the init, then the dropout draws
         self.layout = lokr_layout(config, self.in_features, self.out_features)
         zero = ("w1", "w1_a") if config.init == "peft" else ("w2", "w2_b")
         for name, shape in lokr_shapes(config, self.in_features, self.out_features).items():
@@ -67,5 +71,15 @@ class LoKrLinear(AdapterLinear):
         return self.scaling * torch.kron(C, D)
 
     def _forward(self, x):
+        c = self.config
+        keep, active = draw_row_dropout(self.generator, self.out_features, c.rank_dropout, c.module_dropout,
+                                        self.training)
+        y = self.base(x)  # x W0ᵀ + b
+        if not active:
+            return y
         C, D = self.blocks()
-        return self.base(x) + kron_apply(x, self.scaling * C, D)  # s folded into the small block
+        z = kron_apply(x, self.scaling * C, D)  # s folded into the small block
+        if keep is not None:
+            m = keep / keep.mean() if c.rank_dropout_scale else keep
+            z = z * m.to(device=z.device, dtype=z.dtype)  # rows of ΔW: columns of x ΔWᵀ
+        return y + z

@@ -22,7 +22,23 @@ PEFT's LoKr rule, the smaller factor of ``factorization(dim, -1)``, the divisor 
 ``s``. Chosen here: ``A`` Kaiming-uniform (``U(±1/√a_in)``, as ``nn.Linear``), ``B = 0``, so
 ΔW = 0 at init and both factors get gradients after the first step (the choice of an unofficial
 re-implementation; LoRA's ``B = 0``); ``s = scale``, a plain hyper-parameter, default 1.
-The non-mergeable KronA^B / KronA^B_res forms (parallel to a whole block) are not provided.
+
+**KronA^B_res** (:class:`KronAResBlock`, the slide deck's best GLUE variant): the same product, but
+in parallel to a whole frozen block ``F`` (the paper: the FFN) that maps ``d`` features to ``d``,
+plus a scaled copy of the block's input::
+
+    y = F(x) + s · x (A ⊗ B)ᵀ + s_res · x,     A ⊗ B  (d, d)
+
+Not mergeable: ``F`` is non-linear (the FFN's GELU), so no weight of any one layer can absorb the
+two extra terms, and the adapter runs at inference too (the deck's latency table: 136 % of the
+model's). What is not public, and chosen here: the init (A Kaiming, B = 0, as for KronA), ``s``
+(default 1), and ``s_res``: the deck says "scaled residual", one blog writes ``+ I`` (``s_res = 1``),
+an unofficial re-implementation makes it a trainable scalar initialised to 1. Here ``s_res`` starts
+at ``residual_scale`` (default 1) and is trained iff ``train_residual`` (default True). With
+``s_res ≠ 0`` the wrapped block does **not** start as the pretrained block: it adds ``s_res · x``
+from the first step (the paper's design; ``residual_scale=0`` starts exactly at ``F``). Not a
+registered method: the injection engine targets linear layers, and this wraps a block, by hand
+(``block.mlp = KronAResBlock(block.mlp, d)``).
 """
 
 from __future__ import annotations
@@ -39,13 +55,13 @@ from lowrank_ref.adapters.lokr import (
     kron_apply,
     kron_apply_backward,
 )
-from lowrank_ref.config import check_alpha
-from lowrank_ref.nn.module import Parameter
+from lowrank_ref.config import check_alpha, check_bool
+from lowrank_ref.nn.module import Module, Parameter
 from lowrank_ref.quant.linear import weight_array
 from lowrank_ref.registry import CompareRow, Example, MethodSpec
 
 __all__ = ["KronAConfig", "KronALinear", "krona_sizes", "krona_shapes", "krona_forward", "krona_backward",
-           "divisors", "SPEC"]
+           "divisors", "KronAResConfig", "KronAResBlock", "krona_res_forward", "krona_res_backward", "SPEC"]
 
 
 def divisors(n: int) -> list[int]:
@@ -114,7 +130,6 @@ def krona_shapes(cfg: KronAConfig, in_features: int, out_features: int) -> dict:
 
 class KronACache(NamedTuple):
     x2: np.ndarray
-    T: np.ndarray
     A: np.ndarray
     B: np.ndarray
     Wq: object
@@ -146,19 +161,17 @@ def krona_forward(x, params, cfg: KronAConfig):
     del W
     if b is not None:
         y += b
-    k, T = kron_apply(x2, s * A, B)  # s folded into the small factor
-    y += k
-    return y.reshape(*lead, y.shape[-1]), KronACache(x2, T, A, B, Wq, s, lead)
+    kron_apply(x2, s * A, B, out=y)  # y += s x (A ⊗ B)ᵀ; s folded into the small factor
+    return y.reshape(*lead, y.shape[-1]), KronACache(x2, A, B, Wq, s, lead)
 
 
 def krona_backward(dy, cache: KronACache):
     r"""Return ``(x̄, grads)``; grads: ``A``, ``B`` arrays, ``W`` and ``b`` None (frozen)."""
-    x2, T, A, B, Wq, s, lead = cache
+    x2, A, B, Wq, s, lead = cache
     W = weight_array(Wq, dy.dtype)
     dy2 = dy.reshape(-1, dy.shape[-1])
-    dxk, dA, dB = kron_apply_backward(dy2, x2, T, s * A, B)  # x̄ and B̄ come out scaled by s
-    dx = dy2 @ W
-    dx += dxk
+    dx = dy2 @ W  # ȳ W0
+    _, dA, dB = kron_apply_backward(dy2, x2, s * A, B, dx=dx)  # dx += X̄; x̄ and B̄ come out scaled by s
     return dx.reshape(*lead, W.shape[1]), {"A": s * dA, "B": dB, "W": None, "b": None}
 
 
@@ -203,6 +216,130 @@ class KronALinear(AdapterLinear):
         dx, grads = krona_backward(dy, self._pop_cache())
         self.A.accumulate(grads["A"])
         self.B.accumulate(grads["B"])
+        return dx
+
+
+# --- KronA^B_res: parallel to a whole block, plus a scaled residual -----------------------------
+@dataclass(frozen=True)
+class KronAResConfig:
+    r"""KronA^B_res: ``y = F(x) + s · x (A ⊗ B)ᵀ + s_res · x`` around a frozen ``d -> d`` block ``F``.
+
+    Args:
+        a_out, a_in: ``A``'s shape, as :class:`KronAConfig` (on the ``(d, d)`` product).
+        scale: ``s``.
+        residual_scale: the initial ``s_res`` (a real number; 0 starts exactly at the block).
+        train_residual: ``s_res`` is trained (the unofficial re-implementation) or fixed.
+    """
+
+    a_out: int | None = None
+    a_in: int | None = None
+    scale: float = 1.0
+    residual_scale: float = 1.0
+    train_residual: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "a_out", _check_side(self.a_out, "a_out"))
+        object.__setattr__(self, "a_in", _check_side(self.a_in, "a_in"))
+        object.__setattr__(self, "scale", check_alpha(self.scale, "scale"))
+        v = self.residual_scale
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise TypeError(f"residual_scale must be a real number, got {type(v).__name__}")
+        if not np.isfinite(v):
+            raise ValueError(f"residual_scale must be finite, got {v}")
+        object.__setattr__(self, "residual_scale", float(v))
+        object.__setattr__(self, "train_residual", check_bool(self.train_residual, "train_residual"))
+
+    def replace(self, **changes):
+        return type(self)(**{**asdict(self), **changes})
+
+
+class KronAResCache(NamedTuple):
+    x2: np.ndarray  # the block's input (N, d)
+    A: np.ndarray
+    B: np.ndarray
+    s: float
+    s_res: np.ndarray  # (1,)
+    lead: tuple
+
+
+def krona_res_forward(x, fx, params, cfg: KronAResConfig):
+    r"""y = F(x) + s · x (A ⊗ B)ᵀ + s_res · x (the block's own output ``F(x)`` given).
+
+    Args:
+        x: the block's input ``(..., d)``.
+        fx: the frozen block's output ``F(x)``, ``(..., d)``.
+        params: ``{"A": (a_out, a_in), "B": (d/a_out, d/a_in), "s_res": (1,)}``.
+        cfg: gives ``s``.
+    Returns:
+        ``(y (..., d), cache)``.
+
+    Backward, for ȳ (N, d), with the KronA terms of :func:`krona_forward` (Ȳ = ȳ.reshape(N,
+    a_out, b_out), T = X Bᵀ, Z = Aᵀ Ȳ); the block's own x̄ is the block's backward, added by
+    the caller::
+
+        Ā = s Σ_N Ȳ Tᵀ    B̄ = s Σ_N Zᵀ X    s̄_res = Σ ȳ ⊙ x    x̄ = F'(x)ᵀ ȳ + s (Z B).reshape(N, d) + s_res ȳ
+    """
+    A, B, s_res = params["A"], params["B"], params["s_res"]
+    if fx.shape != x.shape:
+        raise ValueError(f"KronA^B_res needs a block that maps its input's shape to itself: input {x.shape}, "
+                         f"block output {fx.shape}")
+    s, lead, d = cfg.scale, x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, d)  # (N, d)
+    y = fx.reshape(-1, d) + s_res * x2  # F(x) + s_res · x   (N, d), a new array
+    kron_apply(x2, s * A, B, out=y)  # + s · x (A ⊗ B)ᵀ
+    return y.reshape(*lead, d), KronAResCache(x2, A, B, s, s_res, lead)
+
+
+def krona_res_backward(dy, cache: KronAResCache):
+    r"""Return ``(x̄ of the two adapter terms, grads)``: ``A``, ``B``, ``s_res``."""
+    x2, A, B, s, s_res, lead = cache
+    dy2 = dy.reshape(-1, x2.shape[1])
+    dx = s_res * dy2  # s_res ȳ
+    _, dA, dB = kron_apply_backward(dy2, x2, s * A, B, dx=dx)  # dx += s (Z B); B̄ comes out scaled by s
+    ds = (dy2 * x2).sum().reshape(1)  # s̄_res = Σ ȳ ⊙ x
+    return dx.reshape(*lead, x2.shape[1]), {"A": s * dA, "B": dB, "s_res": ds}
+
+
+class KronAResBlock(Module):
+    """KronA^B_res around a frozen block ``F`` of ``features -> features`` (any module with
+    ``forward``/``backward``, e.g. a GPT block's ``mlp``). Trainable: ``A``, ``B`` and (with
+    ``train_residual``) ``s_res``. Not mergeable (``F`` is non-linear).
+
+    Args:
+        block: the frozen block (its parameters are frozen by this constructor).
+        features: ``d``, the block's input and output width.
+        config: a :class:`KronAResConfig`.
+        rng: a ``numpy.random.Generator`` (or a seed) for ``A``'s Kaiming draw.
+    """
+
+    def __init__(self, block, features: int, config: KronAResConfig | None = None, rng=None):
+        super().__init__()
+        config = KronAResConfig() if config is None else config
+        if not isinstance(config, KronAResConfig):
+            raise TypeError(f"config must be a KronAResConfig, got {type(config).__name__}")
+        d = _check_side(features, "features")
+        if d is None:
+            raise TypeError("features must be a positive int, got None")
+        shapes = krona_shapes(KronAConfig(config.a_out, config.a_in, config.scale), d, d)
+        for p in block.parameters().values():
+            p.trainable, p.grad = False, None
+        dtype = next((p.data.dtype for p in block.parameters().values()), np.dtype(np.float32))
+        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        self.block, self.config, self.features = block, config, d
+        self.A = Parameter(kaiming_uniform(shapes["A"], rng, dtype))
+        self.B = Parameter(np.zeros(shapes["B"], dtype=dtype))  # B = 0: the Kronecker term starts at 0
+        self.s_res = Parameter(np.full(1, config.residual_scale, dtype=dtype), trainable=config.train_residual)
+
+    def forward(self, x):
+        params = {"A": self.A.data, "B": self.B.data, "s_res": self.s_res.data}
+        y, self._cache = krona_res_forward(x, self.block.forward(x), params, self.config)
+        return y
+
+    def backward(self, dy):
+        dx, grads = krona_res_backward(dy, self._pop_cache())
+        dx += self.block.backward(dy)  # + F'(x)ᵀ ȳ
+        for n in ("A", "B", "s_res"):
+            getattr(self, n).accumulate(grads[n])
         return dx
 
 

@@ -48,7 +48,7 @@ from lowrank_ref.quant.linear import weight_array
 from lowrank_ref.registry import CompareRow, Example, MethodSpec, PeftMapping
 
 __all__ = ["LoHaConfig", "LoHaLinear", "loha_forward", "loha_backward", "loha_route", "face_split",
-           "init_loha", "SPEC"]
+           "init_loha", "draw_row_dropout", "row_mask_factor", "SPEC"]
 
 LOHA_ROUTES = ("auto", "dense", "factorised")
 
@@ -107,6 +107,52 @@ def loha_route(n_rows: int, in_features: int, out_features: int, r: int) -> str:
     dense = 3 * n_rows * in_features * out_features + 8 * r * in_features * out_features
     factorised = 3 * (n_rows + 1) * r * r * (in_features + out_features)
     return "factorised" if factorised < dense else "dense"
+
+
+def draw_row_dropout(rng, out_features: int, rank_dropout: float, module_dropout: float, training: bool,
+                     dtype=np.float64):
+    r"""One training forward's draws of PEFT's two LyCORIS dropouts: ``(keep or None, active)``.
+
+    * ``module_dropout``: with probability ``p`` the whole branch is off (``active = False``).
+    * ``rank_dropout``: ``keep_i = [u_i > p]``, ``u ~ U(0, 1)^out``: a 0/1 mask over the **rows of
+      ΔW** (output features), not over ranks. Not rescaled here (LoHa always divides by its mean,
+      LoKr only with ``rank_dropout_scale``). A draw that drops every row gives ``active = False``:
+      ``ΔW ⊙ 0 = 0``, where PEFT's rescale divides by zero.
+
+    Neither acts outside training (``(None, True)``). ``rng`` is a ``numpy.random.Generator``;
+    nothing is drawn for a probability of 0 (PEFT draws ``rand(1)`` every training forward).
+    """
+    if not training:
+        return None, True
+    if module_dropout > 0 and rng.random() < module_dropout:
+        return None, False  # the branch skips this step
+    if rank_dropout > 0:
+        keep = (rng.random(out_features) > rank_dropout).astype(dtype)
+        if not keep.any():
+            return None, False  # every row dropped: ΔW ⊙ 0 = 0 (PEFT's rescale divides by zero)
+        return keep, True
+    return None, True
+
+
+def row_mask_factor(row_mask, out_features: int, x, rescale: bool = True):
+    r"""The factor ``m (out,)`` that multiplies the columns of ``x ΔWᵀ`` (rows of ΔW), or None.
+
+    ``row_mask`` is a 0/1 keep-mask (``(out,)``) or None; with ``rescale`` it is divided by its
+    mean (``m = keep / mean(keep)``), so an all-zero mask is a ``ValueError`` (PEFT returns NaN
+    there); without it ``m = keep``."""
+    if row_mask is None:
+        return None
+    keep = array_module(x).asarray(row_mask, dtype=x.dtype).reshape(-1)
+    if keep.shape != (out_features,):
+        raise ValueError(f"row_mask must have shape ({out_features},) (one entry per output row of ΔW), "
+                         f"got {keep.shape}")
+    if not rescale:
+        return keep
+    total = float(keep.sum())
+    if total == 0:
+        raise ValueError("row_mask drops every row of ΔW: its mean is 0, and rescaling by it divides by zero "
+                         "(PEFT returns NaN here); skip the branch instead (active=False)")
+    return keep * (out_features / total)  # m = keep / mean(keep)
 
 
 def face_split(A1, A2, B1, B2):
@@ -178,17 +224,7 @@ def loha_forward(x, params, cfg: LoHaConfig, row_mask=None, active=True):
     del W
     if b is not None:
         y += b
-    m = None
-    if row_mask is not None:
-        xp = array_module(x)
-        keep = xp.asarray(row_mask, dtype=x.dtype).reshape(-1)
-        if keep.shape != (out,):
-            raise ValueError(f"row_mask must have shape ({out},) (one entry per output row of ΔW), got {keep.shape}")
-        total = float(keep.sum())
-        if total == 0:
-            raise ValueError("row_mask drops every row of ΔW: its mean is 0, and rescaling by it divides by zero "
-                             "(PEFT's LoHa returns NaN here); skip the branch instead (active=False)")
-        m = keep * (out / total)  # m = keep / mean(keep)
+    m = row_mask_factor(row_mask, out, x, rescale=True)
     if not active:
         return y.reshape(*lead, out), LoHaCache(x2, Wq, A1, A2, B1, B2, s, None, "off", None, lead)
     route = cfg.route if cfg.route != "auto" else loha_route(x2.shape[0], n_in, out, r)
@@ -291,16 +327,8 @@ class LoHaLinear(AdapterLinear):
     def _masks(self):
         """``(row_mask, active)`` for this forward: both dropouts act only while training."""
         c = self.config
-        if not self.training:
-            return None, True
-        if c.module_dropout > 0 and self.rng.random() < c.module_dropout:
-            return None, False  # the branch skips this step
-        if c.rank_dropout > 0:
-            keep = (self.rng.random(self.out_features) > c.rank_dropout).astype(self.weight_dtype)
-            if not keep.any():
-                return None, False  # every row dropped: ΔW ⊙ 0 = 0 (PEFT divides by zero here)
-            return keep, True
-        return None, True
+        return draw_row_dropout(self.rng, self.out_features, c.rank_dropout, c.module_dropout, self.training,
+                                self.weight_dtype)
 
     def _forward(self, x):
         row_mask, active = self._masks()

@@ -75,22 +75,34 @@ def test_low_rank_or_full_rule():
 
 
 # --- the reshape identity and the backward ----------------------------------------------------------
-def test_kron_apply_is_x_times_kron_transposed():
+@pytest.mark.parametrize("rows", [None, 1, 3, 7, 100])
+def test_kron_apply_is_x_times_kron_transposed_in_any_row_blocks(rows):
     rng = np.random.default_rng(0)
     C, D, x = rng.standard_normal((3, 2)), rng.standard_normal((4, 5)), rng.standard_normal((7, 10))
-    y, _ = kron_apply(x, C, D)
-    assert_close(y, x @ np.kron(C, D).T, "C X Dᵀ vs x (C ⊗ D)ᵀ", RTOL, ATOL)
+    y = kron_apply(x, C, D, rows=rows)
+    assert_close(y, x @ np.kron(C, D).T, f"rows={rows}: C X Dᵀ vs x (C ⊗ D)ᵀ", RTOL, ATOL)
+    base = rng.standard_normal((7, 12))
+    out = base.copy()
+    assert kron_apply(x, C, D, out=out, rows=rows) is out
+    assert_close(out, base + y, f"rows={rows}: out= adds", RTOL, ATOL)
 
 
-def test_kron_apply_backward_gradcheck():
+@pytest.mark.parametrize("rows", [None, 2, 7])
+def test_kron_apply_backward_gradcheck_and_blocks_equal_the_plain_form(rows):
     rng = np.random.default_rng(1)
     C, D, x = rng.standard_normal((3, 2)), rng.standard_normal((4, 5)), rng.standard_normal((7, 10))
     w = rng.standard_normal((7, 12))
-    _, T = kron_apply(x, C, D)
-    dx, dC, dD = kron_apply_backward(w, x, T, C, D)
-    report = check_gradients(lambda: float(np.sum(kron_apply(x, C, D)[0] * w)),
+    dx, dC, dD = kron_apply_backward(w, x, C, D, rows=rows)
+    report = check_gradients(lambda: float(np.sum(kron_apply(x, C, D) * w)),
                              {"x": x, "C": C, "D": D}, {"x": dx, "C": dC, "D": dD})
     assert report.ok, str(report)
+    plain = kron_apply_backward(w, x, C, D, rows=None)
+    for name, mine, one_block in zip(("x̄", "C̄", "D̄"), (dx, dC, dD), plain):
+        assert_close(mine, one_block, f"rows={rows}: {name} vs one block", RTOL, ATOL)
+    base = rng.standard_normal((7, 10))
+    acc = base.copy()
+    assert kron_apply_backward(w, x, C, D, dx=acc, rows=rows)[0] is acc
+    assert_close(acc, base + dx, "dx= adds", RTOL, ATOL)
 
 
 CFGS = {
@@ -314,10 +326,162 @@ def test_save_peft_loads_in_peft_with_the_same_outputs(tmp_path, backend):
     assert_close(_fwd(other), mine, f"save_peft({backend}) -> load_peft(other backend)", RTOL, ATOL)
 
 
-def test_peft_folder_with_rank_dropout_is_refused(tmp_path):
-    pm = peft.get_peft_model(_model("torch"), peft.LoKrConfig(r=1, target_modules=["q"], rank_dropout=0.5))
+def test_peft_folder_with_dropouts_loads_them(tmp_path):
+    pm = peft.get_peft_model(_model("torch"), peft.LoKrConfig(r=1, target_modules=["q"], rank_dropout=0.25,
+                                                             module_dropout=0.125, rank_dropout_scale=True))
     pm.save_pretrained(str(tmp_path / "peft"))
     model = _model("numpy")
-    with pytest.raises(ValueError, match="rank_dropout"):
-        load_peft(model, tmp_path / "peft")
-    assert not model.trainable_parameters() or all("lokr" not in n for n in model.trainable_parameters())
+    load_peft(model, tmp_path / "peft")
+    cfg = model.blocks[0].attn.q.config
+    assert (cfg.rank_dropout, cfg.module_dropout, cfg.rank_dropout_scale) == (0.25, 0.125, True)
+    save_peft(model, tmp_path / "ours")
+    back = peft.PeftConfig.from_pretrained(str(tmp_path / "ours"))
+    assert (back.rank_dropout, back.module_dropout, back.rank_dropout_scale) == (0.25, 0.125, True)
+
+
+# --- rank_dropout and module_dropout (REFERENCES §2.5) ---------------------------------------------
+def _params(layer):
+    b = None if layer.base.bias is None else layer.base.bias.data
+    return {"W": layer.base.weight.data, "b": b, **layer._factors()}
+
+
+@pytest.mark.parametrize("scale", [False, True])
+def test_peft_rank_dropout_masks_rows_of_delta_w_ours_with_the_same_mask(scale):
+    """PEFT's LoKr in training mode: ``torch.rand(1)`` (module dropout, drawn even at p = 0), then
+    ``keep = torch.rand(out) > p`` over the rows of ΔW, divided by its mean only with
+    rank_dropout_scale. Replaying PEFT's draws from the same seed gives the mask; our pure forward
+    and backward with that mask are PEFT's."""
+    out, inn, cfg = 8, 6, lr.LoKrConfig(r=1, alpha=3.0, rank_dropout=0.5, rank_dropout_scale=scale)
+    pm = peft.get_peft_model(One(out, inn), peft.LoKrConfig(r=1, alpha=3.0, target_modules=["k"], rank_dropout=0.5,
+                                                            rank_dropout_scale=scale))
+    pl = pm.base_model.model.k
+    layer = make_layer(np.random.default_rng(11), out, inn, cfg)
+    layer.base.weight.data = pl.base_layer.weight.detach().numpy().copy()
+    layer.base.bias.data = pl.base_layer.bias.detach().numpy().copy()
+    theirs = {n.replace("lokr_", "").split(".")[0]: p for n, p in pl.named_parameters() if "lokr_" in n and p.numel()}
+    with torch.no_grad():
+        for n, p in layer.trainable_parameters().items():
+            theirs[n].copy_(torch.from_numpy(p.data))
+    rng = np.random.default_rng(12)
+    x, w = rng.standard_normal((3, inn)), rng.standard_normal((3, out))
+    # PEFT's mask is float32 (``.float()``), so its 1/mean carries float32 rounding (8/5 here)
+    rtol, atol = (1e-6, 1e-9) if scale else (RTOL, ATOL)
+    pm.train()
+    for seed in range(6):
+        torch.manual_seed(seed)
+        torch.rand(1)
+        keep = (torch.rand(out) > 0.5).double().numpy()
+        if not 0 < keep.sum() < out:
+            continue
+        torch.manual_seed(seed)
+        xt = torch.tensor(x, requires_grad=True)
+        yt = pm(xt)
+        (yt * torch.tensor(w)).sum().backward()
+        y, cache = lokr_forward(x, _params(layer), cfg, row_mask=keep)
+        dx, grads = lokr_backward(w, cache)
+        assert_close(y, yt, f"seed {seed}: y vs peft", rtol, atol)
+        assert_close(dx, xt.grad, f"seed {seed}: x̄ vs peft", rtol, atol)
+        for n in layer.trainable_parameters():
+            assert_close(grads[n], theirs[n].grad, f"seed {seed}: {n}̄ vs peft", rtol, atol)
+            theirs[n].grad = None
+        # what it does: rows of ΔW, i.e. output columns: dropped ones are the base's
+        base = x @ layer.base.weight.data.T + layer.base.bias.data
+        assert_close(y[:, keep == 0], base[:, keep == 0], "dropped rows are the base's")
+        m = keep / keep.mean() if scale else keep
+        assert_close(y, base + m * (x @ layer.delta_weight().T), "W0 + diag(m) ΔW")
+
+
+def test_rank_dropout_backward_gradcheck_and_only_while_training():
+    layer = make_layer(np.random.default_rng(13), 8, 6, lr.LoKrConfig(r=1, alpha=3.0, rank_dropout=0.5))
+    keep = np.array([1, 0, 1, 1, 0, 0, 1, 1.0])
+    cfg = layer.config.replace(rank_dropout_scale=True)
+    x = np.random.default_rng(14).standard_normal((2, 3, 6))
+    params = {n: (v.copy() if v is not None else None) for n, v in _params(layer).items()}
+    w = np.random.default_rng(21).standard_normal((2, 3, 8))
+    y, cache = lokr_forward(x, params, cfg, row_mask=keep)
+    dx, grads = lokr_backward(w, cache)
+    factors = [n for n in params if n in layer.trainable_parameters()]
+    report = check_gradients(lambda: float(np.sum(lokr_forward(x, params, cfg, row_mask=keep)[0] * w)),
+                             {"x": x, **{n: params[n] for n in factors}}, {"x": dx, **{n: grads[n] for n in factors}})
+    assert report.ok, str(report)
+    layer.eval()
+    assert_close(layer.forward(x), x @ (layer.base.weight.data + layer.delta_weight()).T + layer.base.bias.data,
+                 "eval: no dropout")
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_every_row_dropped_is_the_base_not_nan(backend):
+    cfg = lr.LoKrConfig(r=1, alpha=3.0, rank_dropout=0.99, rank_dropout_scale=True)
+    layer = make_layer(np.random.default_rng(15), 4, 6, cfg)
+    x = np.random.default_rng(16).standard_normal((2, 6))
+    base = x @ layer.base.weight.data.T + layer.base.bias.data
+    if backend == "torch":
+        tl = lr.adapt(layer.base, cfg, backend="torch", rng=0)
+        xt = torch.tensor(x, requires_grad=True)
+        ys = [tl(xt) for _ in range(5)]
+        sum(y.sum() for y in ys).backward()
+        assert torch.isfinite(xt.grad).all()
+        assert any(np.allclose(y.detach().numpy(), base) for y in ys)
+        return
+    ys = []
+    for _ in range(5):
+        ys.append(layer.forward(x))
+        layer.backward(np.ones((2, 4)))
+    assert any(np.array_equal(y, base) for y in ys)  # almost surely all dropped with 4 rows and p = 0.99
+    assert all(np.isfinite(p.grad).all() for p in layer.trainable_parameters().values())
+    with pytest.raises(ValueError, match="row_mask drops every row"):
+        lokr_forward(x, _params(layer), cfg, row_mask=np.zeros(4))
+    y, _ = lokr_forward(x, _params(layer), cfg.replace(rank_dropout_scale=False), row_mask=np.zeros(4))
+    assert_close(y, base, "unscaled all-zero mask: the base (PEFT's LoKr default does not divide)")
+    with pytest.raises(ValueError, match=r"row_mask must have shape \(4,\)"):
+        lokr_forward(x, _params(layer), cfg, row_mask=np.ones(6))
+
+
+def _torch_twin(layer):
+    """The torch LoKr layer on the same base with the same (non-zero) factors."""
+    tl = lr.adapt(layer.base, layer.config, backend="torch", rng=0)
+    with torch.no_grad():
+        for n, p in layer.trainable_parameters().items():
+            getattr(tl, n).copy_(torch.from_numpy(p.data))
+    return tl
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_module_dropout_skips_the_whole_branch_sometimes_and_never_in_eval(backend):
+    cfg = lr.LoKrConfig(r=1, alpha=3.0, module_dropout=0.5)
+    layer = make_layer(np.random.default_rng(17), 4, 6, cfg)
+    x = np.random.default_rng(18).standard_normal((2, 6))
+    W, b = layer.base.weight.data, layer.base.bias.data
+    base, full = x @ W.T + b, x @ (W + layer.delta_weight()).T + b
+    if backend == "torch":
+        layer = _torch_twin(layer)
+
+        def fwd():
+            return layer(torch.tensor(x)).detach().numpy()
+    else:
+        def fwd():
+            y = layer.forward(x)
+            layer.backward(np.ones((2, 4)))
+            return y
+    outs = {"base" if np.allclose(y, base, 1e-12, 1e-12) else "full" if np.allclose(y, full) else "other"
+            for y in (fwd() for _ in range(30))}
+    assert outs == {"base", "full"}
+    layer.eval()
+    assert all(np.allclose(fwd() if backend == "numpy" else layer(torch.tensor(x)).detach().numpy(), full)
+               for _ in range(5))
+
+
+def test_torch_rank_dropout_rows_match_its_generator_draw():
+    cfg = lr.LoKrConfig(r=1, alpha=3.0, rank_dropout=0.5)
+    layer = make_layer(np.random.default_rng(19), 8, 6, cfg)
+    tl = _torch_twin(layer)
+    x = np.random.default_rng(20).standard_normal((3, 6))
+    W, b = layer.base.weight.data, layer.base.bias.data
+    D = tl.delta_weight().detach().numpy()
+    for _ in range(4):
+        state = tl.generator.get_state()
+        y = tl(torch.tensor(x)).detach().numpy()
+        tl.generator.set_state(state)
+        keep = (torch.rand(8, generator=tl.generator) > 0.5).double().numpy()
+        if keep.any():
+            assert_close(y, x @ W.T + b + keep * (x @ D.T), "torch: W0 + diag(keep) ΔW (no rescale)")
