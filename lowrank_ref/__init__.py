@@ -18,6 +18,7 @@ from lowrank_ref.adapters.loha import LoHaConfig
 from lowrank_ref.adapters.lokr import LoKrConfig
 from lowrank_ref.adapters.lora import LoRAConfig
 from lowrank_ref.adapters.qlora import QLoRAConfig, QLoRAInt4Config
+from lowrank_ref.adapters.selora import SeLoRAConfig
 from lowrank_ref.adapters.sora import SoRAConfig
 from lowrank_ref.adapters.ssf import SSFConfig
 from lowrank_ref.adapters.tied_lora import TiedLoRAConfig
@@ -33,7 +34,7 @@ __version__ = "0.1.0"
 quant.QLoRALinear = adapters.QLoRALinear
 
 __all__ = ["nn", "adapters", "registry", "adapt", "gradcheck", "LoRAConfig", "DoRAConfig", "QLoRAConfig", "QLoRAInt4Config",
-           "IA3Config", "LoHaConfig", "DyLoRAConfig", "SoRAConfig", "LoKrConfig", "KronAConfig", "AdaLoRAConfig", "VeRAConfig", "TiedLoRAConfig"]
+           "IA3Config", "LoHaConfig", "DyLoRAConfig", "SoRAConfig", "LoKrConfig", "KronAConfig", "AdaLoRAConfig", "VeRAConfig", "TiedLoRAConfig", "SeLoRAConfig"]
 __all__ += ["SSFConfig", "HoulsbyConfig"]
 
 

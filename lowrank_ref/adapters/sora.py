@@ -324,5 +324,6 @@ SPEC = MethodSpec(
     shapes=_shapes,
     hooks=PerBackend("lowrank_ref.adapters.sora:SoRAHooks", "lowrank_gpu.adapters.sora:SoRAHooks"),
     example=lambda: Example(6, 5, SoRAConfig(r=3, alpha=6.0, lam=0.1)),
+    final_rank=lambda layer: int(layer.active_rank),  # the non-zero gates
     compare={"sora": CompareRow(SoRAConfig(r=8, alpha=16, lam=0.5), targets=("q", "v"), lr=1e-2, order=51)},
 )
