@@ -52,6 +52,7 @@ class SeLoRALinear(AdapterLinear):
         self.register_buffer("a_trial", self._draw_trial(), persistent=False)
         self.probing = False
         self._probe: dict | None = None
+        self.last_ratio: float | None = None
 
     def _draw_trial(self) -> torch.Tensor:
         a = init_lora_A(1, self.in_features, "kaiming", self._gen)[0]  # U(±1/√in)
