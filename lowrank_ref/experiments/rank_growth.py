@@ -130,11 +130,9 @@ def format_bench(runs: list[dict]) -> str:
     return "\n".join(out)
 
 
-def plot_growth(res: dict, path) -> str:
-    """The rank of every layer over training, one panel per threshold."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+def plot_growth(res: dict, path=None):
+    """The rank of every layer over training, one panel per threshold; saved to ``path`` (returns
+    it), or, with ``path=None``, the figure is returned (a notebook shows it)."""
     import matplotlib.pyplot as plt
 
     runs = res["selora"]["runs"]
@@ -148,6 +146,8 @@ def plot_growth(res: dict, path) -> str:
     axes[0][0].set_ylabel("rank")
     axes[0][-1].legend(fontsize=7, loc="upper left")
     fig.tight_layout()
+    if path is None:
+        return fig
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return str(path)
