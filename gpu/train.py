@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lowrank_gpu.optim import grow_state
 from lowrank_ref.data.batching import eval_windows
 from lowrank_ref.train import (
     TrainResult,
@@ -136,6 +137,7 @@ def train(model, data, steps: int, lr: float = 1e-3, batch_size: int = 16, optim
             torch.nn.utils.clip_grad_norm_(params, clip)
         for g in opt.param_groups:
             g["lr"] = lr_now
+        grow_state(opt)  # a parameter that grew (SeLoRA-style rank growth): its Adam moments follow
         opt.step()
         call_hooks(step_hooks, "after_step", step)  # gradients still in place (AdaLoRA's scores read them)
         opt.zero_grad(set_to_none=True)

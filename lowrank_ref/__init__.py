@@ -23,6 +23,7 @@ from lowrank_ref.adapters.multitask_lora import MultiTaskLoRAConfig
 from lowrank_ref.adapters.prefix_tuning import PrefixTuningConfig
 from lowrank_ref.adapters.prompt_tuning import PromptTuningConfig
 from lowrank_ref.adapters.qlora import QLoRAConfig, QLoRAInt4Config
+from lowrank_ref.adapters.selora import SeLoRAConfig
 from lowrank_ref.adapters.sora import SoRAConfig
 from lowrank_ref.adapters.ssf import SSFConfig
 from lowrank_ref.adapters.tied_lora import TiedLoRAConfig
@@ -38,7 +39,7 @@ __version__ = "0.1.0"
 quant.QLoRALinear = adapters.QLoRALinear
 
 __all__ = ["nn", "adapters", "registry", "adapt", "gradcheck", "LoRAConfig", "DoRAConfig", "QLoRAConfig", "QLoRAInt4Config",
-           "IA3Config", "LoHaConfig", "DyLoRAConfig", "SoRAConfig", "LoKrConfig", "KronAConfig", "AdaLoRAConfig", "VeRAConfig", "TiedLoRAConfig"]
+           "IA3Config", "LoHaConfig", "DyLoRAConfig", "SoRAConfig", "LoKrConfig", "KronAConfig", "AdaLoRAConfig", "VeRAConfig", "TiedLoRAConfig", "SeLoRAConfig"]
 __all__ += ["SSFConfig", "HoulsbyConfig"]
 __all__ += ["HyperLoRAConfig"]
 __all__ += ["MultiTaskLoRAConfig", "LoRAMoEConfig"]

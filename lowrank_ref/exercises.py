@@ -606,9 +606,9 @@ CHECKS: dict[str, list[tuple[str, Callable]]] = {
 }
 
 
-# ---------------------------------------------------------------- chapter 07: DyLoRA and SoRA
-# (chapter 07 §7; these checks are not yet cells of notebooks/07-rank-exercises.ipynb, so they are
-# listed in DRAFT_CHECKS, run by tests/test_exercises_dylora_sora.py, not in CHECKS)
+# ---------------------------------------------------------------- chapter 07: DyLoRA, SoRA, SeLoRA
+# (chapter 07 §7-8; cells of notebooks/07-rank-exercises.ipynb, appended to CHECKS["07-rank"] in
+# the chapter 07 block below)
 
 
 def _dylora_layer(rng, r=4, alpha=6.0):
@@ -687,10 +687,31 @@ def check_sora_prune(fn, verbose=True) -> CheckResult:
     return check("sora_prune", fn, _sora_prune_body, verbose)
 
 
-DRAFT_CHECKS: dict[str, list[tuple[str, Callable]]] = {
-    "07-dylora-sora": [("dylora_forward", check_dylora_forward), ("soft_threshold", check_soft_threshold),
-                       ("sora_backward", check_sora_backward), ("sora_prune", check_sora_prune)],
-}
+def _selora_ratio_body(fn):
+    import lowrank_ref as lr
+
+    rng = _rng(73)
+    for r, scale in ((1, 1.0), (3, 0.3)):
+        x, dy = rng.standard_normal((7, 5)), rng.standard_normal((7, 4))
+        A, B = rng.standard_normal((r, 5)), scale * rng.standard_normal((4, r))
+        a, s = rng.uniform(-0.5, 0.5, 5), 2.0
+        # the oracle: a rank-(r+1) LoRA holding [A; a] and [B, 0], the same scale, on the same batch
+        base = lr.nn.Linear.from_arrays(rng.standard_normal((4, 5)), None)
+        trial = lr.adapters.LoRALinear(base, lr.LoRAConfig(r=r + 1, alpha=s * (r + 1)), rng=0)
+        trial.load_adapter_state({"A": np.vstack([A, a]), "B": np.hstack([B, np.zeros((4, 1))])})
+        trial.forward(x)
+        trial.backward(dy)
+        gA, gB = trial.A.grad, trial.B.grad
+        want = (np.sum(gA**2) + np.sum(gB**2)) / (np.sum(gA[:r] ** 2) + np.sum(gB[:, :r] ** 2))
+        got = fn(dy.copy(), x.copy(), A.copy(), B.copy(), a.copy(), s)
+        compare(f"F_(r+1)/F_r at r={r}", np.float64(got), np.float64(want), rtol=1e-10, atol=0)
+    return "F_(r+1)/F_r equals that of an explicit rank-(r+1) LoRA with a zero last column, at r = 1 and 3"
+
+
+def check_selora_growth_ratio(fn, verbose=True) -> CheckResult:
+    """``fn(dy (N, out), x (N, in), A (r, in), B (out, r), a (in,), s) -> F_(r+1)/F_r``: the growth
+    test's ratio of squared gradients, a trial rank-(r+1) LoRA (``[A; a]``, ``[B, 0]``) against rank r."""
+    return check("selora_growth_ratio", fn, _selora_ratio_body, verbose)
 
 
 # ---------------------------------------------------------------- chapter 05: KronA and LoKr
@@ -968,6 +989,9 @@ def check_budget_schedule(fn, verbose=True) -> CheckResult:
 
 CHECKS["07-rank"] = [("adalora_backward", check_adalora_backward), ("orth_reg_grad", check_orth_reg_grad),
                      ("triplet_scores", check_triplet_scores), ("budget_schedule", check_budget_schedule)]
+CHECKS["07-rank"] += [("dylora_forward", check_dylora_forward), ("soft_threshold", check_soft_threshold),
+                      ("sora_backward", check_sora_backward), ("sora_prune", check_sora_prune),
+                      ("selora_growth_ratio", check_selora_growth_ratio)]
 
 
 # ---------------------------------------------------------------- chapter 06: sharing weights

@@ -24,6 +24,9 @@ field              what it says                                                 
                    given to each layer as ``shared=`` (a SharedRef), saved once per file
 ``hooks``          :class:`PerBackend` training hooks (loss terms, before/after step)     train loops
 ``compare``        ``{row name: CompareRow}``: the method's rows in ``lowrank-ref compare``  compare
+``final_rank``     ``layer -> int``: the rank a layer ends training with (methods whose rank   compare
+                   changes: AdaLoRA, DyLoRA, SoRA, SeLoRA); compare's rows carry it per
+                   layer as ``final_ranks``
 ``model_fn``       whole-model modes (full, BitFit, prompt and prefix tuning):            inject
                    :class:`PerBackend` functions ``(model, config, rng) -> trainable
                    count``; a mode may add modules to the model (``model.prompt``), and
@@ -192,6 +195,8 @@ class MethodSpec:
     shared: PerBackend | None = None
     hooks: PerBackend | None = None
     compare: dict = field(default_factory=dict)
+    # layer (either backend) -> int: the rank it ends training with, for methods whose rank changes
+    final_rank: Callable | None = None
     model_fn: PerBackend | None = None
     # False: the layer cannot be folded into its base (a non-linearity inside); its classes say the
     # same with ``MERGEABLE = False``, and merge()/delta_weight()/merged_weight() refuse
@@ -342,6 +347,8 @@ def check_spec(spec, where: str = "SPEC") -> MethodSpec:
             _check_path(pb.numpy, f"{attr}.numpy", where, import_it=True)
         if pb.torch is not None:
             _check_path(pb.torch, f"{attr}.torch", where, import_it=False)
+    if spec.final_rank is not None and not callable(spec.final_rank):
+        raise SpecError(f"{where}: final_rank of {spec.name!r} must be a callable layer -> int")
     if spec.shapes is not None and not callable(spec.shapes):
         raise SpecError(f"{where}: shapes of {spec.name!r} must be a callable (config, in, out) -> {{name: shape}}")
     if spec.peft is not None and not isinstance(spec.peft, PeftMapping):

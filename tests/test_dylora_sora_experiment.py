@@ -51,12 +51,23 @@ def test_the_experiment_runs_in_quick_mode():
     assert len(format_tables_split(json.loads(json.dumps(res)))) == 2
 
 
-def test_compare_reports_the_final_rank_per_layer_in_the_history(tmp_path):
-    from lowrank_ref.experiments.compare import COLUMNS, run_compare
+def test_compare_reports_the_final_rank_per_layer_in_the_row_and_the_history(tmp_path):
+    from lowrank_ref.experiments.compare import COLUMNS, EXTRA_COLUMNS, run_compare
 
-    rows = run_compare(["lora", "sora"], steps=2, eval_windows=4, progress=False, out=tmp_path)
-    assert all(tuple(r) == COLUMNS for r in rows)
+    methods = ["lora", "sora", "adalora", "dylora", "selora"]
+    rows = run_compare(methods, steps=2, eval_windows=4, progress=False, out=tmp_path)
+    by = {r["method"]: r for r in rows}
+    assert tuple(by["lora"]) == COLUMNS  # a fixed-rank method: exactly the columns
+    layers = ["blocks.0.attn.q", "blocks.0.attn.v", "blocks.1.attn.q", "blocks.1.attn.v"]
+    for m in methods[1:]:  # SPEC.final_rank: the rank per layer after COLUMNS
+        assert tuple(by[m]) == COLUMNS + EXTRA_COLUMNS, m
+        assert sorted(by[m]["final_ranks"]) == layers, m
+    assert all(0 <= k <= 8 for k in by["sora"]["final_ranks"].values())
+    assert set(by["adalora"]["final_ranks"].values()) == {12}  # 2 steps: still in AdaLoRA's warm-up
+    assert set(by["dylora"]["final_ranks"].values()) == {8}  # back at its full rank after each step
+    assert set(by["selora"]["final_ranks"].values()) == {1}  # no check within 2 steps: the initial rank
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert {r["method"]: r.get("final_ranks") for r in saved} == {m: by[m].get("final_ranks") for m in methods}
     hist = {h["method"]: h for h in json.loads((tmp_path / "compare_history.json").read_text())["histories"]}
     assert "ranks" not in hist["lora"]
-    assert sorted(hist["sora"]["ranks"]) == ["blocks.0.attn.q", "blocks.0.attn.v", "blocks.1.attn.q", "blocks.1.attn.v"]
-    assert all(0 <= k <= 8 for k in hist["sora"]["ranks"].values())
+    assert hist["sora"]["ranks"] == by["sora"]["final_ranks"]

@@ -1,7 +1,9 @@
 """Chapter 07's exercise checks catch the typical mistakes, not only a stub: each near miss of a
 solution (the squared regulariser's gradient, Ū from the old Ī, the sensitivity without the
-absolute value, sums instead of means, the warm-up ending one step early) FAILs its check, while the
-solution PASSes. (``tests/test_exercises.py`` runs every chapter's solutions and stubs generically.)"""
+absolute value, sums instead of means, the warm-up ending one step early; DyLoRA's scale α/r instead
+of α/b; the reference code's masks or a hard threshold for SoRA's soft-threshold; a gate left out of
+the pruned B; SeLoRA's ratio without Ā, or of norms rather than squared norms) FAILs its check,
+while the solution PASSes. (``tests/test_exercises.py`` runs every chapter's solutions and stubs generically.)"""
 
 from __future__ import annotations
 
@@ -55,8 +57,39 @@ def _early_warmup(step, b0, bT, tinit, tfinal, deltaT, T):
     return sol.budget_schedule(step + (step == tinit), b0, bT, tinit, tfinal, deltaT, T)
 
 
+def _dylora_alpha_over_r(x, W, b0, A, B, alpha, b):
+    return x @ W.T + b0 + (alpha / A.shape[0]) * (x @ A[:b].T) @ B[:, :b].T
+
+
+def _reference_masks(x, xi):
+    from lowrank_ref.adapters.sora import reference_threshold
+
+    return reference_threshold(x, xi)  # zeroes (ξ, 2ξ)
+
+
+def _hard_threshold(x, xi):
+    return np.where(np.abs(x) > xi, x, 0.0)
+
+
+def _gate_left_out(A, g, B):
+    return A[g != 0], B[:, g != 0]
+
+
+def _ratio_without_dA(dy, x, A, B, a, s):
+    dB = s * dy.T @ (x @ A.T)
+    new = s * dy.T @ (x @ a)
+    return (np.sum(dB**2) + np.sum(new**2)) / np.sum(dB**2)
+
+
+def _ratio_of_norms(dy, x, A, B, a, s):
+    return np.sqrt(sol.selora_growth_ratio(dy, x, A, B, a, s))  # ‖·‖ instead of ‖·‖², roughly
+
+
 NEAR_MISSES = [("orth_reg_grad", _squared_grad), ("triplet_scores", _old_ibar), ("triplet_scores", _no_abs),
-               ("triplet_scores", _sums), ("budget_schedule", _early_warmup)]
+               ("triplet_scores", _sums), ("budget_schedule", _early_warmup),
+               ("dylora_forward", _dylora_alpha_over_r), ("soft_threshold", _reference_masks),
+               ("soft_threshold", _hard_threshold), ("sora_prune", _gate_left_out),
+               ("selora_growth_ratio", _ratio_without_dA), ("selora_growth_ratio", _ratio_of_norms)]
 CHECKS = dict(ex.CHECKS["07-rank"])
 
 

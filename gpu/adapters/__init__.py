@@ -16,12 +16,13 @@ from lowrank_gpu.adapters.multitask_lora import MultiTaskLoRALinear
 from lowrank_gpu.adapters.prefix_tuning import PrefixEncoder
 from lowrank_gpu.adapters.prompt_tuning import PromptEmbedding
 from lowrank_gpu.adapters.qlora import QLoRAInt4Linear, QLoRALinear
+from lowrank_gpu.adapters.selora import SeLoRALinear
 from lowrank_gpu.adapters.sora import SoRALinear
 from lowrank_gpu.adapters.ssf import SSFLinear
 from lowrank_gpu.adapters.tied_lora import TiedLoRALinear
 from lowrank_gpu.adapters.vera import VeRALinear
 
-__all__ = ["LoRALinear", "DoRALinear", "QLoRALinear", "QLoRAInt4Linear", "IA3Linear", "LoHaLinear", "DyLoRALinear", "SoRALinear", "LoKrLinear", "KronALinear", "AdaLoRALinear", "RankAllocator", "VeRALinear", "TiedLoRALinear"]
+__all__ = ["LoRALinear", "DoRALinear", "QLoRALinear", "QLoRAInt4Linear", "IA3Linear", "LoHaLinear", "DyLoRALinear", "SoRALinear", "LoKrLinear", "KronALinear", "AdaLoRALinear", "RankAllocator", "VeRALinear", "TiedLoRALinear", "SeLoRALinear"]
 
 __all__ += ["SSFLinear", "HoulsbyLinear"]
 __all__ += ["HyperLoRALinear"]

@@ -13,7 +13,12 @@ from torch import nn
 from lowrank_gpu.adapters.base import AdapterLinear
 from lowrank_gpu.adapters.lora import init_lora_A
 from lowrank_gpu.nn.convert import generator_from
-from lowrank_ref.adapters.sora import SoRAConfig, pruned_lora_config
+from lowrank_ref.adapters.sora import (
+    SoRAConfig,
+    magnitude_mask,
+    pruned_lora_config,
+    sparse_factor_step,
+)
 from lowrank_ref.train import TrainingHooks
 
 __all__ = ["SoRALinear", "SoRAHooks", "soft_threshold"]
@@ -38,6 +43,29 @@ class SoRALinear(AdapterLinear):
         self.g = nn.Parameter(g.to(device=device, dtype=dtype))  # (r,)
         self.B = nn.Parameter(torch.zeros((self.out_features, r), dtype=dtype, device=device))  # B = 0
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.factor_masks: dict | None = None  # {"A": bool, "B": bool} tensors once fixed
+
+    @torch.no_grad()
+    def fix_factor_masks(self) -> None:
+        d = self.config.density  # the NumPy magnitude_mask, so both backends keep the same entries
+        self.factor_masks = {n: torch.from_numpy(magnitude_mask(getattr(self, n).detach().cpu().numpy(), d))
+                             .to(getattr(self, n).device) for n in ("A", "B")}
+        self.apply_factor_masks()
+
+    @torch.no_grad()
+    def apply_factor_masks(self) -> None:
+        if self.factor_masks is not None:
+            for n, m in self.factor_masks.items():
+                getattr(self, n).mul_(m.to(getattr(self, n).dtype))  # A ← A ⊙ M_A, B ← B ⊙ M_B
+
+    def load_adapter_state(self, state: dict) -> None:
+        super().load_adapter_state(state)
+        self.factor_masks = None
+
+    @property
+    def factor_density(self) -> float:
+        nz = int((self.A.detach() != 0).sum()) + int((self.B.detach() != 0).sum())
+        return nz / (self.A.numel() + self.B.numel())
 
     @property
     def active_rank(self) -> int:
@@ -92,4 +120,5 @@ class SoRAHooks(TrainingHooks):
                              "the training loops set it, a manual loop must set it too")
         for layer in self.layers.values():
             layer.proximal_step(self.lr)
+        sparse_factor_step(self.layers, step)
         self.gate_history.append({n: layer.active_rank for n, layer in self.layers.items()})

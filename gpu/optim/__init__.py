@@ -14,7 +14,7 @@ from torch.optim import SGD, Adam, AdamW, Optimizer
 from lowrank_ref.optim.schedule import check_schedule, cosine_schedule
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "cosine_schedule", "CosineWithWarmup",
-           "clip_grad_norm", "state_bytes"]
+           "clip_grad_norm", "state_bytes", "grow_state"]
 
 
 class CosineWithWarmup:
@@ -67,3 +67,25 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
             if isinstance(v, torch.Tensor) and v.dim() > 0:
                 total += v.numel() * v.element_size()
     return total
+
+
+@torch.no_grad()
+def grow_state(optimizer: torch.optim.Optimizer) -> None:
+    """Pad the state tensors of every parameter that grew (same number of axes, larger shape:
+    SeLoRA-style rank growth) with zeros at the end of each grown axis, so ``torch.optim``'s next
+    step sees matching shapes; the twin of ``lowrank_ref.optim.grow_state``. A ``ValueError`` for a
+    state tensor that would have to shrink."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state.get(p)
+            if not st:
+                continue
+            for key, v in list(st.items()):
+                if not isinstance(v, torch.Tensor) or v.dim() != p.dim() or v.shape == p.shape:
+                    continue
+                if any(o > n for o, n in zip(v.shape, p.shape)):
+                    raise ValueError(f"optimizer state {key!r} of shape {tuple(v.shape)} cannot follow its "
+                                     f"parameter to {tuple(p.shape)} (only growth is supported)")
+                grown = v.new_zeros(p.shape)
+                grown[tuple(slice(0, o) for o in v.shape)] = v
+                st[key] = grown

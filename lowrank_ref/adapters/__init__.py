@@ -17,12 +17,13 @@ from lowrank_ref.adapters.multitask_lora import MultiTaskLoRALinear
 from lowrank_ref.adapters.prefix_tuning import PrefixEncoder
 from lowrank_ref.adapters.prompt_tuning import PromptEmbedding
 from lowrank_ref.adapters.qlora import QLoRAInt4Linear, QLoRALinear
+from lowrank_ref.adapters.selora import SeLoRALinear
 from lowrank_ref.adapters.sora import SoRALinear
 from lowrank_ref.adapters.ssf import SSFLinear
 from lowrank_ref.adapters.tied_lora import TiedLoRALinear
 from lowrank_ref.adapters.vera import VeRALinear
 
-__all__ = ["LoRALinear", "DoRALinear", "QLoRALinear", "QLoRAInt4Linear", "IA3Linear", "LoHaLinear", "DyLoRALinear", "SoRALinear", "LoKrLinear", "KronALinear", "AdaLoRALinear", "RankAllocator", "VeRALinear", "TiedLoRALinear"]
+__all__ = ["LoRALinear", "DoRALinear", "QLoRALinear", "QLoRAInt4Linear", "IA3Linear", "LoHaLinear", "DyLoRALinear", "SoRALinear", "LoKrLinear", "KronALinear", "AdaLoRALinear", "RankAllocator", "VeRALinear", "TiedLoRALinear", "SeLoRALinear"]
 
 __all__ += ["SSFLinear", "HoulsbyLinear"]
 __all__ += ["HyperLoRALinear"]

@@ -615,6 +615,7 @@ SPEC = MethodSpec(
                                              "use_qalora", "lora_bias", "use_rslora")),
     example=lambda: Example(6, 5, AdaLoRAConfig(init_r=3, target_r=2, alpha=6.0, total_step=100)),
     hooks=PerBackend("lowrank_ref.adapters.adalora:AdaLoRAHooks", "lowrank_gpu.adapters.adalora:AdaLoRAHooks"),
+    final_rank=lambda layer: int(layer.r),  # the kept triplets (the rank pattern)
     compare={
         # init_r 12 -> an average of 8 (the paper starts at 1.5x its target); total_step = the default run's 300 steps
         "adalora": CompareRow(AdaLoRAConfig(init_r=12, target_r=8, alpha=16, tinit=30, tfinal=60, total_step=300),

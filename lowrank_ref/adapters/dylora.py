@@ -269,5 +269,6 @@ SPEC = MethodSpec(
     shapes=lora_shapes,
     hooks=PerBackend("lowrank_ref.adapters.dylora:DyLoRAHooks", "lowrank_ref.adapters.dylora:DyLoRAHooks"),
     example=lambda: Example(6, 5, DyLoRAConfig(r=3, alpha=6.0)),
+    final_rank=lambda layer: int(layer.active_rank),  # the rank in use (r after training)
     compare={"dylora": CompareRow(DyLoRAConfig(r=8, alpha=16), targets=("q", "v"), lr=1e-2, order=50)},
 )

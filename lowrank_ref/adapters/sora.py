@@ -24,6 +24,17 @@ scale ``s``, and identical outputs.
 
 Init as the reference code: ``A`` Kaiming-uniform, ``B = 0`` (the layer starts as the base),
 ``g ~ N(0, 1)``.
+
+**Sparse factors** (``density < 1``; chapter 07, §9). The other reading of "sparse LoRA": sparsity
+inside ``A`` and ``B`` themselves, not over ranks. After step ``density_warmup − 1`` the hooks keep,
+in each of ``A`` and ``B``, the ``⌈density · size⌉`` entries of largest magnitude
+(:func:`magnitude_mask`) and zero the rest; from then on the masks are fixed and re-applied after
+every optimizer step (``A ← A ⊙ M_A``, ``B ← B ⊙ M_B``: a projected gradient step). It is an
+option of SoRA rather than a method of its own because it is SoRA's hook that runs it, both
+readings of "sparse LoRA" then sit in one file, and ``lam = 0`` turns the gate's sparsity off (the
+gate then is ``r`` extra per-rank scales). The masks are not stored in files: the zeros are, and a
+layer loaded past its warm-up gets its masks again from the magnitudes at the next step (which
+keeps exactly the non-zeros).
 """
 
 from __future__ import annotations
@@ -44,7 +55,7 @@ from lowrank_ref.registry import CompareRow, Example, MethodSpec, PerBackend
 from lowrank_ref.train import TrainingHooks
 
 __all__ = ["SoRAConfig", "SoRALinear", "SoRAHooks", "sora_forward", "sora_backward", "soft_threshold",
-           "reference_threshold", "check_lam", "lambda_sweep", "prune_model", "SPEC"]
+           "reference_threshold", "check_lam", "lambda_sweep", "prune_model", "magnitude_mask", "SPEC"]
 
 
 def check_lam(lam, name: str = "lam") -> float:
@@ -67,13 +78,43 @@ class SoRAConfig(ScaledLowRankConfig):
         alpha: ``s = alpha / r`` (``alpha / sqrt(r)`` with ``rslora``), fixed: pruning keeps it.
         dropout: inverted dropout on the adapter's input, in [0, 1).
         lam: λ ≥ 0, the weight of ``λ‖g‖₁``; the threshold of a step is ``ξ = η_t λ``.
+        density: the share of entries of each of ``A`` and ``B`` kept after the warm-up, in
+            (0, 1]; 1 (default) keeps them dense (module docstring, "sparse factors").
+        density_warmup: the steps trained dense before the magnitude masks are fixed (>= 1 when
+            ``density < 1``: ``B`` starts at zero, so its magnitudes mean nothing before a step).
     """
 
     lam: float = 0.1
+    density: float = 1.0
+    density_warmup: int = 50
 
     def __post_init__(self):
         super().__post_init__()
         object.__setattr__(self, "lam", check_lam(self.lam))
+        d = self.density
+        if isinstance(d, (bool, np.bool_)) or not isinstance(d, numbers.Real):
+            raise TypeError(f"density must be a number in (0, 1], got {d!r}")
+        if not (math.isfinite(float(d)) and 0.0 < float(d) <= 1.0):
+            raise ValueError(f"density must be in (0, 1], got {d}")
+        object.__setattr__(self, "density", float(d))
+        w = self.density_warmup
+        if isinstance(w, bool) or not hasattr(w, "__index__") or int(w) < 0:
+            raise ValueError(f"density_warmup must be a non-negative integer, got {w!r}")
+        if self.density < 1.0 and int(w) < 1:
+            raise ValueError("density_warmup must be >= 1 when density < 1: B starts at zero, "
+                             "so the magnitude masks need at least one step")
+        object.__setattr__(self, "density_warmup", int(w))
+
+
+def magnitude_mask(a, density: float):
+    r"""A bool mask of ``a``'s shape keeping its ``⌈density · a.size⌉`` entries of largest
+    ``|a|`` (ties: the first in C order); NumPy or CuPy like ``a``."""
+    xp = array_module(a)
+    k = max(1, int(math.ceil(density * a.size)))
+    order = xp.argsort(-xp.abs(a).reshape(-1), kind="stable")
+    keep = xp.zeros(a.size, dtype=bool)
+    keep[order[:k]] = True
+    return keep.reshape(a.shape)
 
 
 def soft_threshold(x, xi: float):
@@ -208,6 +249,30 @@ class SoRALinear(AdapterLinear):
         self.A = Parameter(init_lora_A(r, self.in_features, "kaiming", rng, dtype))  # (r, in)
         self.g = Parameter(rng.standard_normal(r).astype(dtype))  # (r,), the gate; N(0, 1) as the reference
         self.B = Parameter(np.zeros((self.out_features, r), dtype=dtype))  # (out, r); B = 0
+        self.factor_masks: dict | None = None  # {"A": bool (r, in), "B": bool (out, r)} once fixed
+
+    def fix_factor_masks(self) -> None:
+        """Fix the magnitude masks of ``A`` and ``B`` at the config's density (module docstring)."""
+        d = self.config.density
+        self.factor_masks = {"A": magnitude_mask(self.A.data, d), "B": magnitude_mask(self.B.data, d)}
+        self.apply_factor_masks()
+
+    def apply_factor_masks(self) -> None:
+        r"""``A ← A ⊙ M_A``, ``B ← B ⊙ M_B`` (nothing before the masks are fixed)."""
+        if self.factor_masks is not None:
+            for n, m in self.factor_masks.items():
+                p = getattr(self, n)
+                p.data = p.data * m.astype(p.data.dtype)
+
+    def load_adapter_state(self, state: dict) -> None:
+        super().load_adapter_state(state)
+        self.factor_masks = None  # new tensors: the masks are found again from their magnitudes
+
+    @property
+    def factor_density(self) -> float:
+        """The share of non-zero entries over ``A`` and ``B`` together."""
+        nz = int((self.A.data != 0).sum()) + int((self.B.data != 0).sum())
+        return nz / (self.A.data.size + self.B.data.size)
 
     @property
     def active_rank(self) -> int:
@@ -294,7 +359,9 @@ def prune_model(model) -> dict:
 class SoRAHooks(TrainingHooks):
     r"""SoRA's proximal step after every optimizer step: ``g ← T_{η_t λ}(g)`` on every SoRA layer
     (``η_t``: ``self.lr``, the step's learning rate that the training loops set). ``gate_history``
-    keeps the number of non-zero gates per layer after each step."""
+    keeps the number of non-zero gates per layer after each step. Layers with ``density < 1``
+    get their factor masks fixed after step ``density_warmup − 1`` and re-applied after every later
+    step (:func:`sparse_factor_step`, shared with the torch twin)."""
 
     def __init__(self, model=None, layers: dict | None = None):
         super().__init__(model, layers)
@@ -306,7 +373,21 @@ class SoRAHooks(TrainingHooks):
                              "the training loops set it, a manual loop must set it too")
         for layer in self.layers.values():
             layer.proximal_step(self.lr)
+        sparse_factor_step(self.layers, step)
         self.gate_history.append({n: layer.active_rank for n, layer in self.layers.items()})
+
+
+def sparse_factor_step(layers: dict, step: int) -> None:
+    """After optimizer step ``step``: fix the factor masks of the layers whose warm-up ends here
+    (or has ended and that have none yet: a loaded layer), re-apply them on the others."""
+    for layer in layers.values():
+        c = layer.config
+        if c.density >= 1.0 or step + 1 < c.density_warmup:
+            continue
+        if layer.factor_masks is None:
+            layer.fix_factor_masks()
+        else:
+            layer.apply_factor_masks()
 
 
 def _shapes(cfg: SoRAConfig, in_features: int, out_features: int) -> dict:
@@ -324,5 +405,6 @@ SPEC = MethodSpec(
     shapes=_shapes,
     hooks=PerBackend("lowrank_ref.adapters.sora:SoRAHooks", "lowrank_gpu.adapters.sora:SoRAHooks"),
     example=lambda: Example(6, 5, SoRAConfig(r=3, alpha=6.0, lam=0.1)),
+    final_rank=lambda layer: int(layer.active_rank),  # the non-zero gates
     compare={"sora": CompareRow(SoRAConfig(r=8, alpha=16, lam=0.5), targets=("q", "v"), lr=1e-2, order=51)},
 )

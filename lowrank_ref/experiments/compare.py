@@ -53,11 +53,14 @@ import numpy as np
 from lowrank_ref.registry import check_backend, compare_rows
 
 __all__ = ["Variant", "VARIANTS", "COLUMNS", "MULTITASK_COLUMNS", "DEFAULTS", "run_compare", "format_table", "plot_compare",
-           "save_trained", "check_methods"]
+           "save_trained", "check_methods", "final_ranks", "EXTRA_COLUMNS"]
 
 COLUMNS = ("method", "trainable_params", "adapter_bytes", "peak_memory_bytes", "seconds_per_step",
            "target_before", "target_after", "retained_after")
 MULTITASK_COLUMNS = ("task", "per_task")  # added after COLUMNS by rows on the multi-task data
+# keys a row carries after COLUMNS when its method has them: the final rank per layer of the
+# methods whose rank changes in training (``SPEC.final_rank``)
+EXTRA_COLUMNS = ("final_ranks",)
 
 
 @dataclass(frozen=True)
@@ -179,10 +182,11 @@ def _one_row(name: str, variant: Variant, task, backend: str, dtype, steps: int,
                "optimizer_state_bytes": result.optimizer_state_bytes,
                "target_loss_before": before["loss"], "target_loss_after": after["loss"],
                "retained_loss_after": kept["loss"]}
-    # methods whose rank changes in training report it per layer, in the history (the row keeps
-    # exactly COLUMNS): ``active_rank`` is SoRA's non-zero gates, DyLoRA's rank in use
-    ranks = {n: int(m.active_rank) for n, m in model.named_modules() if hasattr(m, "active_rank")}
+    # methods whose rank changes in training (SPEC.final_rank) report it per layer: in the row,
+    # after COLUMNS, as ``final_ranks``, and in the history as ``ranks``
+    ranks = final_ranks(model)
     if ranks:
+        row["final_ranks"] = ranks
         history["ranks"] = ranks
     return row, history
 
@@ -249,6 +253,28 @@ def _multitask_row(name: str, variant: Variant, task, backend: str, dtype, steps
                "target_loss_before": before["loss"], "target_loss_after": after["loss"],
                "retained_loss_after": None}
     return row, history
+
+
+def final_ranks(model) -> dict:
+    """``{layer name: rank}`` of the layers whose method names a ``SPEC.final_rank`` (the rank a
+    layer ends training with: AdaLoRA's kept triplets, SoRA's non-zero gates, SeLoRA's grown
+    rank, DyLoRA's rank in use); ``{}`` for a model without such layers. Either backend."""
+    from lowrank_ref import registry
+    from lowrank_ref.nn.module import Module
+
+    if isinstance(model, Module):
+        from lowrank_ref.inject import adapter_layers
+    else:
+        from lowrank_gpu.inject import adapter_layers
+    out = {}
+    for name, layer in adapter_layers(model).items():
+        try:
+            spec = registry.spec_of_layer(layer)
+        except ValueError:
+            continue
+        if spec.final_rank is not None:
+            out[name] = int(spec.final_rank(layer))
+    return out
 
 
 def run_compare(methods=None, backend: str = "numpy", steps: int | None = None, out=None,

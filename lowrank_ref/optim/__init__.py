@@ -12,7 +12,7 @@ warmup; global-norm gradient clipping. The update rules are PyTorch's, so trajec
 from lowrank_ref.optim.adam import Adam, AdamW
 from lowrank_ref.optim.adam8bit import Adam8bit
 from lowrank_ref.optim.clip import clip_grad_norm, grad_norm
-from lowrank_ref.optim.optimizer import Optimizer
+from lowrank_ref.optim.optimizer import Optimizer, grow_state
 from lowrank_ref.optim.paged import PagedAdamW
 from lowrank_ref.optim.schedule import CosineWithWarmup, cosine_schedule
 from lowrank_ref.optim.sgd import SGD
@@ -20,3 +20,4 @@ from lowrank_ref.optim.sgd import SGD
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "cosine_schedule", "CosineWithWarmup",
            "clip_grad_norm", "grad_norm"]
 __all__ += ["Adam8bit", "PagedAdamW"]  # optimizer-state memory (chapter 03)
+__all__ += ["grow_state"]  # a parameter that grew (SeLoRA-style rank growth): its state follows

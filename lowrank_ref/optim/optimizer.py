@@ -22,6 +22,11 @@ method::
 in the order of ``params``, and skips the rest (a frozen parameter never gets a gradient, so it
 is never touched and gets no state). ``_update`` must replace ``param.data`` (in place or by
 assignment) with an array of the same shape and dtype.
+
+A parameter may *grow* between steps (rank growth in the style of SeLoRA appends a row to ``A``
+and a column to ``B``): :meth:`Optimizer.step` then pads that parameter's state arrays (those
+with the parameter's number of axes) with zeros at the end of each grown axis, so the old
+entries keep their moments and the new ones start from zero (:func:`grow_state`).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import numpy as np
 
 from lowrank_ref.nn.module import Parameter
 
-__all__ = ["Optimizer", "check_lr", "check_nonneg", "as_named_params"]
+__all__ = ["Optimizer", "check_lr", "check_nonneg", "as_named_params", "grow_state"]
 
 
 def check_lr(lr, name: str = "lr") -> float:
@@ -82,6 +87,26 @@ def as_named_params(params) -> dict[str, Parameter]:
     return dict(items)
 
 
+def grow_state(name: str, state: dict, shape: tuple) -> None:
+    """Pad, in ``state``, every array with ``len(shape)`` axes to ``shape`` with zeros at the end
+    of each axis (a parameter that grew); a ``ValueError`` naming ``name`` for a state that cannot
+    follow (an axis that shrank, or a state that records its shape, like the 8-bit Adam's)."""
+    shape = tuple(shape)
+    if "shape" in state and tuple(state["shape"]) != shape:
+        raise ValueError(f"{name}: the parameter changed shape from {tuple(state['shape'])} to {shape}; "
+                         "this optimizer's state cannot grow with it")
+    for key, v in list(state.items()):
+        if not hasattr(v, "shape") or v.ndim != len(shape) or tuple(v.shape) == shape:
+            continue
+        if any(o > n for o, n in zip(v.shape, shape)):
+            raise ValueError(f"{name}: state {key!r} of shape {tuple(v.shape)} cannot follow the parameter "
+                             f"to {shape} (only growth is supported)")
+        xp = np if isinstance(v, np.ndarray) else __import__("cupy")
+        grown = xp.zeros(shape, dtype=v.dtype)
+        grown[tuple(slice(0, o) for o in v.shape)] = v
+        state[key] = grown
+
+
 class Optimizer:
     """Base class. Subclasses implement ``_update(name, param, grad, state)``.
 
@@ -114,6 +139,8 @@ class Optimizer:
             if p.grad.shape != p.data.shape:
                 raise ValueError(f"{name}: grad has shape {p.grad.shape}, parameter {p.data.shape}")
             state = self.state.setdefault(name, {})
+            if state:
+                grow_state(name, state, p.data.shape)  # a parameter that grew (SeLoRA-style rank growth)
             self._update(name, p, p.grad, state)
         self.steps += 1
 

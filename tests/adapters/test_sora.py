@@ -219,3 +219,60 @@ def test_the_lambda_sweep():
         lambda_sweep(0.0, 1.0, 0)
     with pytest.raises(ValueError, match="log sweep"):
         lambda_sweep(0.0, 1.0, 3, "log")
+
+
+# --- sparse factors (density < 1) ------------------------------------------------------------
+def test_magnitude_mask_keeps_the_largest_entries():
+    from lowrank_ref.adapters.sora import magnitude_mask
+
+    a = np.array([[0.1, -3.0, 0.5], [2.0, -0.2, 0.0]])
+    np.testing.assert_array_equal(magnitude_mask(a, 0.5), [[False, True, True], [True, False, False]])
+    assert magnitude_mask(a, 1e-9).sum() == 1 and magnitude_mask(a, 1.0).all()
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_factor_masks_reach_the_density_after_the_warmup_and_stay_fixed(backend):
+    if backend == "torch":
+        pytest.importorskip("torch")
+    from lowrank_ref.inject import adapter_layers
+
+    model = tiny_gpt()
+    if backend == "torch":
+        from lowrank_gpu.inject import adapter_layers  # noqa: F811
+        from lowrank_gpu.nn.gpt import from_numpy
+
+        model = from_numpy(model)
+    inject(model, lr.SoRAConfig(r=4, alpha=8, lam=0.0, density=0.25, density_warmup=2), targets=("q", "v"),
+           rng=np.random.default_rng(0))
+    layers = adapter_layers(model)
+    tokens = data.builtin_task(0).dialect_train
+
+    def arrays():
+        return {n: {k: np.array(getattr(m, k).detach().numpy() if backend == "torch" else getattr(m, k).data)
+                    for k in ("A", "B")} for n, m in layers.items()}
+
+    train(model, tokens, steps=1, lr=1e-2, batch_size=2, progress=False, rng=0)
+    assert all(m.factor_masks is None and m.factor_density > 0.5 for m in layers.values())  # still dense
+    train(model, tokens, steps=2, lr=1e-2, batch_size=2, progress=False, rng=1)  # a new loop: steps 0, 1
+    fixed = arrays()
+    for n in layers:
+        for k, a in fixed[n].items():
+            assert (a != 0).sum() == int(np.ceil(0.25 * a.size)), (n, k)  # exactly the target share
+    train(model, tokens, steps=3, lr=1e-2, batch_size=2, progress=False, rng=2)
+    later = arrays()
+    for n in fixed:
+        for k in ("A", "B"):
+            np.testing.assert_array_equal(later[n][k] != 0, fixed[n][k] != 0)  # the same entries, fixed
+            assert not np.array_equal(later[n][k], fixed[n][k])  # ...and they still train
+
+
+@pytest.mark.parametrize("kw,err,pat", [
+    ({"density": 0.0}, ValueError, "density"),
+    ({"density": 1.5}, ValueError, "density"),
+    ({"density": "0.5"}, TypeError, "density"),
+    ({"density": 0.5, "density_warmup": 0}, ValueError, "density_warmup"),
+    ({"density_warmup": -1}, ValueError, "density_warmup"),
+])
+def test_bad_density_settings_name_the_argument(kw, err, pat):
+    with pytest.raises(err, match=pat):
+        lr.SoRAConfig(**kw)
