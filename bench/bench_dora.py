@@ -4,11 +4,14 @@ A "step" is one forward and one backward of a single adapted ``d × d`` layer on
 (no optimizer: it is the same for both). DoRA's extra work per step: the row norm
 (``W0 Aᵀ``: ``d·d·r`` multiply-adds, against ``2·N·d·d`` for the base layer's forward and input
 gradient), the (N, out) rescale, and with the exact gradient one more ``d·d·r`` matmul. With
-dropout, DoRA needs one more ``N·d·d`` matmul forward and one backward (the base sees the
-undropped input; the module docstring derives it), so its ratio to LoRA grows towards 1.5–2.
-Goal: DoRA (no dropout, detached norm) at most 1.2× LoRA; with dropout at most 1.25× LoRA with
-dropout (issue 13), both backends. Every row carries its ``flops``: the products above, the extra
-``N·d·d`` pair included for DoRA with dropout (elementwise work and the norm not counted).
+dropout, the default ``dropout_correction="shared"`` (``dora``, ``dora_exact``,
+``dora_dense_norm``) rescales the base output the layer computes anyway, so it does LoRA's
+products; PEFT's form ``"dropped"`` (``dora_dropped``) recomputes the base on the dropped input:
+one more ``N·d·d`` matmul forward and one backward (the module docstring derives both), so its
+ratio to LoRA grows towards 1.5–2. Goal: DoRA (no dropout, detached norm) at most 1.2× LoRA; with
+dropout (the default form) at most 1.25× LoRA with dropout (issue 13), both backends. Every row
+carries its ``flops``: the products above, the extra ``N·d·d`` pair included for ``dora_dropped``
+(elementwise work and the norm not counted).
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from lowrank_ref.adapters.dora import dora_row_norm
 
 def step_flops(impl: str, N: int, d: int, r: int, dropout: float) -> float:
     """Multiply-adds x 2 of one forward + backward of a ``d × d`` layer (base frozen): two ``N·d·d``
-    products (the base and ``x̄``), DoRA with dropout two more, plus the rank-``r`` products."""
-    base = 2 * (2 * N * d * d) * (2 if impl.startswith("dora") and dropout else 1)
+    products (the base and ``x̄``), PEFT's dropout form two more, plus the rank-``r`` products."""
+    base = 2 * (2 * N * d * d) * (2 if impl == "dora_dropped" and dropout else 1)
     return float(base + 6 * 2 * N * r * d)
 
 
@@ -39,6 +42,10 @@ def _numpy_layers(d, r, dropout, rng):
     dense = lr.adapters.DoRALinear(lr.nn.Linear.from_arrays(W, b), lr.DoRAConfig(r=r, alpha=2 * r, dropout=dropout), rng=rng)
     dense.norm_method = "dense"
     layers["dora_dense_norm"] = dense
+    if dropout:  # PEFT's form (the same function without dropout: no row then)
+        layers["dora_dropped"] = lr.adapters.DoRALinear(
+            lr.nn.Linear.from_arrays(W, b), lr.DoRAConfig(r=r, alpha=2 * r, dropout=dropout, dropout_correction="dropped"),
+            rng=rng)
     for layer in layers.values():
         layer.B.data = (0.01 * rng.standard_normal(layer.B.shape)).astype(np.float32)  # non-zero B
     return layers
@@ -131,6 +138,10 @@ def _run_torch_one(torch, lg, device, d, N, r, dropout, repeats, shape) -> list[
         "dora_exact": lg.adapters.DoRALinear(torch.nn.Linear(d, d, device=device),
                                              lr.DoRAConfig(r=r, alpha=2 * r, dropout=dropout, detach_norm=False), rng=0),
     }
+    if dropout:  # PEFT's form
+        tl["dora_dropped"] = lg.adapters.DoRALinear(
+            torch.nn.Linear(d, d, device=device),
+            lr.DoRAConfig(r=r, alpha=2 * r, dropout=dropout, dropout_correction="dropped"), rng=0)
     for m in tl.values():
         m.train()
         with torch.no_grad():

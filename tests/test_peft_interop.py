@@ -178,6 +178,8 @@ def test_dropout_and_fan_in_fan_out_are_read_as_peft_reads_them(tmp_path, backen
     ours = _model(backend)
     info = load_peft(ours, folder)
     assert {c.dropout for c in info["configs"].values()} == {0.25}
+    # PEFT's DoRA corrects with the base output on the dropped input: its folders train that form
+    assert {c.dropout_correction for c in info["configs"].values()} == {"dropped"}
     ours.eval()
     assert_close(_forward(ours), theirs, f"{backend}: dropout/fan_in_fan_out folder", RTOL, ATOL)
 

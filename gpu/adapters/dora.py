@@ -1,8 +1,10 @@
 r"""DoRA in PyTorch: the twin of :mod:`lowrank_ref.adapters.dora`, backward by autograd.
 
 ``y = g ⊙ (x W0ᵀ + s x Aᵀ Bᵀ) + b`` with ``g = m / ‖W0 + s B A‖`` row-wise (Liu et al. 2024,
-arXiv:2402.09353); with dropout the base sees the undropped input and the correction
-``(g − 1) ⊙ x̃ W0ᵀ`` is added (derived in the NumPy module). ``detach_norm=True`` takes the norm
+arXiv:2402.09353). With dropout, ``x̃`` feeds the adapter only: ``dropout_correction="shared"``
+(the default) rescales the undropped base output, ``y = g ⊙ (x W0ᵀ + s x̃ Aᵀ Bᵀ) + b``;
+``"dropped"`` is PEFT's form, ``y = x W0ᵀ + (g − 1) ⊙ x̃ W0ᵀ + g ⊙ s x̃ Aᵀ Bᵀ + b`` (both derived
+in the NumPy module). ``detach_norm=True`` takes the norm
 out of the graph (``n.detach()``, the paper's §4.3); ``False`` lets autograd differentiate it.
 The norm is computed without building ``W0 + s B A`` (same expansion, same dense fallback for
 cancelling rows, same zero-row rule ``g_j = 0``).
@@ -136,10 +138,11 @@ class DoRALinear(AdapterLinear):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (N, in)
         xd = self.dropout(x2) if dropping else x2  # x̃
-        ut = xd @ W0.T  # x̃ W0ᵀ   (N, out)
-        z = torch.addmm(ut, xd @ self.A.T, self.B.T, alpha=s)  # z = x̃ W0ᵀ + s x̃ Aᵀ Bᵀ (one fused op)
+        dropped = dropping and self.config.dropout_correction == "dropped"
+        ut = (xd if dropped else x2) @ W0.T  # u = x W0ᵀ ("shared") or x̃ W0ᵀ ("dropped")   (N, out)
+        z = torch.addmm(ut, xd @ self.A.T, self.B.T, alpha=s)  # z = u + s x̃ Aᵀ Bᵀ (one fused op)
         b = self.base.bias
         y = z * g if b is None else torch.addcmul(b, z, g)  # g ⊙ z + b (the bias is not rescaled)
-        if dropping:
-            y = y + (x2 @ W0.T - ut)  # the base sees the undropped input
+        if dropped:
+            y = y + (x2 @ W0.T - ut)  # PEFT's form: the base sees the undropped input
         return y.reshape(*lead, self.out_features)

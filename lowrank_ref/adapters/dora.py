@@ -23,32 +23,47 @@ the (out, in) matrix ``V``. The expansion cancels when ``V_j`` is much shorter t
 ``s ΔW_j`` (``ΔW`` undoing ``W0``): rows where ``n_j² < 0.1 (‖W0_j‖² + s²‖(BA)_j‖²)`` are recomputed
 from ``V_j`` directly, so the relative error of ``n`` stays a few units of rounding.
 
-**Dropout.** As in LoRA, dropout acts on the adapter branch's input only, ``x̃ = x ⊙ M``. The
-adapter's contribution is ``Δy(x) = g ⊙ x Vᵀ − x W0ᵀ``; feeding it ``x̃`` gives
+**Dropout.** As in LoRA, dropout acts on the adapter's input only, ``x̃ = x ⊙ M`` (inverted
+dropout: ``M`` is 0 or ``1/(1−p)``, ``E[M] = 1``). Two forms of the output, picked by
+``DoRAConfig.dropout_correction``:
+
+``"shared"`` (the default): the row scale multiplies the base output that the layer computes
+anyway, on the undropped input,
+
+.. math::
+    y = g \odot \big(x W_0^\top + s\,(\tilde x A^\top) B^\top\big) + b ,
+
+at LoRA-with-dropout's cost (one ``N·d·d`` product forward, one backward).
+
+``"dropped"`` (PEFT's form, ``peft/tuners/lora/variants.py`` ``DoraLinearVariant.forward``, which
+recomputes the base output on the dropped input): the adapter's contribution
+``Δy(x) = g ⊙ x Vᵀ − x W0ᵀ`` is fed ``x̃``,
 
 .. math::
     y = x W_0^\top + b + (g - 1) \odot (\tilde x W_0^\top) + g \odot s\,(\tilde x A^\top) B^\top ,
 
-i.e. the undropped base output plus a correction ``(g−1) ⊙ x̃ W0ᵀ``: one more matmul with
-``W0``, only while training with dropout. ``y`` is affine in ``M``, so with ``E[M] = 1`` its
-expectation is the eval output. (PEFT's DoRA does the same: it recomputes the base output on the
-dropped input, ``peft/tuners/lora/dora.py``.) Without dropout ``x̃ = x`` and ``y = g ⊙ z + b``.
+one more ``N·d·d`` product forward and one backward. The two differ by
+``(g − 1) ⊙ (x̃ − x) W0ᵀ``, which is zero at ``p = 0`` and in eval mode (``x̃ = x``) and has mean
+zero over the masks: both are affine in ``M``, with expectation the eval output. Without dropout
+both are ``y = g ⊙ z + b``.
 
-**Backward.** Write ``z = x̃ Vᵀ`` (N, out), ``h = x̃ Aᵀ`` (N, r), so ``y = x W0ᵀ − x̃ W0ᵀ + g ⊙ z + b``.
-For upstream ``ȳ`` (N, out):
+**Backward.** Write ``h = x̃ Aᵀ`` (N, r) and ``z = u + s h Bᵀ`` (N, out), with ``u = x W0ᵀ``
+("shared") or ``u = x̃ W0ᵀ`` ("dropped"); then ``y = g ⊙ z + b`` ("shared") or
+``y = x W0ᵀ − x̃ W0ᵀ + g ⊙ z + b`` ("dropped"). For upstream ``ȳ`` (N, out):
 
 .. math::
     \bar g = \textstyle\sum_N \bar y \odot z, \qquad
     \bar m = \bar g / n, \qquad
-    \bar z = \bar y \odot g,
+    \bar z = \bar y \odot g, \qquad
+    \bar B = s\,\bar z^\top h, \qquad
+    \bar A = s\,(\bar z B)^\top \tilde x,
 
 .. math::
-    \bar B = s\,\bar z^\top h, \qquad
-    \bar A = s\,(\bar z B)^\top \tilde x, \qquad
-    \bar x = \bar y W_0 + \big[(\bar z - \bar y) W_0 + s (\bar z B) A\big] \odot M
+    \text{shared: } \bar x = \bar z W_0 + \big[s (\bar z B) A\big] \odot M, \qquad
+    \text{dropped: } \bar x = \bar y W_0 + \big[(\bar z - \bar y) W_0 + s (\bar z B) A\big] \odot M
 
-(without dropout: ``x̄ = z̄ W0 + s (z̄ B) A``). That is the whole gradient with ``detach_norm=True``,
-where ``n`` is a constant (§4.3 of the paper; PEFT detaches the norm too).
+(without dropout both are ``x̄ = z̄ W0 + s (z̄ B) A``). That is the whole gradient with
+``detach_norm=True``, where ``n`` is a constant (§4.3 of the paper; PEFT detaches the norm too).
 
 The exact gradient (``detach_norm=False``) adds the path through ``n``:
 ``n̄ = −ḡ m / n²`` and ``∂n_j/∂V_j = V_j / n_j``, so ``V̄ += diag(c) V`` with ``c = −ḡ m / n³``, and
@@ -89,6 +104,7 @@ from lowrank_ref.quant.linear import weight_array
 from lowrank_ref.registry import CompareRow, Example, MethodSpec, PeftMapping
 
 DORA_INITS = ("kaiming", "gaussian")
+DROPOUT_CORRECTIONS = ("shared", "dropped")
 
 
 @dataclass(frozen=True)
@@ -101,19 +117,45 @@ class DoRAConfig(ScaledLowRankConfig):
             (the paper's §4.3, and what PEFT does); ``False`` gives the exact gradient, with the
             projection term.
         init: ``"kaiming"`` or ``"gaussian"`` for ``A`` (``B = 0`` either way).
+        dropout_correction: with ``dropout > 0`` in training, which base output the row scale
+            corrects (module docstring): ``"shared"`` (the default) rescales the undropped base
+            output the layer computes anyway, ``y = g ⊙ (x W0ᵀ + s x̃ Aᵀ Bᵀ) + b``, at
+            LoRA-with-dropout's cost; ``"dropped"`` is PEFT's form, which recomputes the base on
+            the dropped input, ``y = x W0ᵀ + (g − 1) ⊙ x̃ W0ᵀ + g ⊙ s x̃ Aᵀ Bᵀ + b`` (two more
+            ``N·d·d`` products per step). Both are the same function at ``dropout = 0`` and in
+            eval mode, and the same in expectation over the masks. Adapter files store it; a
+            file written before it existed, and a PEFT folder, read as ``"dropped"`` when their
+            dropout is non-zero (the form they were trained with).
     """
 
     detach_norm: bool = True
     init: str = "kaiming"
+    dropout_correction: str = "shared"
 
     INITS = DORA_INITS
 
     def __post_init__(self):
         super().__post_init__()
         object.__setattr__(self, "detach_norm", check_bool(self.detach_norm, "detach_norm"))
+        c = self.dropout_correction
+        if not isinstance(c, str):
+            raise TypeError(f"dropout_correction must be a str, one of {DROPOUT_CORRECTIONS}, got {c!r} "
+                            f"({type(c).__name__})")
+        if c not in DROPOUT_CORRECTIONS:
+            raise ValueError(f"dropout_correction must be one of {DROPOUT_CORRECTIONS}, got {c!r}")
+
+    @classmethod
+    def from_file_fields(cls, **d) -> DoRAConfig:
+        """The config of a file's (or a PEFT folder's) fields: one written before
+        ``dropout_correction`` existed, with non-zero dropout, was trained with ``"dropped"``
+        (the only form then, and PEFT's); at ``dropout = 0`` the forms are the same function
+        and the default is kept."""
+        if "dropout_correction" not in d and d.get("dropout", 0.0):
+            d["dropout_correction"] = "dropped"
+        return cls(**d)
 
 
-__all__ = ["DoRAConfig", "DoRALinear", "dora_forward", "dora_backward", "dora_row_norm", "CANCEL_FRACTION", "SPEC"]
+__all__ = ["DoRAConfig", "DROPOUT_CORRECTIONS", "DoRALinear", "dora_forward", "dora_backward", "dora_row_norm", "CANCEL_FRACTION", "SPEC"]
 
 # rows with n² below this fraction of ‖W0_j‖² + s²‖ΔW_j‖² are recomputed densely
 CANCEL_FRACTION = 0.1
@@ -151,7 +193,8 @@ def dora_row_norm(W, A, B, s, *, w0_sq=None, method="factored"):
 
 
 def dora_forward(x, params, cfg: DoRAConfig, mask=None, method="factored"):
-    r"""y = x W0ᵀ + b + (g − 1) ⊙ x̃ W0ᵀ + g ⊙ s x̃ Aᵀ Bᵀ with g = m / ‖W0 + s B A‖ (row-wise).
+    r"""y = g ⊙ (x W0ᵀ + s x̃ Aᵀ Bᵀ) + b with g = m / ‖W0 + s B A‖ (row-wise); PEFT's form with
+    ``cfg.dropout_correction == "dropped"``: y = x W0ᵀ + b + (g − 1) ⊙ x̃ W0ᵀ + g ⊙ s x̃ Aᵀ Bᵀ.
 
     Args:
         x: ``(..., in)``.
@@ -159,7 +202,7 @@ def dora_forward(x, params, cfg: DoRAConfig, mask=None, method="factored"):
             "m": (out,)}`` (``W0`` may be a 4-bit tensor, dequantised per pass: QDoRA), optionally ``"w0_sq"``: the cached ``‖W0_j‖²`` (out,), and ``"n"``:
             a norm to use as a given constant instead of computing it (with ``detach_norm=True``
             the backward is then the exact gradient of this function: that is how it is checked).
-        cfg: gives ``s`` and ``detach_norm``.
+        cfg: gives ``s``, ``detach_norm`` and ``dropout_correction``.
         mask: the inverted-dropout mask shaped like ``x`` (already divided by ``1-p``), or None.
         method: how to take the row norm (:func:`dora_row_norm`).
     Returns:
@@ -178,19 +221,20 @@ def dora_forward(x, params, cfg: DoRAConfig, mask=None, method="factored"):
     x = x.reshape(-1, x.shape[-1])  # (N, in): 2-D products go to BLAS (stacked ones may not)
     if mask is not None:
         mask = mask.reshape(x.shape)
+    dropped = mask is not None and cfg.dropout_correction == "dropped"
     xd = x if mask is None else x * mask  # x̃ = x ⊙ M
     h = xd @ A.T  # (N, r)
-    ut = xd @ W.T  # x̃ W0ᵀ   (N, out)
-    z = ut if mask is None else ut.copy()
-    z += (s * h) @ B.T  # z = x̃ Vᵀ = x̃ W0ᵀ + s x̃ Aᵀ Bᵀ (scaled on the (N, r) side)   (N, out)
-    y = g * z  # g ⊙ x̃ Vᵀ
-    if mask is not None:
-        y += x @ W.T  # + x W0ᵀ − x̃ W0ᵀ: the base sees the undropped input
+    ut = (xd if dropped else x) @ W.T  # u = x W0ᵀ ("shared", and without dropout) or x̃ W0ᵀ   (N, out)
+    z = ut.copy() if dropped else ut
+    z += (s * h) @ B.T  # z = u + s x̃ Aᵀ Bᵀ (scaled on the (N, r) side)   (N, out)
+    y = g * z  # g ⊙ z
+    if dropped:
+        y += x @ W.T  # + x W0ᵀ − x̃ W0ᵀ: PEFT's form, the base sees the undropped input
         y -= ut
     if b is not None:
         y += b  # the bias is not rescaled
     y = y.reshape(*lead, W.shape[0])  # (..., out)
-    return y, (lead, xd, mask, h, z, g, n, W0At, Wq, A, B, m, s, cfg.detach_norm)
+    return y, (lead, xd, mask, dropped, h, z, g, n, W0At, Wq, A, B, m, s, cfg.detach_norm)
 
 
 def dora_backward(dy, cache):
@@ -198,7 +242,7 @@ def dora_backward(dy, cache):
 
     The formulas are in the module docstring; ``detach_norm`` (from the cache) drops the path
     through ``n``."""
-    lead, xd2, mask, h2, z2, g, n, W0At, Wq, A, B, m, s, detach = cache  # 2-D: (N, ·)
+    lead, xd2, mask, dropped, h2, z2, g, n, W0At, Wq, A, B, m, s, detach = cache  # 2-D: (N, ·)
     W = weight_array(Wq, dy.dtype)  # W̃0 rebuilt again (4-bit base)
     dy2 = dy.reshape(-1, dy.shape[-1])  # (N, out)
     live = n > 0
@@ -213,6 +257,11 @@ def dora_backward(dy, cache):
     if mask is None:
         dx2 = dz @ W  # (N, in)
         dx2 += dzB @ A  # x̄ = z̄ W0 + s (z̄ B) A
+    elif not dropped:
+        dx2 = dz @ W  # (N, in)
+        dxd = dzB @ A  # x̃̄ = s (z̄ B) A   (N, in)
+        dxd *= mask
+        dx2 += dxd  # x̄ = z̄ W0 + x̃̄ ⊙ M
     else:
         dz -= dy2
         dxd = dz @ W  # (N, in)
@@ -360,7 +409,7 @@ SPEC = MethodSpec(
     shapes=lambda cfg, fin, fout: {**lora_shapes(cfg, fin, fout), "m": (fout,)},
     peft=PeftMapping("LORA", {"A": "lora_A.weight", "B": "lora_B.weight", "m": "lora_magnitude_vector"},
                      to_peft=_dora_to_peft, options=PEFT_OPTIONS, claims=lambda c: bool(c.get("use_dora", False)),
-                     from_peft=lambda c, path: lora_from_peft(c, path, DoRAConfig, detach_norm=True)),
+                     from_peft=lambda c, path: lora_from_peft(c, path, DoRAConfig.from_file_fields, detach_norm=True)),
     # the exact gradient (detach_norm=False): the contract's gradcheck differentiates the forward,
     # in which the norm is not a constant (the detached default is checked in tests/adapters/test_dora.py)
     example=lambda: Example(6, 5, DoRAConfig(r=3, alpha=6.0, detach_norm=False)),

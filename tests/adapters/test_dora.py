@@ -210,16 +210,76 @@ def test_exact_and_detached_match_the_papers_formulas(rng):
 
 
 # -- dropout ---------------------------------------------------------------------------------
-def test_dropout_forward_is_the_corrected_formula_and_gradchecks(rng):
-    layer, W, b = make_layer(rng, detach_norm=False)
+def dropout_reference(x, mask, W, b, A, B, m, s, correction):
+    """Both dropout forms written from their formulas (g from the dense V)."""
+    g = m / np.linalg.norm(W + s * B @ A, axis=1)
+    xd = x * mask
+    low = s * (xd @ A.T @ B.T)
+    if correction == "shared":  # y = g ⊙ (x W0ᵀ + s x̃ Aᵀ Bᵀ) + b
+        return g * (x @ W.T + low) + b
+    return x @ W.T + b + (g - 1) * (xd @ W.T) + g * low  # PEFT's: (g − 1) ⊙ x̃ W0ᵀ
+
+
+def test_dropout_correction_config():
+    assert lr.DoRAConfig().dropout_correction == "shared"  # the default
+    assert lr.DoRAConfig(dropout_correction="dropped").dropout_correction == "dropped"
+    with pytest.raises(ValueError, match="dropout_correction must be one of"):
+        lr.DoRAConfig(dropout_correction="peft")
+    with pytest.raises(TypeError, match="dropout_correction must be a str"):
+        lr.DoRAConfig(dropout_correction=None)
+    # files written before the field existed: trained with "dropped" when their dropout is not zero
+    from lowrank_ref.config import config_from_dict, config_to_dict
+
+    old = {k: v for k, v in config_to_dict(lr.DoRAConfig(r=2, dropout=0.1)).items() if k != "dropout_correction"}
+    assert config_from_dict(old).dropout_correction == "dropped"
+    assert config_from_dict({**old, "dropout": 0.0}).dropout_correction == "shared"  # the same function there
+    for c in ("shared", "dropped"):  # a file that has the field keeps it
+        cfg = lr.DoRAConfig(r=2, dropout=0.1, dropout_correction=c)
+        assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_adapter_files_store_the_dropout_correction(rng, tmp_path):
+    """The field is in the file; a file written before it existed (the field removed from its
+    metadata here) reads as "dropped" when its dropout is not zero, so it loads only into a layer
+    of that form (a clear config error otherwise)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    from lowrank_ref.io import load_adapter, read_adapter_metadata, save_adapter
+
+    def layer_with(c):
+        return lr.adapters.DoRALinear(lr.nn.Linear.from_arrays(np.ones((5, 7))),
+                                      lr.DoRAConfig(r=3, dropout=0.2, dropout_correction=c), rng=0)
+
+    for c in ("shared", "dropped"):
+        path = save_adapter(layer_with(c), tmp_path / f"{c}.safetensors")
+        (meta,) = read_adapter_metadata(path)["layers"].values()
+        assert meta["config"]["dropout_correction"] == c
+        load_adapter(layer_with(c), path)
+    with safe_open(str(tmp_path / "dropped.safetensors"), framework="numpy") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        header = f.metadata()
+    layers = json.loads(header["layers"])
+    for m in layers.values():
+        del m["config"]["dropout_correction"]
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={**header, "layers": json.dumps(layers)})
+    load_adapter(layer_with("dropped"), tmp_path / "old.safetensors")
+    with pytest.raises(ValueError, match="config differs"):
+        load_adapter(layer_with("shared"), tmp_path / "old.safetensors")
+
+
+@pytest.mark.parametrize("correction", ["shared", "dropped"])
+def test_dropout_forward_is_the_formula_and_gradchecks(rng, correction):
+    layer, W, b = make_layer(rng, detach_norm=False, dropout_correction=correction)
     x = rng.standard_normal((4, 7))
     mask = (rng.random(x.shape) >= 0.3) / 0.7
     params = {"W": W, "b": b, "A": layer.A.data, "B": layer.B.data, "m": layer.m.data}
     y, cache = dora_forward(x, params, layer.config, mask=mask)
-    s, xd = layer.scaling, x * mask
-    g = layer.m.data / np.linalg.norm(W + s * layer.B.data @ layer.A.data, axis=1)
-    ref = x @ W.T + b + (g - 1) * (xd @ W.T) + g * s * (xd @ layer.A.data.T @ layer.B.data.T)
-    assert_close(y, ref, "y with dropout")
+    s = layer.scaling
+    assert_close(y, dropout_reference(x, mask, W, b, layer.A.data, layer.B.data, layer.m.data, s, correction),
+                 f"y with dropout ({correction})")
     # affine in the mask, so E[y] (E[M] = 1) is the eval output
     y_one, _ = dora_forward(x, params, layer.config, mask=np.ones_like(x))
     y_anti, _ = dora_forward(x, params, layer.config, mask=2 - mask)
@@ -235,8 +295,70 @@ def test_dropout_forward_is_the_corrected_formula_and_gradchecks(rng):
     check_gradients(loss, arrays, grads | {"input": dx}).raise_if_failed()
 
 
-def test_layer_dropout_uses_its_rng_and_is_off_in_eval(rng):
-    layer, W, b = make_layer(rng, dropout=0.5)
+@pytest.mark.parametrize("correction", ["shared", "dropped"])
+def test_dropout_gradchecks_with_the_norm_held_constant(rng, correction):
+    """detach_norm=True (the default) with dropout: the exact gradient of the forward with n given."""
+    layer, W, b = make_layer(rng, dropout_correction=correction)
+    x = rng.standard_normal((4, 7))
+    mask = (rng.random(x.shape) >= 0.4) / 0.6
+    params = {"W": W, "b": b, "A": layer.A.data.copy(), "B": layer.B.data.copy(), "m": layer.m.data.copy(),
+              "n": layer.weight_norm().copy()}
+    w = rng.standard_normal((4, 5))
+    _, cache = dora_forward(x, params, layer.config, mask=mask)
+    dx, grads = dora_backward(w, cache)
+
+    def loss():
+        return float(np.sum(dora_forward(x, params, layer.config, mask=mask)[0] * w))
+
+    arrays = {k: params[k] for k in ("A", "B", "m")} | {"input": x}
+    check_gradients(loss, arrays, grads | {"input": dx}).raise_if_failed()
+
+
+def test_dropout_forms_are_the_same_function_without_dropout_and_in_eval(rng):
+    """p = 0 in training, or any p in eval mode: x̃ = x, and the two forms give the same floats."""
+    x = rng.standard_normal((3, 7))
+    dy = rng.standard_normal((3, 5))
+    for p, training in ((0.0, True), (0.5, False)):
+        out = {}
+        for c in ("shared", "dropped"):
+            layer, _, _ = make_layer(np.random.default_rng(8), dropout=p, dropout_correction=c)
+            layer.train(training)
+            y = layer.forward(x)
+            out[c] = (y, layer.backward(dy), *(getattr(layer, k).grad for k in ("A", "B", "m")))
+        for a, b_ in zip(out["shared"], out["dropped"]):
+            assert np.array_equal(a, b_), f"p={p}, training={training}"
+
+
+def test_dropped_forms_mean_over_masks_is_the_shared_forms(rng):
+    """y_dropped − y_shared = (g − 1) ⊙ (x̃ − x) W0ᵀ has mean 0 over the masks (E[M] = 1): over K
+    masks the means of the two forms differ by (g − 1) ⊙ ((M̄ − 1) ⊙ x) W0ᵀ, whose standard
+    deviation is known, σ_j² = (g_j − 1)² Σ_i W0_ji² x_i² p / ((1 − p) K): within 6σ, and far
+    from the single-mask difference."""
+    p, K = 0.3, 4000
+    layer, W, b = make_layer(rng, out=5, inn=7)
+    layer.m.data = 2.0 * layer.weight_norm()  # g = 2: the two forms differ by a whole x̃ W0ᵀ − x W0ᵀ
+    x = rng.standard_normal((1, 7))
+    params = {"W": W, "b": b, "A": layer.A.data, "B": layer.B.data, "m": layer.m.data}
+    cfgs = {c: lr.DoRAConfig(r=3, alpha=6.0, dropout=p, dropout_correction=c) for c in ("shared", "dropped")}
+    masks = (rng.random((K, 7)) >= p) / (1 - p)
+    xs = np.repeat(x, K, axis=0)
+    ys = {c: dora_forward(xs, params, cfg, mask=masks)[0] for c, cfg in cfgs.items()}
+    diff = ys["dropped"].mean(axis=0) - ys["shared"].mean(axis=0)
+    g = layer.m.data / layer.weight_norm()
+    sigma = np.abs(g - 1) * np.sqrt((W**2 * x**2).sum(axis=1) * p / ((1 - p) * K))
+    assert np.all(np.abs(diff) <= 6 * sigma), (diff, sigma)
+    single = np.abs(ys["dropped"][0] - ys["shared"][0])
+    assert single.max() > 10 * np.abs(diff).max()  # one mask: the forms differ; the mean: they agree
+    # and both means are the eval output (the shared form's noise is the low-rank term alone)
+    y_eval = dense_reference(x, W, b, layer.A.data, layer.B.data, layer.m.data, layer.scaling)[0]
+    for c, y in ys.items():
+        sd = y.std(axis=0) / np.sqrt(K)
+        assert np.all(np.abs(y.mean(axis=0) - y_eval) <= 6 * sd + 1e-12), c
+
+
+@pytest.mark.parametrize("correction", ["shared", "dropped"])
+def test_layer_dropout_uses_its_rng_and_is_off_in_eval(rng, correction):
+    layer, W, b = make_layer(rng, dropout=0.5, dropout_correction=correction)
     x = rng.standard_normal((3, 7))
     eval_y = layer.eval().forward(x)
     assert_close(eval_y, dense_reference(x, W, b, layer.A.data, layer.B.data, layer.m.data, layer.scaling), "eval")
@@ -244,8 +366,7 @@ def test_layer_dropout_uses_its_rng_and_is_off_in_eval(rng):
     layer.rng = np.random.default_rng(11)
     y = layer.forward(x)
     mask = (np.random.default_rng(11).random(x.shape) >= 0.5) / 0.5
-    ref, _ = dora_forward(x, {"W": W, "b": b, "A": layer.A.data, "B": layer.B.data, "m": layer.m.data},
-                          layer.config, mask=mask)
+    ref = dropout_reference(x, mask, W, b, layer.A.data, layer.B.data, layer.m.data, layer.scaling, correction)
     assert_close(y, ref, "train-mode y")
     assert not np.allclose(y, eval_y)
 
@@ -476,8 +597,20 @@ def test_low_precision_agrees_with_float64(dtype, detach, seed):
             assert _rel_err(getattr(l32, k).grad, getattr(layer, k).grad) <= tol, f"numpy float32 {k}̄"
 
 
-def test_torch_dropout_is_the_corrected_formula(rng):
-    layer, W, b = make_layer(rng, dropout=0.4)
+class FixedMask(torch.nn.Module):
+    """Stands in for the torch layer's dropout: multiplies by a given mask (already ÷ (1 − p))."""
+
+    def __init__(self, mask):
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, x):
+        return x * self.mask
+
+
+@pytest.mark.parametrize("correction", ["shared", "dropped"])
+def test_torch_dropout_is_the_formula(rng, correction):
+    layer, W, b = make_layer(rng, dropout=0.4, dropout_correction=correction)
     t = twin(layer)
     x = torch.from_numpy(rng.standard_normal((64, 7)))
     torch.manual_seed(0)
@@ -485,11 +618,33 @@ def test_torch_dropout_is_the_corrected_formula(rng):
     torch.manual_seed(0)
     xd = torch.nn.functional.dropout(x, 0.4, training=True)
     mask = (xd / x).numpy()  # the mask torch drew (x has no zeros)
-    ref, _ = dora_forward(x.numpy(), {"W": W, "b": b, "A": layer.A.data, "B": layer.B.data, "m": layer.m.data},
-                          layer.config, mask=mask)
+    ref = dropout_reference(x.numpy(), mask, W, b, layer.A.data, layer.B.data, layer.m.data, layer.scaling,
+                            correction)
     assert_close(y, ref, "torch train-mode y", 1e-9, 1e-12)
     t.eval()
     assert_close(t(x), layer.eval().forward(x.numpy()), "torch eval y", 1e-10, 1e-12)
+
+
+@pytest.mark.parametrize("detach", [True, False])
+@pytest.mark.parametrize("correction", ["shared", "dropped"])
+def test_torch_autograd_matches_the_hand_backward_with_dropout(rng, correction, detach):
+    """The same mask in both backends: torch autograd's x̄, Ā, B̄, m̄ are the NumPy hand-written ones."""
+    layer, W, b = make_layer(rng, dropout=0.3, dropout_correction=correction, detach_norm=detach)
+    t = twin(layer)
+    x = rng.standard_normal((2, 6, 7))
+    dy = rng.standard_normal((2, 6, 5))
+    mask = (rng.random(x.shape) >= 0.3) / 0.7
+    y, cache = dora_forward(x, layer._params_dict(), layer.config, mask=mask)
+    dx, grads = dora_backward(dy, cache)
+    t.train()
+    t.dropout = FixedMask(torch.from_numpy(mask.reshape(-1, 7)))
+    xt = torch.from_numpy(x).requires_grad_(True)
+    yt = t(xt)
+    (yt * torch.from_numpy(dy)).sum().backward()
+    assert_close(yt, y, f"y ({correction})", 1e-10, 1e-12)
+    assert_close(xt.grad, dx, f"x̄ ({correction})", 1e-10, 1e-12)
+    for k in ("A", "B", "m"):
+        assert_close(getattr(t, k).grad, grads[k], f"{k}̄ ({correction}, detach={detach})", 1e-9, 1e-11)
 
 
 @pytest.mark.parametrize("method", ["factored", "dense"])

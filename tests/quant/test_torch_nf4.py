@@ -131,7 +131,7 @@ def test_cuda_bitsandbytes_path_is_used_and_equals_the_pure_one(qt):
 @given(n=st.integers(1, 700), bs=st.sampled_from([2, 6, 16, 64]), qt=st.sampled_from(["nf4", "fp4", "int4"]),
        chunk=st.sampled_from([4, 12, 64, 256]), seed=st.integers(0, 2**16))
 def test_cpu_chunked_kernels_equal_the_whole_tensor_forms(n, bs, qt, chunk, seed):
-    """The CPU kernels (chunks, 16-bit-word table, counted comparisons) against the plain
+    """The CPU kernels (chunks, the 8-byte pair table, counted comparisons) against the plain
     whole-tensor forms (bucketize, one pair gather) and the NumPy reference, across many chunks,
     odd lengths and block sizes that are not a multiple of 4."""
     import lowrank_gpu.quant.nf4 as tn
