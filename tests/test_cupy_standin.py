@@ -51,14 +51,18 @@ def _methods():
     return out
 
 
-def _build(method: str):
-    model = GPT(CFG, rng=np.random.default_rng(0), dtype=np.float64)  # float64: NumPy's float32 GELU fast path is NumPy-only
+def _build(method: str, vocab: int = CFG.vocab_size, n_tasks: int | None = None):
+    import dataclasses
+
+    model = GPT(dataclasses.replace(CFG, vocab_size=vocab), rng=np.random.default_rng(0), dtype=np.float64)  # float64: NumPy's float32 GELU fast path is NumPy-only
     spec = registry.get_method(method)
     if not spec.is_layer:
         inject(model, method=method)
         return model
     row = next(iter(spec.compare.values()), None)
     config = spec.example().config
+    if n_tasks is not None:  # a conditional method, on the multi-task data's tasks
+        config = dataclasses.replace(config, n_tasks=n_tasks)
     targets = row.targets if row is not None else ("q", "v")
     kwargs = dict(row.kwargs) if row is not None else {}
     inject(model, config, targets=targets, method=method, rng=1, **kwargs)
@@ -69,13 +73,23 @@ def _host(a):
     return a.get() if isinstance(a, DeviceArray) else np.asarray(a)
 
 
+def _conditional(method: str) -> bool:
+    spec = registry.get_method(method)
+    return spec.is_layer and bool(getattr(registry.load_object(spec.numpy), "takes_condition", False))
+
+
 @pytest.mark.parametrize("method", _methods())
 def test_every_method_trains_on_the_standin_as_on_numpy(method):
-    host = _build(method)
+    data = DATA
+    if _conditional(method):  # a task id per row: train on the multi-task data, which passes cond=
+        from lowrank_ref.data import multitask_data
+
+        data = multitask_data(0, n_train=60, n_heldout=10)
+    host = (_build(method, vocab=data.vocab_size, n_tasks=data.n_tasks) if data is not DATA else _build(method))
     dev = to_device(copy.deepcopy(host))
     assert all(isinstance(p.data, DeviceArray) for p in dev.parameters().values())
-    r_host = train(host, DATA, 3, lr=1e-2, batch_size=2, rng=0, progress=False)
-    r_dev = train(dev, DATA, 3, lr=1e-2, batch_size=2, rng=0, progress=False)
+    r_host = train(host, data, 3, lr=1e-2, batch_size=2, rng=0, progress=False)
+    r_dev = train(dev, data, 3, lr=1e-2, batch_size=2, rng=0, progress=False)
     assert r_dev.losses == r_host.losses
     got = dev.parameters()
     for name, p in host.parameters().items():

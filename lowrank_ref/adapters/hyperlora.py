@@ -63,7 +63,7 @@ from lowrank_ref.adapters.vera import SharedTensors, check_int, one_value, own_s
 from lowrank_ref.config import ScaledLowRankConfig, scaling_metadata
 from lowrank_ref.data.multitask import TASKS
 from lowrank_ref.inject import as_rng
-from lowrank_ref.nn.module import Parameter, array_module
+from lowrank_ref.nn.module import Parameter, array_module, where_is
 from lowrank_ref.registry import CompareRow, Example, MethodSpec, PerBackend
 
 __all__ = ["HyperLoRAConfig", "HyperLoRALinear", "hyper_generate", "hyper_generate_backward",
@@ -181,7 +181,7 @@ def hyper_generate(c, params: dict, r: int, in_features: int, out_features: int)
     xp = array_module(params["W1"])
     T, M, e = params["T"], params["M"], params["e"]
     U = len(c)
-    z = xp.concatenate([T[c], xp.broadcast_to(M, (U, M.shape[0])), xp.broadcast_to(e, (U, e.shape[0]))],
+    z = xp.concatenate([T[where_is(T, np.asarray(c))], xp.broadcast_to(M, (U, M.shape[0])), xp.broadcast_to(e, (U, e.shape[0]))],
                        axis=1)  # z = [T_c ; M_τ ; e]   (U, d_z)
     p = z @ params["W1"].T + params["b1"]  # p = W1 z + b1   (U, hidden)
     g = p * _sigmoid(p)  # g = SiLU(p)
@@ -233,7 +233,7 @@ def hyperlora_forward(x, cond, params: dict, cfg: HyperLoRAConfig):
     ``W (out, in)`` and ``b (out,)`` or None. Returns ``(y, cache)``."""
     W, b = params["W"], params["b"]
     out, inn = W.shape
-    groups = condition_groups(cond, x.shape)
+    groups = [(c, None if rows is None else where_is(x, rows)) for c, rows in condition_groups(cond, x.shape)]
     c = np.array([g[0] for g in groups], dtype=np.int64)
     A, B, gen = hyper_generate(c, params, cfg.r, inn, out)
     s = cfg.scaling

@@ -43,7 +43,7 @@ from lowrank_ref.adapters.lora import init_lora_A
 from lowrank_ref.config import check_alpha, check_rank
 from lowrank_ref.nn.checks import state_message
 from lowrank_ref.nn.linear import check_last_dim
-from lowrank_ref.nn.module import Parameter, array_module
+from lowrank_ref.nn.module import Parameter, array_module, where_is
 from lowrank_ref.registry import CompareRow, Example, MethodSpec
 
 __all__ = ["MultiTaskLoRAConfig", "MultiTaskLoRALinear", "mixing_weights", "task_up_projections",
@@ -210,7 +210,7 @@ def multitask_lora_forward(x, params, rows, cfg: MultiTaskLoRAConfig):
     if b is not None:
         y += b
     g = np.empty_like(h)
-    groups = task_groups(rows)
+    groups = [(t, where_is(x2, idx)) for t, idx in task_groups(rows)]  # on CuPy: the row indices to the device
     for t, idx in groups:  # the rows of one task share Λ_t and B_t: one matmul each
         g[idx] = h[idx] @ Lam[t].T  # g = h Λ_tᵀ   (|R_t|, r)
         y[idx] += (s * g[idx]) @ Bt[t].T  # + s g B_tᵀ
