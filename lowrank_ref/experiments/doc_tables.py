@@ -485,6 +485,19 @@ if "chapters/09-baselines.md" not in DOCS:
     DOCS.append("chapters/09-baselines.md")
 
 
+def _longlora(kind: str):
+    def render_longlora(data: dict) -> str:
+        from lowrank_ref.experiments import longlora
+
+        return (longlora.format_table(data) if kind == "run" else longlora.format_bench_tables(data)) + "\n"
+    return render_longlora
+
+
+# chapter 09's LongLoRA tables: the experiment's run and its two benchmark tables
+RENDERERS["longlora"], SOURCES["longlora"] = _longlora("run"), "09-longlora.json"
+RENDERERS["baselines-bench"], SOURCES["baselines-bench"] = _longlora("bench"), "09-baselines-bench.json"
+
+
 def render(name: str) -> str:
     """The Markdown of block ``name``, from its committed result file."""
     if name not in RENDERERS:
