@@ -17,8 +17,10 @@ DRAFT = ROOT / "chapters" / "07-rank.md"  # section 7: DyLoRA and SoRA
 DATA = ROOT / "chapters" / "data" / "07-dylora-sora.json"
 
 
-def _tables(text: str) -> list[str]:
-    return [t.strip() for t in re.findall(r"<!-- table: [\w-]+ -->\n(.*?)<!-- /table -->", text, re.S)]
+def _tables(text: str, names=("dylora-ranks", "sora-lambda")) -> list[str]:
+    """The bodies of this section's tables (the chapter has others: tests/test_rank_growth_experiment.py)."""
+    found = dict(re.findall(r"<!-- table: ([\w-]+) -->\n(.*?)<!-- /table -->", text, re.S))
+    return [found[n].strip() for n in names]
 
 
 def test_the_drafts_tables_and_numbers_come_from_the_committed_results():

@@ -318,6 +318,23 @@ def _plot_prompt_k(d: dict):
 FIGURES["09-prompt-k"] = (_prompt_k_data, _plot_prompt_k, "09-baselines")
 
 
+# ---------------------------------------------------------------- 07: rank growth per layer
+def selora_growth_data() -> dict:
+    """Every layer's rank after each check of the SeLoRA-style runs (``chapters/data/07-growth-sparse.json``)."""
+    full = json.loads((DATA / "07-growth-sparse.json").read_text(encoding="utf-8"))
+    keep = ("threshold", "final_ranks", "growth")
+    return {"selora": {"runs": [{k: r[k] for k in keep} for r in full["selora"]["runs"]]}}
+
+
+def plot_selora_growth(d: dict):
+    from lowrank_ref.experiments.rank_growth import plot_growth
+
+    return plot_growth(d)
+
+
+FIGURES["07-selora-growth"] = (selora_growth_data, plot_selora_growth, "07-rank")
+
+
 def data_of(name: str):
     """The data figure ``name`` is drawn from, computed now."""
     return FIGURES[name][0]()

@@ -92,9 +92,11 @@ def grow_state(name: str, state: dict, shape: tuple) -> None:
     of each axis (a parameter that grew); a ``ValueError`` naming ``name`` for a state that cannot
     follow (an axis that shrank, or a state that records its shape, like the 8-bit Adam's)."""
     shape = tuple(shape)
-    if "shape" in state and tuple(state["shape"]) != shape:
-        raise ValueError(f"{name}: the parameter changed shape from {tuple(state['shape'])} to {shape}; "
-                         "this optimizer's state cannot grow with it")
+    if "shape" in state:  # a state in a layout of its own (the 8-bit Adam's blocks): it cannot follow
+        if tuple(state["shape"]) != shape:
+            raise ValueError(f"{name}: the parameter changed shape from {tuple(state['shape'])} to {shape}; "
+                             "this optimizer's state cannot grow with it")
+        return
     for key, v in list(state.items()):
         if not hasattr(v, "shape") or v.ndim != len(shape) or tuple(v.shape) == shape:
             continue
