@@ -21,9 +21,9 @@ the backward is the frozen model's own, run at ``k + T`` positions.
 
 **Init** (the paper compares three; PEFT names them ``RANDOM``, ``SAMPLE_VOCAB``, ``TEXT``):
 
-* ``"random"``: ``N(0, init_std²)``; ``init_std = 0.02`` by default, the scale of the GPT's own token
-  embeddings. (PEFT's ``RANDOM`` is ``nn.Embedding``'s default ``N(0, 1)``; the paper draws
-  uniformly from [-0.5, 0.5]. Both are far larger than this model's embeddings.)
+* ``"random"``: ``N(0, init_std²)``; ``init_std = 0.02`` by default, the scale the GPT's token
+  embeddings are initialised at (PEFT's ``RANDOM`` is ``nn.Embedding``'s default ``N(0, 1)``, far
+  larger than this model's embeddings).
 * ``"vocab"``: the token-table rows of ``k`` token ids drawn uniformly (with repeats).
 * ``"text"``: the rows of ``init_text`` tokenised by the built-in word tokenizer
   (:func:`lowrank_ref.data.tokenizer.default_tokenizer`), repeated or cut to ``k`` (as PEFT's
@@ -167,7 +167,9 @@ def check_prompt_model(model, config: PromptTuningConfig, what: str = "prompt tu
     (for prompt tuning, which takes positions)."""
     cfg = getattr(model, "config", None)
     if not (hasattr(model, "tok_emb") and hasattr(model, "blocks") and hasattr(cfg, "block_size")):
-        raise TypeError(f"{what} needs a GPT of lowrank_ref.nn.gpt or lowrank_gpu.nn.gpt, got {type(model).__name__}")
+        # a ValueError, as for a layer method whose targets match nothing: the method does not apply
+        raise ValueError(f"{what} needs a GPT of lowrank_ref.nn.gpt or lowrank_gpu.nn.gpt (it puts its "
+                         f"vectors into that model's embeddings and attention), got {type(model).__name__}")
     for attr in ("prompt", "prefix"):
         if getattr(model, attr, None) is not None:
             raise ValueError(f"{what}: the model already has a {attr!r} module; inject once, into a fresh model")
