@@ -15,8 +15,8 @@ def adapt(base, config, backend: str = "numpy", method: str | None = None, rng=N
     parent class (``method="qlora"`` takes a ``LoRAConfig``). A method with shared state
     (``SPEC.shared``) gets it built for this one layer. A NumPy base given to a torch backend is
     copied into a ``torch.nn.Linear`` (same dtype). ``"cupy"`` builds the NumPy layer and moves its
-    arrays (the base's included) onto the GPU, where the same array code runs on CuPy arrays (the
-    LoRA layer; GPU training of whole models is ``"cuda"``).
+    arrays (the base's included) onto the GPU, where the same array code runs on CuPy arrays (for a
+    whole model: :func:`lowrank_ref.nn.module.to_array_module`).
     """
     backend = check_backend(backend)
     spec = get_method(method) if method is not None else method_for_config(config)
@@ -32,8 +32,9 @@ def adapt(base, config, backend: str = "numpy", method: str | None = None, rng=N
         cp = require_cupy() if backend == "cupy" else None
         layer = NUMPY.build_layer(spec, base, config, rng=rng, **kwargs)
         if cp is not None:
-            for p in layer.parameters().values():
-                p.data = cp.asarray(p.data)
+            from lowrank_ref.nn.module import to_array_module
+
+            to_array_module(layer, cp)  # parameters and every frozen array (4-bit codes, projections)
         return layer
     from lowrank_ref.backend import torch_device
 

@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lowrank_ref.data.batching import check_tokens, eval_windows, get_batch
-from lowrank_ref.nn.module import as_rng
+from lowrank_ref.nn.module import as_rng, where_is
 from lowrank_ref.registry import check_backend
 
 __all__ = ["TrainResult", "train", "evaluate", "model_backend", "model_bytes", "as_rng",
@@ -277,7 +277,8 @@ def train(model, data, steps: int, lr: float = 1e-3, batch_size: int = 16, optim
           schedule: str = "cosine", warmup: int = 0, clip: float | None = 1.0, rng=None,
           progress: bool = True, backend: str | None = None, weight_decay: float = 0.0,
           betas=(0.9, 0.999), eps: float = 1e-8, min_lr: float = 0.0, momentum: float = 0.9,
-          measure_memory: bool = False, desc: str = "train", hooks=None) -> TrainResult:
+          measure_memory: bool = False, desc: str = "train", hooks=None, start_step: int = 0,
+          optimizer_state: dict | None = None, on_step=None) -> TrainResult:
     """Train the model's trainable parameters on next-token prediction over ``data``.
 
     Args:
@@ -293,11 +294,20 @@ def train(model, data, steps: int, lr: float = 1e-3, batch_size: int = 16, optim
         backend: ``None`` (the model's), ``"numpy"``, ``"torch"`` or ``"cuda"``.
         measure_memory: measure the peak memory of the first step (module docstring).
         hooks: extra :class:`TrainingHooks`-like objects, called after the methods' own hooks.
+        start_step, optimizer_state, on_step (NumPy backend): resuming a run. The loop runs steps
+            ``start_step .. steps-1`` of the same schedule, the optimizer starts from
+            ``optimizer_state`` (:meth:`~lowrank_ref.optim.Optimizer.state_dict`), and
+            ``on_step(done, optimizer, loss)`` is called after every step (``lowrank-ref train`` writes
+            its checkpoints there). Pass the batch generator in the state it had at ``start_step``.
+            ``result.losses`` holds the steps run in this call only.
     Returns:
         A :class:`TrainResult`.
     """
     backend = resolve_backend(model, backend)
     if backend in ("torch", "cuda"):
+        if start_step or optimizer_state is not None or on_step is not None:
+            raise ValueError("start_step, optimizer_state and on_step are the NumPy loop's; the torch "
+                             "backends resume through `lowrank-ref train` (its checkpoint file)")
         from lowrank_gpu.train import train as torch_train
 
         return torch_train(model, data, steps, lr=lr, batch_size=batch_size, optimizer=optimizer,
@@ -308,6 +318,10 @@ def train(model, data, steps: int, lr: float = 1e-3, batch_size: int = 16, optim
     if backend != "numpy":
         raise ValueError(f"train supports backends numpy, torch and cuda, got {backend!r}")
     check_train_args(steps, lr, batch_size, optimizer, schedule, warmup, clip, weight_decay)
+    if isinstance(start_step, bool) or not isinstance(start_step, (int, np.integer)) or not 0 <= start_step < steps:
+        raise ValueError(f"start_step must be an int in [0, steps={steps}), got {start_step!r}")
+    if on_step is not None and not callable(on_step):
+        raise TypeError(f"on_step must be callable(done, optimizer, loss), got {type(on_step).__name__}")
     from lowrank_ref import optim
     from lowrank_ref.nn.losses import cross_entropy
 
@@ -324,17 +338,19 @@ def train(model, data, steps: int, lr: float = 1e-3, batch_size: int = 16, optim
         opt = optim.Adam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     else:
         opt = optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if optimizer_state is not None:
+        opt.load_state_dict(optimizer_state)
 
     result = TrainResult(backend="numpy")
     model.train()
     opt.zero_grad()
     times = []
-    bar = progress_bar(steps, progress, desc)
-    last_traced = min(1, steps - 1)  # the second step: the optimizer state already exists
+    bar = progress_bar(steps - start_step, progress, desc)
+    last_traced = min(start_step + 1, steps - 1)  # the second step: the optimizer state already exists
     traced_times: list[float] = []  # used for the time per step only if no untraced step ran
-    for step in bar:
+    for step in range(start_step, steps):
         tracing = measure_memory and step <= last_traced
-        if tracing and step == 0:
+        if tracing and step == start_step:
             started = not tracemalloc.is_tracing()
             if started:
                 tracemalloc.start()
@@ -366,14 +382,17 @@ def train(model, data, steps: int, lr: float = 1e-3, batch_size: int = 16, optim
             if started:
                 tracemalloc.stop()
             result.peak_memory_bytes = model_bytes(model) + int(peak)
-        elif not tracing and (step > 0 or steps == 1):
+        elif not tracing and (step > start_step or steps - start_step == 1):
             times.append(elapsed)
         if not np.isfinite(loss):
             raise FloatingPointError(f"the training loss became {loss} at step {step}; lower lr (now {lr})")
         result.losses.append(float(loss))
         result.lrs.append(float(opt.lr))
+        bar.update(1)
         if step % 10 == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{loss:.3f}")
+        if on_step is not None:
+            on_step(step + 1, opt, float(loss))
     bar.close()
     result.seconds_per_step = float(np.mean(times or traced_times)) if (times or traced_times) else float("nan")
     result.optimizer_state_bytes = int(opt.state_bytes())
@@ -404,6 +423,7 @@ def evaluate(model, tokens, block_size: int | None = None, max_windows: int | No
         for i in range(0, x.shape[0], batch_size):
             xb, yb = x[i : i + batch_size], y[i : i + batch_size]
             logits = model.forward(xb)  # (b, T, V)
+            yb = where_is(logits, yb)  # on CuPy: the targets to the device
             logp = log_softmax(logits.astype(np.float64))
             nll -= float(np.take_along_axis(logp, yb[..., None], axis=-1).sum())
             correct += int((logits.argmax(-1) == yb).sum())

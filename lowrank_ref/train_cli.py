@@ -13,7 +13,7 @@ the model, the data and the injection have checked out):
   the trainable tensors as ``trainable.safetensors`` for the whole-model modes.
 * ``DIR/metrics.json``: the loss per step, the evaluation before and after, tokens per second,
   peak memory; ``DIR/loss.png``: the loss curve.
-* ``DIR/checkpoint.safetensors`` (torch backends): the trainable tensors, the optimizer state, the
+* ``DIR/checkpoint.safetensors`` (every backend): the trainable tensors, the optimizer state, the
   step and the batch generator's state, in one file written to a temporary name and moved into
   place, so that an interrupted run resumes from the last complete checkpoint: run the same
   command again (``--steps`` may grow). A checkpoint of another method, config, model, targets,
@@ -198,7 +198,7 @@ def load_model(args, device):
     if args.model == "builtin":
         from lowrank_ref.models import load_pretrained
 
-        model = load_pretrained(backend="numpy" if args.backend == "numpy" else
+        model = load_pretrained(backend="numpy" if args.backend in ("numpy", "cupy") else
                                 ("cuda" if device is not None and device.type == "cuda" else "torch"),
                                 progress=False)
         return model, "builtin", {"fan_in_fan_out": False, "tokenizer": None, "max_positions": model.config.block_size}
@@ -300,13 +300,13 @@ def save_checkpoint(path: str, model, opt, meta: dict) -> None:
     _atomic_write_bytes(path, lambda tmp: save_file(tensors, tmp, metadata={"lowrank_ref_checkpoint": text}))
 
 
-def read_checkpoint(path: str) -> tuple[dict, dict]:
+def read_checkpoint(path: str, framework: str = "pt") -> tuple[dict, dict]:
     from safetensors import safe_open
 
     from lowrank_ref.io import parse_json
 
     try:
-        with safe_open(path, framework="pt") as f:
+        with safe_open(path, framework=framework) as f:
             header = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for a damaged file
@@ -316,7 +316,11 @@ def read_checkpoint(path: str) -> tuple[dict, dict]:
     return parse_json(header["lowrank_ref_checkpoint"], path), tensors
 
 
-def _check_resume(meta: dict, identity: dict, path: str) -> None:
+def _check_resume(meta: dict, identity: dict, path: str, loop: str = "torch") -> None:
+    written = meta.get("loop", "torch")  # files from before the NumPy loop had checkpoints: torch
+    if written != loop:
+        raise ValueError(f"--out: {path} was written by the {written} training loop and this run uses the "
+                         f"{loop} one (--backend); use another --out or the same backend")
     for key in _IDENTITY:
         if meta.get(key) != identity[key]:
             raise ValueError(f"--out: {path} was written by another run ({key} {meta.get(key)!r}, this run "
@@ -431,15 +435,13 @@ def _check_backend(args, dist: Dist):
             cp.cuda.runtime.getDeviceCount()
         except Exception as e:
             raise ValueError(f"--backend cupy: {e}") from None
-        raise ValueError("--backend cupy: training whole models on CuPy arrays is not built yet "
-                         "(backend='cupy' is a layer-level switch); use --backend cuda")
-    if args.backend == "numpy":
+    if args.backend in ("numpy", "cupy"):  # the reference's own loop, on NumPy or CuPy arrays
         if args.precision != "fp32":
-            raise ValueError("--precision bf16: the NumPy backend computes in float32 only (bf16 needs torch or cuda)")
+            raise ValueError(f"--precision bf16: the {args.backend} backend computes in float32 only (bf16 needs torch or cuda)")
         if args.grad_checkpointing:
-            raise ValueError("--grad-checkpointing: the NumPy backend keeps its own caches; use torch or cuda")
+            raise ValueError(f"--grad-checkpointing: the {args.backend} backend keeps its own caches; use torch or cuda")
         if dist.world > 1:
-            raise ValueError("torchrun: the NumPy backend runs in one process; use --backend torch or cuda")
+            raise ValueError(f"torchrun: the {args.backend} backend runs in one process; use --backend torch or cuda")
         return None
     from lowrank_ref.backend import torch_device
 
@@ -535,7 +537,12 @@ def run_train(args) -> int:
     identity = {"method": spec.name, "config": json.loads(json.dumps(dataclasses.asdict(config), default=str)),
                 "model": args.model, "targets": list(targets), "data": args.data,
                 "batch_size": args.batch_size, "seed": args.seed, "block_size": block, "lr": args.lr}
-    if args.backend == "numpy":
+    if args.backend in ("numpy", "cupy"):
+        if args.backend == "cupy":  # every array of the model onto the GPU; the code stays the reference's
+            from lowrank_ref.backend import require_cupy
+            from lowrank_ref.nn.module import to_array_module
+
+            to_array_module(model, require_cupy())
         return _run_numpy(args, model, spec, train_ids, heldout, identity, result)
 
     import torch
@@ -599,7 +606,7 @@ def run_train(args) -> int:
     def checkpoint(step):
         if dist.main:
             save_checkpoint(ckpt_path, model, opt, dict(identity, step=step, rng=rng.bit_generator.state,
-                                                        losses=losses, evals=evals))
+                                                        losses=losses, evals=evals, loop="torch"))
 
     for step in range(start, args.steps):
         from lowrank_ref.data.batching import get_batch
@@ -670,21 +677,112 @@ def run_train(args) -> int:
     return 0
 
 
+def save_numpy_checkpoint(path: str, model, opt, meta: dict) -> None:
+    """The NumPy loop's checkpoint: the trainable arrays (``param.<name>``), the optimizer's array
+    state (``opt.<name>.<key>``) and, in the JSON metadata, its numbers, the step, the batch
+    generator's state and the run's identity; one safetensors file written atomically."""
+    from safetensors.numpy import save_file
+
+    from lowrank_ref.nn.module import to_host
+
+    tensors = {f"param.{n}": np.ascontiguousarray(to_host(p.data)) for n, p in model.trainable_parameters().items()}
+    sd = opt.state_dict()
+    numbers: dict = {}
+    for name, st in sd["state"].items():
+        for k, v in st.items():
+            if hasattr(v, "shape"):
+                tensors[f"opt.{name}.{k}"] = np.ascontiguousarray(to_host(v))
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                numbers.setdefault(name, {})[k] = v
+            else:
+                raise TypeError(f"optimizer state {name}.{k}: cannot checkpoint a {type(v).__name__}")
+    meta = dict(meta, opt_steps=sd["steps"], opt_numbers=numbers, loop="numpy")
+    text = json.dumps(meta, allow_nan=False)
+    _atomic_write_bytes(path, lambda tmp: save_file(tensors, tmp, metadata={"lowrank_ref_checkpoint": text}))
+
+
+def _restore_numpy(path: str, model, tensors: dict, meta: dict) -> dict:
+    """Check every tensor against the model before changing anything, then load the trainable
+    arrays; return the optimizer state for :func:`lowrank_ref.train.train`."""
+    params = model.trainable_parameters()
+    want = {f"param.{n}" for n in params}
+    have = {k for k in tensors if k.startswith("param.")}
+    if want != have:
+        raise ValueError(f"{path}: its tensors do not match this model's trainable parameters "
+                         f"(missing {sorted(want - have)[:3]}, extra {sorted(have - want)[:3]})")
+    for n, p in params.items():
+        t = tensors[f"param.{n}"]
+        if t.shape != p.data.shape or t.dtype != p.data.dtype:
+            raise ValueError(f"{path}: {n} is {t.dtype}{list(t.shape)}, the model's is {p.data.dtype}{list(p.data.shape)}")
+    from lowrank_ref.nn.module import array_module
+
+    state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            name, _, key = k[4:].rpartition(".")
+            if name not in params:
+                raise ValueError(f"{path}: optimizer state for {name!r}, which this model does not train")
+            state.setdefault(name, {})[key] = array_module(params[name].data).asarray(v)  # CuPy: to the device
+    for name, nums in meta.get("opt_numbers", {}).items():
+        state.setdefault(name, {}).update(nums)
+    for n, p in params.items():
+        p.data = array_module(p.data).asarray(tensors[f"param.{n}"].copy())
+    return {"steps": int(meta.get("opt_steps", 0)), "state": state}
+
+
 def _run_numpy(args, model, spec, train_ids, heldout, identity, result) -> int:
-    """The built-in GPT with the hand-written backward (:func:`lowrank_ref.train.train`); no
-    checkpoints (a run is short on this backend)."""
+    """The built-in GPT with the hand-written backward (:func:`lowrank_ref.train.train`), with the
+    same checkpoints and resume as the torch loop (:func:`save_numpy_checkpoint`).
+
+    What a checkpoint does not hold, in either loop: the state of a method's training hooks
+    (AdaLoRA's sensitivity averages, DyLoRA's rank draws); those methods resume with fresh hook
+    state."""
     from lowrank_ref import io
     from lowrank_ref.train import evaluate, train
 
-    if os.path.isfile(os.path.join(args.out, CHECKPOINT_NAME)):
-        raise ValueError(f"--out {args.out}: resuming needs the torch backends (the NumPy loop keeps no checkpoint)")
-    before = evaluate(model, heldout, max_windows=64)
+    ckpt_path = os.path.join(args.out, CHECKPOINT_NAME)
+    rng = np.random.default_rng(args.seed)
+    start, losses, opt_state, before = 0, [], None, None
+    if os.path.isfile(ckpt_path):
+        meta, tensors = read_checkpoint(ckpt_path, framework="np")
+        _check_resume(meta, identity, ckpt_path, loop="numpy")
+        if meta["step"] > args.steps:
+            raise ValueError(f"--steps {args.steps}: {ckpt_path} is already at step {meta['step']}")
+        opt_state = _restore_numpy(ckpt_path, model, tensors, meta)
+        rng.bit_generator.state = meta["rng"]
+        start, losses, before = int(meta["step"]), list(meta["losses"]), meta.get("before")
+    elif os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out!r} exists and is not a folder")
+    os.makedirs(args.out, exist_ok=True)
+    if before is None:
+        before = evaluate(model, heldout, max_windows=64)
+
+    def on_step(done, opt, loss):
+        losses.append(loss)
+        if args.checkpoint_every and done % args.checkpoint_every == 0 and done < args.steps:
+            save_numpy_checkpoint(ckpt_path, model, opt, dict(identity, step=done, rng=rng.bit_generator.state,
+                                                             losses=losses, before=before))
+
     t0 = time.perf_counter()
-    res = train(model, train_ids, args.steps, lr=args.lr, batch_size=args.batch_size, rng=args.seed,
-                progress=not args.quiet, desc=f"train {spec.name}")
+    res, final_opt = None, None
+    if start < args.steps:
+        def on_step_last(done, opt, loss):
+            nonlocal final_opt
+            final_opt = opt
+            on_step(done, opt, loss)
+
+        res = train(model, train_ids, args.steps, lr=args.lr, batch_size=args.batch_size, rng=rng,
+                    progress=not args.quiet, desc=f"train {spec.name}", start_step=start,
+                    optimizer_state=opt_state, on_step=on_step_last)
+        # the end state too, so that a later run with a larger --steps continues from here
+        save_numpy_checkpoint(ckpt_path, model, final_opt, dict(identity, step=args.steps,
+                                                                rng=rng.bit_generator.state, losses=losses, before=before))
     wall = time.perf_counter() - t0
     after = dict(evaluate(model, heldout, max_windows=64), step=args.steps)
-    os.makedirs(args.out, exist_ok=True)
+    if args.backend == "cupy":  # the adapter files are written from host arrays
+        from lowrank_ref.nn.module import to_array_module
+
+        to_array_module(model, np)
     folder = os.path.join(args.out, "adapter")
     parent = os.path.dirname(os.path.abspath(folder))
     tmp = tempfile.mkdtemp(prefix=".adapter-", dir=parent)
@@ -707,12 +805,14 @@ def _run_numpy(args, model, spec, train_ids, heldout, identity, result) -> int:
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
-    metrics = dict(identity, backend="numpy", precision="fp32", processes=1, steps=args.steps, resumed_from=0,
-                   losses=res.losses, evaluation={"before": before, "after": after}, evals=[after],
+    ran = args.steps - start
+    metrics = dict(identity, backend=args.backend, precision="fp32", processes=1, steps=args.steps, resumed_from=start,
+                   losses=losses, evaluation={"before": before, "after": after}, evals=[after],
                    trainable=result.trainable_params, total=result.total_params, adapter_format=kind,
-                   tokens_per_second=args.steps * args.batch_size * args.block_size / wall if wall > 0 else None,
-                   peak_memory_bytes=res.peak_memory_bytes, peak_memory_note="lowrank_ref.train (counted)")
+                   tokens_per_second=ran * args.batch_size * args.block_size / wall if wall > 0 and ran else None,
+                   peak_memory_bytes=res.peak_memory_bytes if res is not None else None,
+                   peak_memory_note="lowrank_ref.train (counted)")
     _write_json(os.path.join(args.out, "metrics.json"), metrics)
-    _plot(os.path.join(args.out, "loss.png"), res.losses, [after])
-    print(f"trained {spec.name} for {args.steps} steps (numpy); wrote {args.out}/adapter/, metrics.json, loss.png")
+    _plot(os.path.join(args.out, "loss.png"), losses, [after])
+    print(f"trained {spec.name} for {args.steps} steps ({args.backend}); wrote {args.out}/adapter/, metrics.json, loss.png")
     return 0

@@ -128,10 +128,11 @@ def _adapter_tensors(folder):
     return load_file(os.path.join(folder, "adapter", "adapter_model.safetensors"))
 
 
-def test_resume_after_an_interruption_continues_the_same_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+def test_resume_after_an_interruption_continues_the_same_run(tmp_path, monkeypatch, backend):
     import lowrank_ref.train as train_mod
 
-    base = ["--method", "lora", "--set", "r=2", "--checkpoint-every", "3"]
+    base = ["--method", "lora", "--set", "r=2", "--checkpoint-every", "3", "--backend", backend]
     main(_args(tmp_path / "whole", *base, steps=7))
     real = train_mod.call_hooks
 
@@ -314,3 +315,21 @@ def test_a_text_file_on_the_builtin_model_uses_its_words(tmp_path, capsys):
     _fails(capsys, _args(tmp_path / "never", "--method", "lora", "--data", str(bad)), "zebra", "vocabulary")
     _fails(capsys, _args(tmp_path / "never", "--method", "lora", "--data", str(tmp_path / "none.txt")), "no file")
     assert not (tmp_path / "never").exists()
+
+
+def test_numpy_resume_refuses_a_torch_checkpoint_and_continues_to_more_steps(tmp_path, capsys):
+    out = tmp_path / "run"
+    main(_args(out, "--method", "lora", "--set", "r=2", "--backend", "torch", steps=2))
+    before = (out / "checkpoint.safetensors").read_bytes()
+    _fails(capsys, _args(out, "--method", "lora", "--set", "r=2", "--backend", "numpy", steps=2),
+           "torch training loop", "numpy")
+    assert (out / "checkpoint.safetensors").read_bytes() == before
+    # a finished NumPy run continues when --steps grows (the schedule is then the new run's)
+    base = ["--method", "lora", "--set", "r=2", "--backend", "numpy"]
+    main(_args(tmp_path / "two", *base, steps=2))
+    first = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    main(_args(tmp_path / "two", *base, steps=4))
+    m = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert (m["resumed_from"], len(m["losses"])) == (2, 4)
+    assert m["losses"][:2] == first["losses"]
+    assert m["evaluation"]["before"] == first["evaluation"]["before"]

@@ -41,7 +41,7 @@ import numpy as np
 
 from lowrank_ref.adapters.base import AdapterLinear
 from lowrank_ref.config import check_alpha, check_bool, check_rank
-from lowrank_ref.nn.module import Parameter
+from lowrank_ref.nn.module import Parameter, array_module, to_host, where_is
 from lowrank_ref.registry import CompareRow, Example, MethodSpec, PeftMapping, PerBackend
 from lowrank_ref.train import TrainingHooks
 
@@ -204,8 +204,9 @@ def orth_reg(P, Q, squared: bool = False):
 
     At ``‖M‖ = 0`` the plain norm has no derivative; 0 is returned (a subgradient).
     """
-    M = Q @ Q.T - np.eye(Q.shape[0], dtype=Q.dtype)
-    N = P.T @ P - np.eye(P.shape[1], dtype=P.dtype)
+    xp = array_module(Q)
+    M = Q @ Q.T - xp.eye(Q.shape[0], dtype=Q.dtype)
+    N = P.T @ P - xp.eye(P.shape[1], dtype=P.dtype)
     nm, nn_ = float(np.sqrt((M * M).sum())), float(np.sqrt((N * N).sum()))
     if squared:
         return nm * nm + nn_ * nn_, 4.0 * (P @ N), 4.0 * (M @ Q)
@@ -393,7 +394,7 @@ class RankAllocator:
                              "(call it after the optimizer step, before zeroing the gradients)")
         if hasattr(p, "detach"):  # a torch parameter: read as float64 on the CPU
             return tuple(t.detach().to("cpu").double().numpy() for t in (p, p.grad))
-        return np.asarray(p.data, dtype=np.float64), np.asarray(p.grad, dtype=np.float64)
+        return to_host(p.data).astype(np.float64), to_host(p.grad).astype(np.float64)  # CuPy: to the host
 
     def _zero_E(self, layer, mask) -> None:
         mask = np.asarray(mask, dtype=bool)
@@ -403,7 +404,7 @@ class RankAllocator:
             with torch.no_grad():
                 layer.E[torch.as_tensor(mask, device=layer.E.device)] = 0
         else:
-            layer.E.data[mask] = 0
+            layer.E.data[where_is(layer.E.data, mask)] = 0
 
     def update_ipt(self) -> None:
         for lname, layer in self.layers.items():

@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from lowrank_ref.config import check_alpha, check_rank
-from lowrank_ref.nn.module import Module, Parameter
+from lowrank_ref.nn.module import Module, Parameter, array_module, to_host
 from lowrank_ref.registry import CompareRow, Example, MethodSpec, PerBackend
 
 __all__ = ["PromptTuningConfig", "PromptEmbedding", "prompt_forward", "prompt_backward", "prompt_init",
@@ -115,9 +115,10 @@ def prompt_forward(x_e, P):
     r"""H = [P; X_e]: ``x_e (B, T, C)``, ``P (k, C)`` -> ``(H (B, k+T, C), cache)``.
 
     Backward (:func:`prompt_backward`): ``P̄ = Σ_b H̄[b, :k]``, ``X̄_e = H̄[:, k:]``."""
+    xp = array_module(x_e)
     B, _, C = x_e.shape
     k = P.shape[0]
-    h = np.concatenate([np.broadcast_to(P.astype(x_e.dtype, copy=False), (B, k, C)), x_e], axis=1)  # (B, k+T, C)
+    h = xp.concatenate([xp.broadcast_to(P.astype(x_e.dtype, copy=False), (B, k, C)), x_e], axis=1)  # (B, k+T, C)
     return h, k
 
 
@@ -192,9 +193,10 @@ def prompt_tuning(model, config: PromptTuningConfig | None = None, rng=None) -> 
 
         return torch_prompt_tuning(model, config, rng)
     check_prompt_model(model, config)
-    P = prompt_init(config, model.tok_emb.weight.data, as_rng(rng))
+    table = model.tok_emb.weight.data
+    P = prompt_init(config, to_host(table), as_rng(rng))  # drawn on the host, as every init here
     set_trainable(model, "none")
-    model.prompt = PromptEmbedding(P.astype(model.dtype), config)
+    model.prompt = PromptEmbedding(array_module(table).asarray(P.astype(model.dtype)), config)
     return model.num_trainable_parameters()
 
 

@@ -41,7 +41,7 @@ import math
 import numpy as np
 from scipy.special import erf
 
-from lowrank_ref.nn.module import Module
+from lowrank_ref.nn.module import Module, array_module
 
 __all__ = ["GELU", "gelu", "gelu_grad", "normal_cdf", "softmax", "softmax_backward"]
 
@@ -62,7 +62,21 @@ def normal_cdf(x: np.ndarray) -> np.ndarray:
     r"""Φ(x) = (1 + erf(x/√2)) / 2, in the dtype of ``x`` (float32 NumPy input: the erfc fit above)."""
     if x.dtype == np.float32 and type(x) is np.ndarray:
         return _normal_cdf_f32(x)
-    return (0.5 * (1.0 + erf(x * _INV_SQRT2))).astype(x.dtype, copy=False)
+    return (0.5 * (1.0 + special_erf(x)(x * _INV_SQRT2))).astype(x.dtype, copy=False)
+
+
+def special_erf(x):
+    """The ``erf`` for ``x``'s array module: SciPy's for NumPy, ``cupyx.scipy.special.erf`` for
+    CuPy (an array module may carry its own as ``.special``, as the tests' CPU stand-in does)."""
+    xp = array_module(x)
+    if xp is np:
+        return erf
+    own = getattr(xp, "special", None)
+    if own is not None and hasattr(own, "erf"):
+        return own.erf
+    import cupyx.scipy.special  # pragma: no cover - needs CuPy
+
+    return cupyx.scipy.special.erf
 
 
 def _normal_cdf_f32(x: np.ndarray) -> np.ndarray:
@@ -128,7 +142,7 @@ class GELU(Module):
     """Elementwise ``x Φ(x)``; no parameters. Any shape in, same shape out."""
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x)
+        x = array_module(x).asarray(x)
         if not np.issubdtype(x.dtype, np.floating):
             raise TypeError(f"x must be a floating array, got dtype {x.dtype}")
         cdf = normal_cdf(x)  # Φ(x), kept for the backward

@@ -46,7 +46,7 @@ import numpy as np
 
 from lowrank_ref.nn.activations import softmax, softmax_backward
 from lowrank_ref.nn.linear import Dropout, Linear, check_last_dim
-from lowrank_ref.nn.module import Module
+from lowrank_ref.nn.module import Module, array_module, where_is
 
 __all__ = ["CausalSelfAttention", "causal_mask", "additive_causal_mask"]
 
@@ -122,13 +122,14 @@ class CausalSelfAttention(Module):
         n_prefix = 0
         kv = getattr(self, "kv_prefix", None)  # prefix tuning: (2, p, C) set by the model, or None
         if kv is not None:  # K ← [P_k; K], V ← [P_v; V], the same prefixes for every batch row
+            xp = array_module(k)
             n_prefix = kv.shape[1]
-            pk, pv = (self._split(np.broadcast_to(t, (x.shape[0], *t.shape))) for t in kv)  # (B, nh, p, hs)
-            k = np.concatenate([pk.astype(k.dtype, copy=False), k], axis=2)  # (B, nh, p+T, hs)
-            v = np.concatenate([pv.astype(v.dtype, copy=False), v], axis=2)  # (B, nh, p+T, hs)
+            pk, pv = (self._split(xp.broadcast_to(t, (x.shape[0], *t.shape))) for t in kv)  # (B, nh, p, hs)
+            k = xp.concatenate([pk.astype(k.dtype, copy=False), k], axis=2)  # (B, nh, p+T, hs)
+            v = xp.concatenate([pv.astype(v.dtype, copy=False), v], axis=2)  # (B, nh, p+T, hs)
         s = q @ k.transpose(0, 1, 3, 2)  # Q Kᵀ   (B, nh, T, p+T)
-        s *= np.asarray(scale, dtype=s.dtype)  # S = Q Kᵀ/√hs, in place
-        s += additive_causal_mask(T, s.dtype, n_prefix)  # + M (no looking ahead; prefixes always open)
+        s *= s.dtype.type(scale)  # S = Q Kᵀ/√hs, in place
+        s += where_is(s, additive_causal_mask(T, s.dtype, n_prefix))  # + M (no looking ahead; prefixes always open)
         p = softmax(s, axis=-1)  # P, rows sum to 1   (B, nh, T, T)
         pd = self.attn_drop.forward(p)  # P̃ = P ⊙ D
         y = self._merge(pd @ v)  # Y = P̃ V, heads concatenated   (B, T, C)
@@ -142,12 +143,12 @@ class CausalSelfAttention(Module):
         dv = pd.transpose(0, 1, 3, 2) @ dy  # V̄ = P̃ᵀ Ȳ       (B, nh, T, hs)
         dp = self.attn_drop.backward(dy @ v.transpose(0, 1, 3, 2))  # P̄ = (Ȳ Vᵀ) ⊙ D   (B, nh, T, T)
         ds = softmax_backward(dp, p)  # S̄
-        ds *= np.asarray(scale, dtype=ds.dtype)  # S̄/√hs, in place
+        ds *= ds.dtype.type(scale)  # S̄/√hs, in place
         dq = ds @ k  # Q̄ = S̄ K /√hs     (B, nh, T, hs)
         dk = ds.transpose(0, 1, 3, 2) @ q  # K̄ = S̄ᵀ Q /√hs   (B, nh, T, hs)
         if n_prefix:  # the first p rows of K̄, V̄ belong to the prefixes, summed over the batch
-            self.kv_prefix_grad = np.stack([self._merge(dk[:, :, :n_prefix]).sum(axis=0),
-                                            self._merge(dv[:, :, :n_prefix]).sum(axis=0)])  # (2, p, C)
+            self.kv_prefix_grad = array_module(dk).stack([self._merge(dk[:, :, :n_prefix]).sum(axis=0),
+                                                          self._merge(dv[:, :, :n_prefix]).sum(axis=0)])  # (2, p, C)
             dk, dv = dk[:, :, n_prefix:], dv[:, :, n_prefix:]  # the input's own keys and values
         dx = self.q.backward(self._merge(dq))  # (B, T, C)
         dx = dx + self.k.backward(self._merge(dk))

@@ -17,14 +17,27 @@ from __future__ import annotations
 
 import numpy as np
 
-from lowrank_ref.nn.module import Module, Parameter
+from lowrank_ref.nn.module import Module, Parameter, array_module
 
-__all__ = ["Embedding", "check_indices"]
+__all__ = ["Embedding", "check_indices", "scatter_add"]
+
+
+def scatter_add(target, idx, values) -> None:
+    """``target[idx] += values`` with repeated indices adding up (``np.add.at``); on CuPy,
+    ``cupyx.scatter_add`` where its ufuncs have no ``.at``."""
+    xp = array_module(target)
+    if xp is np or hasattr(xp.add, "at"):
+        xp.add.at(target, idx, values)
+    else:  # pragma: no cover - CuPy without ufunc.at
+        import cupyx
+
+        cupyx.scatter_add(target, idx, values)
+
 
 
 def check_indices(idx, num_embeddings: int, name: str = "idx") -> np.ndarray:
     """Return ``idx`` as an integer array with every entry in ``[0, num_embeddings)``, or raise."""
-    idx = np.asarray(idx)
+    idx = array_module(idx).asarray(idx)
     if not np.issubdtype(idx.dtype, np.integer):
         raise TypeError(f"{name} must be an integer array of token ids, got dtype {idx.dtype}")
     if idx.size and (idx.min() < 0 or idx.max() >= num_embeddings):
@@ -59,18 +72,20 @@ class Embedding(Module):
 
     def forward(self, idx) -> np.ndarray:
         idx = check_indices(idx, self.num_embeddings)
+        idx = array_module(self.weight.data).asarray(idx)  # host token ids go where the table is
         self._cache = idx
         return self.weight.data[idx]  # (..., dim)
 
     def backward(self, dy: np.ndarray) -> None:
         idx = self._pop_cache()
-        dy = np.asarray(dy)
+        xp = array_module(self.weight.data)
+        dy = xp.asarray(dy)
         if dy.shape != idx.shape + (self.dim,):
             raise ValueError(f"dy must have shape {idx.shape + (self.dim,)}, got {dy.shape}")
         if self.weight.trainable:
-            g = np.zeros_like(self.weight.data)
+            g = xp.zeros_like(self.weight.data)
             # Ē[v] = Σ_{positions p with idx_p = v} ȳ_p   (a repeated id adds, never overwrites)
-            np.add.at(g, idx.reshape(-1), dy.reshape(-1, self.dim))
+            scatter_add(g, idx.reshape(-1), dy.reshape(-1, self.dim))
             self.weight.accumulate(g)
         return None
 

@@ -22,7 +22,7 @@ from lowrank_ref.nn.checks import (
     check_input_shape,
     check_weight_shape,
 )
-from lowrank_ref.nn.module import Module, Parameter, array_module, check_finite
+from lowrank_ref.nn.module import Module, Parameter, array_module, check_finite, where_is
 
 __all__ = ["Linear", "Dropout", "linear_forward", "linear_backward", "check_last_dim", "check_dy", "check_linear",
            "ShapeError"]
@@ -160,7 +160,7 @@ class Dropout(Module):
         if not self.training or self.p == 0.0:
             self._cache = (None,)
             return x
-        keep = (self.rng.random(x.shape) >= self.p).astype(x.dtype) / (1.0 - self.p)
+        keep = where_is(x, (self.rng.random(x.shape) >= self.p).astype(x.dtype) / (1.0 - self.p))
         self._cache = (keep,)
         return x * keep
 

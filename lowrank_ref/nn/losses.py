@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lowrank_ref.nn.module import Module
+from lowrank_ref.nn.module import Module, array_module
 
 __all__ = ["cross_entropy", "CrossEntropyLoss", "log_softmax"]
 
@@ -45,8 +45,9 @@ def cross_entropy(logits, targets, ignore_index: int = -100):
     Returns:
         ``(loss, dlogits)``: a Python float and :math:`\bar z` shaped and typed like ``logits``.
     """
-    z = np.asarray(logits)
-    t = np.asarray(targets)
+    xp = array_module(logits)
+    z = xp.asarray(logits)
+    t = xp.asarray(targets)  # host targets go where the logits are
     if not np.issubdtype(z.dtype, np.floating):
         raise TypeError(f"logits must be a floating array, got dtype {z.dtype}")
     if z.ndim < 1 or z.shape[-1] == 0:
@@ -65,10 +66,10 @@ def cross_entropy(logits, targets, ignore_index: int = -100):
     if n == 0:
         raise ValueError(f"every target equals ignore_index={ignore_index}: the mean over no tokens is undefined")
     z2 = z.reshape(-1, V)  # (N_all, V)
-    t2 = np.where(keep, t, 0).reshape(-1)
+    t2 = xp.where(keep, t, 0).reshape(-1)
     k2 = keep.reshape(-1)
     logp = log_softmax(z2)  # log p = z - lse(z)
-    rows = np.arange(z2.shape[0])
+    rows = xp.arange(z2.shape[0])
     loss = -float(np.sum(logp[rows, t2][k2], dtype=np.float64)) / n  # mean of lse(z) - z_y
     dz = np.exp(logp)  # p
     dz[rows, t2] -= 1.0  # p - onehot(y)
@@ -90,4 +91,4 @@ class CrossEntropyLoss(Module):
 
     def backward(self, dloss: float = 1.0) -> np.ndarray:
         dlogits = self._pop_cache()
-        return dlogits if dloss == 1.0 else dlogits * np.asarray(dloss, dtype=dlogits.dtype)
+        return dlogits if dloss == 1.0 else dlogits * dlogits.dtype.type(dloss)

@@ -22,6 +22,7 @@ import numpy as np
 from lowrank_ref.nn.checks import nonfinite_error
 
 __all__ = ["Parameter", "Module", "ModuleList", "StateError", "check_finite", "array_module", "as_rng",
+           "to_array_module", "where_is", "to_host",
            "check_condition", "set_condition"]
 
 
@@ -33,12 +34,78 @@ class StateError(RuntimeError, ValueError):
 def array_module(a):
     """``numpy``, or ``cupy`` for a CuPy array: the reference's array code runs on either.
 
-    CuPy is recognised by the array's type and imported only then, so NumPy users never load it."""
+    CuPy is recognised by the array's type and imported only then, so NumPy users never load it.
+    An array type may also name its module itself (class attribute ``_lowrank_array_module``): the
+    CPU stand-in for CuPy in the tests does, to prove that nothing bypasses the array module."""
+    named = getattr(type(a), "_lowrank_array_module", None)
+    if named is not None:
+        return named
     if type(a).__module__.partition(".")[0] == "cupy":
         import cupy
 
         return cupy
     return np
+
+
+def where_is(ref, host):
+    """``host`` (a NumPy array, e.g. a dropout mask drawn from a NumPy generator) moved to the array
+    module of ``ref``: a no-op on NumPy, a host-to-device copy on CuPy. Random draws stay on NumPy's
+    generators in every backend, so a seeded run draws the same masks on the CPU and the GPU."""
+    xp = array_module(ref)
+    return host if xp is np else xp.asarray(host)
+
+
+def to_host(a) -> np.ndarray:
+    """``a`` as a NumPy array: a copy from the device for a CuPy array (``.get()``), else as is."""
+    return a.get() if array_module(a) is not np else np.asarray(a)
+
+
+def to_array_module(model, xp):
+    """Move ``model`` onto the array module ``xp`` (``cupy``, or ``numpy`` to come back), in place:
+    every parameter's ``.data`` and every array a module holds as an attribute (frozen 4-bit codes,
+    shared projections, buffers). Gradients and forward caches are dropped. Returns ``model``.
+
+    This is what makes ``backend="cupy"`` train whole models with the reference's own code: the
+    layers, the hand-written backward passes and the optimizer take their array module from their
+    inputs (:func:`array_module`), so once the arrays live on the GPU, so does every step."""
+    def move(a):
+        if xp is np:
+            return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
+        return xp.asarray(a)
+
+    def is_array(v):
+        return isinstance(v, np.ndarray) or (not isinstance(v, (str, bytes)) and hasattr(v, "__array_function__")
+                                             and hasattr(v, "shape") and hasattr(v, "dtype"))
+
+    seen: set[int] = set()
+
+    def visit(obj):
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        for k, v in list(vars(obj).items()):
+            if k in ("_params", "_modules"):
+                continue
+            if isinstance(v, Parameter):
+                v.data, v.grad = move(v.data), None
+            elif isinstance(v, Module):
+                visit(v)
+            elif is_array(v):
+                object.__setattr__(obj, k, move(v))
+            elif isinstance(v, dict) and v and all(is_array(e) for e in v.values()):
+                for kk in list(v):  # frozen arrays by name (VeRA's shared projections)
+                    v[kk] = move(v[kk])
+            elif isinstance(v, (list, tuple)) and v and all(isinstance(e, Module) for e in v):
+                for e in v:
+                    visit(e)
+            elif hasattr(v, "__dict__") and type(v).__module__.startswith("lowrank_ref") \
+                    and not isinstance(v, (type, np.random.Generator)) and not callable(v):
+                visit(v)  # a helper object of the package (a quantised tensor, shared state)
+        if isinstance(obj, Module):
+            object.__setattr__(obj, "_cache", None)
+
+    visit(model)
+    return model
 
 
 def check_finite(name: str, array: np.ndarray) -> None:
@@ -59,7 +126,7 @@ class Parameter:
     __slots__ = ("data", "grad", "trainable")
 
     def __init__(self, data, trainable: bool = True):
-        data = np.asarray(data)
+        data = array_module(data).asarray(data)
         if not np.issubdtype(data.dtype, np.floating):
             raise TypeError(f"Parameter data must be a floating array, got dtype {data.dtype}")
         self.data = data

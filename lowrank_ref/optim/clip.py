@@ -30,8 +30,8 @@ def grad_norm(params, norm_type: float = 2.0) -> float:
         return float(max(np.max(np.abs(g)) for g in grads))
     if not norm_type > 0:
         raise ValueError(f"norm_type must be > 0 or inf, got {norm_type}")
-    per = [np.linalg.norm(g.reshape(-1).astype(np.float64), ord=norm_type) for g in grads]
-    return float(np.linalg.norm(np.array(per), ord=norm_type))
+    per = [float(np.linalg.norm(g.reshape(-1).astype(np.float64), ord=norm_type)) for g in grads]
+    return float(np.linalg.norm(np.array(per), ord=norm_type))  # per-tensor norms are host floats
 
 
 def clip_grad_norm(params, max_norm: float, norm_type: float = 2.0) -> float:

@@ -120,6 +120,39 @@ class Optimizer:
     def _update(self, name: str, param: Parameter, grad: np.ndarray, state: dict) -> None:
         raise NotImplementedError
 
+    def state_dict(self) -> dict:
+        """``{"steps": n, "state": {name: {key: array or number}}}``: copies, for a checkpoint
+        (the learning rate is not in it: the schedule sets it before every step)."""
+        return {"steps": self.steps,
+                "state": {n: {k: (v.copy() if hasattr(v, "shape") else v) for k, v in st.items()}
+                          for n, st in self.state.items()}}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore what :meth:`state_dict` gave, checking names, keys and shapes first: on a
+        mismatch a ``ValueError`` names it and the optimizer is left as it was."""
+        if not isinstance(sd, dict) or set(sd) != {"steps", "state"}:
+            raise ValueError("optimizer state must be a dict with keys 'steps' and 'state'")
+        state = sd["state"]
+        unknown = sorted(set(state) - set(self.params))
+        if unknown:
+            raise ValueError(f"optimizer state names parameters this optimizer does not hold: {unknown[:3]}")
+        current = self.state_dict()["state"] if self.state else {}
+        for name, st in state.items():
+            have = current.get(name)
+            if have is not None and set(have) != set(st):
+                raise ValueError(f"optimizer state for {name}: keys {sorted(st)}, expected {sorted(have)}")
+            for k, v in st.items():
+                if hasattr(v, "shape") and k in ("exp_avg", "exp_avg_sq", "momentum_buffer") \
+                        and tuple(v.shape) != tuple(self.params[name].data.shape):
+                    raise ValueError(f"optimizer state {name}.{k} has shape {tuple(v.shape)}, "
+                                     f"the parameter's is {tuple(self.params[name].data.shape)}")
+        steps = int(sd["steps"])
+        if steps < 0:
+            raise ValueError(f"optimizer state: steps must be >= 0, got {steps}")
+        self.state = {n: {k: (v.copy() if hasattr(v, "shape") else v) for k, v in st.items()}
+                      for n, st in state.items()}
+        self.steps = steps
+
     def zero_grad(self) -> None:
         """Set every parameter's ``.grad`` to ``None`` (not zeros: "no gradient" stays visible)."""
         for p in self.params.values():

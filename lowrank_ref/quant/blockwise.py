@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lowrank_ref.nn.module import array_module, where_is
 from lowrank_ref.quant.tables import dynamic_map, fp4_codebook, int4_table, midpoints, nf4_table
 
 __all__ = [
@@ -155,16 +156,18 @@ def quantize_blockwise(x, code: np.ndarray | None = None, blocksize: int = 256):
 
 
 def dequantize_blockwise(q, absmax, code: np.ndarray | None = None, blocksize: int = 256) -> np.ndarray:
-    r"""``x̂_j = code[q_j] · a_b`` (float32, flat)."""
+    r"""``x̂_j = code[q_j] · a_b`` (float32, flat). On CuPy codes, on the device."""
+    xp = array_module(q)
     code = dynamic_map(signed=True) if code is None else np.asarray(code, dtype=np.float32)
-    q = np.asarray(q, dtype=np.uint8).reshape(-1)
+    code = where_is(q, code)
+    q = xp.asarray(q, dtype=np.uint8).reshape(-1)
     n = q.size
     nb = -(-n // blocksize)
     vals = code[q]
     pad = nb * blocksize - n
     if pad:
-        vals = np.concatenate([vals, np.zeros(pad, np.float32)])
-    out = vals.reshape(nb, blocksize) * np.asarray(absmax, dtype=np.float32)[:, None]
+        vals = xp.concatenate([vals, xp.zeros(pad, np.float32)])
+    out = vals.reshape(nb, blocksize) * xp.asarray(absmax, dtype=np.float32)[:, None]
     return out.reshape(-1)[:n].astype(np.float32, copy=False)
 
 
@@ -258,6 +261,19 @@ class Quant4Tensor:
         (C-contiguous float32 with ``2·ceil(n/2)`` entries) may be given to avoid an allocation.
         """
         n, bs = self.numel, self.blocksize
+        xp = array_module(self.packed)
+        if xp is not np:  # on CuPy: the plain formula, on the device (the fast path below is NumPy's)
+            if out is not None:
+                raise ValueError("out is for NumPy arrays only")
+            p = self.packed.reshape(-1)
+            codes = xp.stack([p >> 4, p & 0x0F], axis=1).reshape(-1)[:n]  # c_{2k} = byte >> 4, c_{2k+1} = byte & 15
+            vals = where_is(p, self.table)[codes]
+            nb = self.n_blocks
+            pad = nb * bs - n
+            if pad:
+                vals = xp.concatenate([vals, xp.zeros(pad, np.float32)])
+            x = vals.reshape(nb, bs) * xp.asarray(self.absmax, dtype=np.float32)[:, None]  # x̂ = t_c · a_b
+            return x.reshape(-1)[:n].reshape(self.shape)
         lut = _pair_lut(self.table)
         m = self.packed.size
         if out is None:
