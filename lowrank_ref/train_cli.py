@@ -530,6 +530,10 @@ def run_train(args) -> int:
         result = inject(model, config, targets=targets, method=spec.name, rng=args.seed)
     except ValueError as e:
         raise ValueError(f"--method {spec.name} --targets {','.join(targets)}: {e}") from None
+    room = getattr(model, "max_input_length", block)  # a prompt (prompt tuning) takes k positions
+    if block > room:
+        raise ValueError(f"--block-size {block}: --method {spec.name} leaves the model {room} positions for the "
+                         f"input (its prompt takes {info['max_positions'] - room}); pass --block-size {room} or less")
     identity = {"method": spec.name, "config": json.loads(json.dumps(dataclasses.asdict(config), default=str)),
                 "model": args.model, "targets": list(targets), "data": args.data,
                 "batch_size": args.batch_size, "seed": args.seed, "block_size": block, "lr": args.lr}

@@ -43,9 +43,11 @@ def test_the_standin_refuses_every_bypass():
 
 
 def _methods():
+    """Every layer method, and every whole-model mode that adds tensors of its own (an example
+    config: prompt and prefix tuning)."""
     out = []
     for spec in registry.methods().values():
-        if spec.numpy is None:
+        if spec.numpy is None and spec.example is None:
             continue
         out.append(spec.name)
     return out
@@ -57,7 +59,7 @@ def _build(method: str, vocab: int = CFG.vocab_size, n_tasks: int | None = None)
     model = GPT(dataclasses.replace(CFG, vocab_size=vocab), rng=np.random.default_rng(0), dtype=np.float64)  # float64: NumPy's float32 GELU fast path is NumPy-only
     spec = registry.get_method(method)
     if not spec.is_layer:
-        inject(model, method=method)
+        inject(model, None if spec.example is None else spec.example().config, method=method, rng=1)
         return model
     row = next(iter(spec.compare.values()), None)
     config = spec.example().config

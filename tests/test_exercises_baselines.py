@@ -16,12 +16,20 @@ IDS = [f"{ch}:{name}" for ch, name, _ in CASES]
 @pytest.mark.parametrize("chapter,name,chk", CASES, ids=IDS)
 def test_check_fails_on_a_plausible_wrong_answer(chapter, name, chk):
     """Beyond the stub: the mistake each exercise invites (γ on the columns, the skip connection
-    left out of dh, the biases forgotten) fails too."""
+    left out of dh, the biases forgotten, the prompt's batch sum forgotten, the prefixes treated as
+    constants, the MLP left out of the count) fails too."""
     sol = _solutions(chapter)
     wrong = {
         "ssf_merge": lambda W, b, g, be: (W * g[None, :] if W.shape[0] == W.shape[1] else W * 0, g * b + be),
         "adapter_backward": lambda dy, h, Wd, bd, Wu: (lambda r: (r[0] - dy,) + tuple(r[1:]))(
             sol.adapter_backward(dy, h, Wd, bd, Wu)),
         "adapter_params": lambda d, m: 2 * d * m,
+        # P̄ taken from the first row only (the batch sum forgotten)
+        "prompt_backward": lambda dH, k: (dH[:, k:], dH[0, :k]),
+        # the prefixes treated as constants: no gradient for P_k
+        "prefix_attention_backward": lambda dy, q, k, v, pk, pv: (lambda r: r[:3] + (0 * r[3], r[4]))(
+            sol.prefix_attention_backward(dy, q, k, v, pk, pv)),
+        # the prefixes counted, the MLP that trains them not
+        "prefix_params": lambda L, C, k, h, projection: 2 * L * k * C,
     }[name]
     assert not chk(wrong, verbose=False).ok

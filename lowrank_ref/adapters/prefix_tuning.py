@@ -45,7 +45,7 @@ import numpy as np
 
 from lowrank_ref.adapters.prompt_tuning import check_prompt_model
 from lowrank_ref.config import check_alpha, check_rank
-from lowrank_ref.nn.module import Module, Parameter, StateError
+from lowrank_ref.nn.module import Module, Parameter, StateError, array_module
 from lowrank_ref.registry import CompareRow, Example, MethodSpec, PerBackend
 
 __all__ = ["PrefixTuningConfig", "PrefixEncoder", "prefix_encoder_forward", "prefix_encoder_backward",
@@ -115,7 +115,7 @@ def prefix_encoder_forward(params: dict, n_layer: int):
     """
     E, W1, b1, W2, b2 = (params[n] for n in ("E", "W1", "b1", "W2", "b2"))
     p, C = E.shape
-    Z = np.tanh(E @ W1.T + b1)  # Z = tanh(E W1ᵀ + b1)   (p, h)
+    Z = array_module(E).tanh(E @ W1.T + b1)  # Z = tanh(E W1ᵀ + b1)   (p, h)
     P = Z @ W2.T + b2  # P = Z W2ᵀ + b2   (p, 2·L·C)
     P = P.reshape(p, n_layer, 2, C).transpose(1, 2, 0, 3)  # (L, 2, p, C): layer, key/value, position, channel
     return P, EncoderCache(E, Z, W1, W2, n_layer)
@@ -183,7 +183,7 @@ class PrefixEncoder(Module):
         trainable = self.E.trainable
         for n in ("E", "W1", "b1", "W2", "b2"):
             delattr(self, n)
-        self.P = Parameter(np.ascontiguousarray(P), trainable=trainable)
+        self.P = Parameter(array_module(P).ascontiguousarray(P), trainable=trainable)
         self._cache = None
 
     def merge(self) -> None:
@@ -216,9 +216,11 @@ def prefix_tuning(model, config: PrefixTuningConfig | None = None, rng=None) -> 
         return torch_prefix_tuning(model, config, rng)
     check_prompt_model(model, config, "prefix tuning")
     c = model.config
-    tensors = prefix_init(config, c.n_layer, c.d_model, as_rng(rng))
+    tensors = prefix_init(config, c.n_layer, c.d_model, as_rng(rng))  # drawn on the host
+    xp = array_module(model.tok_emb.weight.data)
     set_trainable(model, "none")
-    model.prefix = PrefixEncoder({n: v.astype(model.dtype) for n, v in tensors.items()}, config, c.n_layer)
+    model.prefix = PrefixEncoder({n: xp.asarray(v.astype(model.dtype)) for n, v in tensors.items()}, config,
+                                 c.n_layer)
     return model.num_trainable_parameters()
 
 

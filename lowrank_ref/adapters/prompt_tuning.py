@@ -21,9 +21,9 @@ the backward is the frozen model's own, run at ``k + T`` positions.
 
 **Init** (the paper compares three; PEFT names them ``RANDOM``, ``SAMPLE_VOCAB``, ``TEXT``):
 
-* ``"random"``: ``N(0, init_std²)``; ``init_std = 0.02`` by default, the scale of the GPT's own token
-  embeddings. (PEFT's ``RANDOM`` is ``nn.Embedding``'s default ``N(0, 1)``; the paper draws
-  uniformly from [-0.5, 0.5]. Both are far larger than this model's embeddings.)
+* ``"random"``: ``N(0, init_std²)``; ``init_std = 0.02`` by default, the scale the GPT's token
+  embeddings are initialised at (PEFT's ``RANDOM`` is ``nn.Embedding``'s default ``N(0, 1)``, far
+  larger than this model's embeddings).
 * ``"vocab"``: the token-table rows of ``k`` token ids drawn uniformly (with repeats).
 * ``"text"``: the rows of ``init_text`` tokenised by the built-in word tokenizer
   (:func:`lowrank_ref.data.tokenizer.default_tokenizer`), repeated or cut to ``k`` (as PEFT's
@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from lowrank_ref.config import check_alpha, check_rank
-from lowrank_ref.nn.module import Module, Parameter
+from lowrank_ref.nn.module import Module, Parameter, array_module, to_host
 from lowrank_ref.registry import CompareRow, Example, MethodSpec, PerBackend
 
 __all__ = ["PromptTuningConfig", "PromptEmbedding", "prompt_forward", "prompt_backward", "prompt_init",
@@ -115,9 +115,10 @@ def prompt_forward(x_e, P):
     r"""H = [P; X_e]: ``x_e (B, T, C)``, ``P (k, C)`` -> ``(H (B, k+T, C), cache)``.
 
     Backward (:func:`prompt_backward`): ``P̄ = Σ_b H̄[b, :k]``, ``X̄_e = H̄[:, k:]``."""
+    xp = array_module(x_e)
     B, _, C = x_e.shape
     k = P.shape[0]
-    h = np.concatenate([np.broadcast_to(P.astype(x_e.dtype, copy=False), (B, k, C)), x_e], axis=1)  # (B, k+T, C)
+    h = xp.concatenate([xp.broadcast_to(P.astype(x_e.dtype, copy=False), (B, k, C)), x_e], axis=1)  # (B, k+T, C)
     return h, k
 
 
@@ -167,7 +168,9 @@ def check_prompt_model(model, config: PromptTuningConfig, what: str = "prompt tu
     (for prompt tuning, which takes positions)."""
     cfg = getattr(model, "config", None)
     if not (hasattr(model, "tok_emb") and hasattr(model, "blocks") and hasattr(cfg, "block_size")):
-        raise TypeError(f"{what} needs a GPT of lowrank_ref.nn.gpt or lowrank_gpu.nn.gpt, got {type(model).__name__}")
+        # a ValueError, as for a layer method whose targets match nothing: the method does not apply
+        raise ValueError(f"{what} needs a GPT of lowrank_ref.nn.gpt or lowrank_gpu.nn.gpt (it puts its "
+                         f"vectors into that model's embeddings and attention), got {type(model).__name__}")
     for attr in ("prompt", "prefix"):
         if getattr(model, attr, None) is not None:
             raise ValueError(f"{what}: the model already has a {attr!r} module; inject once, into a fresh model")
@@ -190,9 +193,10 @@ def prompt_tuning(model, config: PromptTuningConfig | None = None, rng=None) -> 
 
         return torch_prompt_tuning(model, config, rng)
     check_prompt_model(model, config)
-    P = prompt_init(config, model.tok_emb.weight.data, as_rng(rng))
+    table = model.tok_emb.weight.data
+    P = prompt_init(config, to_host(table), as_rng(rng))  # drawn on the host, as every init here
     set_trainable(model, "none")
-    model.prompt = PromptEmbedding(P.astype(model.dtype), config)
+    model.prompt = PromptEmbedding(array_module(table).asarray(P.astype(model.dtype)), config)
     return model.num_trainable_parameters()
 
 

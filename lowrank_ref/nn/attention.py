@@ -150,8 +150,8 @@ class CausalSelfAttention(Module):
         dq = ds @ k  # Q̄ = S̄ K /√hs     (B, nh, T, hs)
         dk = ds.transpose(0, 1, 3, 2) @ q  # K̄ = S̄ᵀ Q /√hs   (B, nh, T, hs)
         if n_prefix:  # the first p rows of K̄, V̄ belong to the prefixes, summed over the batch
-            self.kv_prefix_grad = np.stack([self._merge(dk[:, :, :n_prefix]).sum(axis=0),
-                                            self._merge(dv[:, :, :n_prefix]).sum(axis=0)])  # (2, p, C)
+            self.kv_prefix_grad = array_module(dk).stack([self._merge(dk[:, :, :n_prefix]).sum(axis=0),
+                                                          self._merge(dv[:, :, :n_prefix]).sum(axis=0)])  # (2, p, C)
             dk, dv = dk[:, :, n_prefix:], dv[:, :, n_prefix:]  # the input's own keys and values
         dx = self.q.backward(self._merge(dq))  # (B, T, C)
         dx = dx + self.k.backward(self._merge(dk))

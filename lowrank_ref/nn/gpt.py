@@ -166,13 +166,14 @@ class GPT(Module):
         if dlogits.shape != (B, T, self.config.vocab_size):
             raise ValueError(f"dlogits must have shape {(B, T, self.config.vocab_size)}, got {dlogits.shape}")
         dx = self.ln_f.backward(self.head.backward(dlogits))  # (B, T, C)
+        xp = array_module(dx)
         if n_prompt:  # no gradient reaches the prompt's positions from the head
-            dx = np.concatenate([np.zeros((B, n_prompt, dx.shape[2]), dtype=dx.dtype), dx], axis=1)  # (B, k+T, C)
+            dx = xp.concatenate([xp.zeros((B, n_prompt, dx.shape[2]), dtype=dx.dtype), dx], axis=1)  # (B, k+T, C)
         for block in reversed(list(self.blocks)):
             dx = block.backward(dx)
         prefix = self._modules.get("prefix")
         if prefix is not None:  # each layer's P̄_k, P̄_v, into the prefix encoder
-            prefix.backward(np.stack([block.attn.kv_prefix_grad for block in self.blocks]))  # (L, 2, p, C)
+            prefix.backward(xp.stack([block.attn.kv_prefix_grad for block in self.blocks]))  # (L, 2, p, C)
         dx = self.drop.backward(dx)
         self.pos_emb.backward(dx.sum(axis=0))  # Ē_pos[t] = Σ_b x̄0[b, t]   (k+T, C)
         if n_prompt:

@@ -206,7 +206,7 @@ def test_bad_configs_and_a_second_inject():
             inject(model, lr.PrefixTuningConfig(k=2), rng=0)
         with pytest.raises(ValueError, match="already has a 'prefix'"):
             inject(model, lr.PromptTuningConfig(k=2), rng=0)
-    with pytest.raises(TypeError, match="needs a GPT"):
+    with pytest.raises(ValueError, match="needs a GPT"):
         inject(lr.nn.Linear(3, 3), lr.PrefixTuningConfig(k=2))
 
 

@@ -190,3 +190,14 @@ def test_bad_configs():
 def test_the_compare_row_uses_no_linear_targets():
     row = SPEC.compare["prompt_tuning"]
     assert row.targets == () and row.config.k >= 1 and not SPEC.mergeable and not SPEC.is_layer
+
+
+def test_the_train_command_refuses_a_window_the_prompt_leaves_no_room_for(tmp_path, capsys):
+    from lowrank_ref.cli import main
+
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--method", "prompt_tuning", "--steps", "1", "--batch-size", "2", "--out", str(out), "--quiet"])
+    assert e.value.code == 2
+    assert "--block-size 32: --method prompt_tuning leaves the model 24 positions" in capsys.readouterr().err
+    assert not out.exists()
