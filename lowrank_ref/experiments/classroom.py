@@ -63,9 +63,12 @@ def classroom_sizes() -> dict:
 _EXPORTS = {"01-lora": ("results",), "02-dora": ("sweep", "md_res", "scaling"), "07-rank": ("res",)}
 
 
+_BULKY = ("model", "train_losses", "points", "last", "records")  # not needed by any check: left out of the record
+
+
 def _jsonable(v):
     if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items() if k != "model"}
+        return {str(k): _jsonable(x) for k, x in v.items() if k not in _BULKY}
     if isinstance(v, (list, tuple)):
         return [_jsonable(x) for x in v]
     if isinstance(v, (np.floating, np.integer)):
@@ -100,10 +103,12 @@ def _conclusions_01(res: dict) -> list[dict]:
     lo, hi = ranks[0], ranks[-1]
     t = {k: v["target_after"] for k, v in ra.items()}
     out = [
-        _c("each rule wins where it gives the larger s: at the smallest rank alpha/r (s = 16/r) beats alpha = 2r",
+        _c("at compare's learning rate each rule wins where it gives the larger s: at the smallest rank "
+           "alpha/r (s = 16/r) beats alpha = 2r",
            t[("alpha=16, alpha/r", lo)] > t[("alpha=2r", lo)], r=lo, alpha_r=t[("alpha=16, alpha/r", lo)],
            alpha_2r=t[("alpha=2r", lo)]),
-        _c("alpha/r with alpha fixed starves large ranks: at the largest rank alpha = 2r beats it",
+        _c("at compare's learning rate alpha/r with alpha fixed starves large ranks: at the largest rank "
+           "alpha = 2r beats it",
            t[("alpha=2r", hi)] > t[("alpha=16, alpha/r", hi)], r=hi, alpha_2r=t[("alpha=2r", hi)],
            alpha_r=t[("alpha=16, alpha/r", hi)]),
         _c("rank helps with diminishing returns (alpha = 2r): r = 1 -> 8 gains more than 8 -> the largest, "
@@ -263,7 +268,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.merge:  # records of notebooks run in separate processes (to use more cores) into --out
         parts = [json.loads(Path(f).read_text(encoding="utf-8")) for f in a.merge]
-        data = {**parts[0], "notebooks": dict(sorted({k: v for p in parts for k, v in p["notebooks"].items()}.items()))}
+        # later files win, for the notebooks and for the sizes (the newest run's)
+        data = {**parts[-1], "notebooks": dict(sorted({k: v for p in parts for k, v in p["notebooks"].items()}.items()))}
         Path(a.out).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
         print(f"merged into {a.out}", file=sys.stderr)
         return 0
