@@ -59,6 +59,10 @@ serve-book: book
 figures: $(STAMP)  # chapters/figures/*.png and the data each is drawn from
 	MPLBACKEND=Agg $(PY) -m lowrank_ref.experiments.figures
 
+.PHONY: classroom
+classroom: $(STAMP)  # every chapter notebook in LOWRANK_REF_MODE=classroom: times and conclusions -> chapters/data/classroom.json
+	MPLBACKEND=Agg $(PY) -m lowrank_ref.experiments.classroom
+
 tables: $(STAMP)  # README's and the chapters' measured tables, from chapters/data/*.json
 	$(PY) -m lowrank_ref.experiments.doc_tables --write
 

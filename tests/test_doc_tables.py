@@ -19,9 +19,10 @@ def test_the_docs_hold_the_generated_tables():
                                            "lora-scaling-lr", "lora-targets", "lora-init", "lora-baselines"]
     assert names["chapters/04-compare.md"] == ["compare", "compare-runs", "forgetting-runs", "forgetting-spectrum",
                                               "compare-seeds", "compare-lr"]
-    assert names["chapters/02-dora.md"] == ["compare-dora"]
+    assert names["chapters/02-dora.md"] == ["scaling-lr", "compare-dora"]
     assert names["chapters/03-qlora.md"] == ["compare-qlora"]
     assert names["chapters/90-claims.md"] == ["seed-table", "seed-verdicts"]
+    assert names["chapters/README.md"] == ["classroom"]
 
 
 def test_a_hand_edit_is_caught(tmp_path, monkeypatch):

@@ -31,7 +31,7 @@ __all__ = ["ROOT", "DOCS", "render", "blocks", "check", "write", "record_compare
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "chapters" / "data"
 DOCS = ["README.md", "chapters/01-lora.md", "chapters/02-dora.md", "chapters/03-qlora.md", "chapters/04-compare.md",
-        "chapters/08-serving.md", "chapters/90-claims.md"]
+        "chapters/08-serving.md", "chapters/90-claims.md", "chapters/README.md"]
 
 # how README and chapter 04 name each compare row
 LABELS = {
@@ -496,6 +496,51 @@ def _longlora(kind: str):
 # chapter 09's LongLoRA tables: the experiment's run and its two benchmark tables
 RENDERERS["longlora"], SOURCES["longlora"] = _longlora("run"), "09-longlora.json"
 RENDERERS["baselines-bench"], SOURCES["baselines-bench"] = _longlora("bench"), "09-baselines-bench.json"
+
+
+def _classroom(data: dict) -> str:
+    """The syllabus: each notebook's wall time in classroom mode and what was checked there."""
+    out = ("\n| notebook | classroom mode: CPU time (wall time on the shared machine) | what classroom mode changes "
+           "| conclusions checked |\n|---|---:|---|---|\n")
+    sizes = data["sizes"]
+    for name, r in data["notebooks"].items():
+        concl = r["conclusions"]
+        what = "smaller runs: " + ", ".join(f"{k} {v}" for k, v in _flat(sizes[name]).items()) if name in sizes \
+            else "nothing: the full runs fit"
+        checked = "the full runs'" if concl is None else f"{sum(c['holds'] for c in concl)} of {len(concl)} hold"
+        out += f"| {name} | {r['cpu_seconds']:.0f} s ({r['seconds']:.0f} s) | {what} | {checked} |\n"
+    out += (f"\nMeasured on {data['machine']} shared with other work (load average at the end of each notebook "
+            f"{min(r['load_average'] for r in data['notebooks'].values()):.1f}–"
+            f"{max(r['load_average'] for r in data['notebooks'].values()):.1f}). The training runs use one BLAS "
+            "thread, so the kernel's CPU time is about what the notebook takes on a quiet machine of this "
+            "speed; a laptop is usually faster. The conclusions checked:\n\n")
+    for name, r in data["notebooks"].items():
+        for c in r["conclusions"] or []:
+            out += f"- {name}: {c['claim']} — **{'holds' if c['holds'] else 'fails'}**\n"
+    return out
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    keep = ("steps", "seeds", "ranks", "lr_factors", "rank_sweep_ranks")
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        elif k in keep:
+            out[prefix + k] = v
+    return out
+
+
+RENDERERS["classroom"], SOURCES["classroom"] = _classroom, "classroom.json"
+
+
+def _scaling_lr(data: dict) -> str:
+    from lowrank_ref.experiments.scaling_rules import table
+
+    return table(data)
+
+
+RENDERERS["scaling-lr"], SOURCES["scaling-lr"] = _scaling_lr, "02-scaling-lr.json"
 
 
 def render(name: str) -> str:

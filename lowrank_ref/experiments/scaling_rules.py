@@ -61,7 +61,7 @@ def settings(current: str | None = None) -> dict:
                 classroom={"steps": 300, "batch_size": 16, "warmup": 20, "eval_windows": 128},
                 full={"steps": 300, "batch_size": 16, "warmup": 20, "eval_windows": 256}, current=current)
     grid = sized(quick={"ranks": [2, 8], "lr_factors": [1.0, 4.0], "seeds": [0]},
-                 classroom={"ranks": [1, 8, 64], "lr_factors": [0.25, 1.0, 4.0], "seeds": [0]},
+                 classroom={"ranks": [64], "lr_factors": [0.5, 1.0, 2.0], "seeds": [0]},
                  full={"ranks": [1, 4, 16, 64], "lr_factors": [0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
                        "seeds": [0, 1]}, current=current)
     return {"mode": current or current_mode(), **run, **grid}
@@ -209,7 +209,7 @@ def table(data: dict) -> str:
     return ("\n" + "\n".join(lines) + "\n\n"
             f"*LoRA on `q, v`, {s['steps']} AdamW steps, batch {s['batch_size']}, learning rates "
             f"{', '.join(f'{f:g}' for f in s['lr_factors'])} × 10⁻², mean over seeds {s['seeds']}; "
-            f"{data['wall_seconds'] / 60:.0f} min on {data['machine']}. Matched s at r = {ms['r']} "
+            f"{data['wall_seconds'] / 60:.0f} min of runs on {data['machine']}. Matched s at r = {ms['r']} "
             f"(rsLoRA α = {ms['rslora']['alpha']:.3g} against LoRA α = {ms['lora']['alpha']:.3g}, s = "
             f"{ms['rslora']['scaling']:.3g} both): "
             f"{'identical to the last bit' if ms['identical'] else 'NOT identical'}.*\n")
