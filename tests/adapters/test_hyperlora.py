@@ -279,3 +279,14 @@ def test_training_on_mixed_tasks_agrees_across_backends_in_float64(tmp_path):
     t_params = dict(m_t.named_parameters())
     for n, p in m_np.trainable_parameters().items():
         assert_close(p.data, t_params[n], n, rtol=1e-7, atol=1e-9)
+
+
+def test_a_default_condition_serves_forwards_without_cond():
+    model = GPT(GPT_CFG, rng=np.random.default_rng(0), dtype=np.float64)
+    inject(model, CFG, targets=("q", "v"), rng=np.random.default_rng(1), condition=1)
+    _move(model)
+    layers = [m for _, m in model.named_modules() if isinstance(m, HyperLoRALinear)]
+    assert {m.default_condition for m in layers} == {1}
+    y_default = model.forward(IDX)  # no cond: every layer falls back to task 1
+    np.testing.assert_array_equal(y_default, model.forward(IDX, cond=np.full(3, 1)))
+    assert not np.allclose(y_default, model.forward(IDX, cond=np.full(3, 0)))  # cond still wins
