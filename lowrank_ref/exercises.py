@@ -1095,6 +1095,43 @@ CHECKS["09-baselines"] = [("ssf_merge", check_ssf_merge), ("adapter_backward", c
                           ("adapter_params", check_adapter_params)]
 
 
+# ---------------------------------------------------------------- chapter 08: HyperLoRA
+# (a block of its own, appended to CHECKS below, so other chapters' edits above do not collide)
+
+
+def _hyper_backward_body(fn):
+    from lowrank_ref.adapters.hyperlora import hyper_generate, hyper_generate_backward
+
+    rng = _rng(95)
+    d_t, d_m, d_l, hidden, r, inn, out = 3, 2, 2, 5, 2, 4, 3
+    P = {"T": rng.standard_normal((2, d_t)), "M": rng.standard_normal(d_m), "e": rng.standard_normal(d_l),
+         "W1": rng.standard_normal((hidden, d_t + d_m + d_l)), "b1": rng.standard_normal(hidden),
+         "H_A": rng.standard_normal((r * inn, hidden)), "h_A": rng.standard_normal(r * inn),
+         "H_B": rng.standard_normal((out * r, hidden)), "h_B": rng.standard_normal(out * r)}
+    c = np.array([1])
+    _, _, cache = hyper_generate(c, P, r, inn, out)
+    dA, dB = rng.standard_normal((1, r, inn)), rng.standard_normal((1, out, r))
+    want = hyper_generate_backward(dA, dB, cache)
+    z = cache.z[0]
+    mine = fn(z.copy(), P["W1"].copy(), P["b1"].copy(), P["H_A"].copy(), P["h_A"].copy(), P["H_B"].copy(),
+              P["h_B"].copy(), dA[0].copy(), dB[0].copy())
+    if not isinstance(mine, dict):
+        raise Mismatch(f"return a dict of gradients, got {type(mine).__name__}")
+    for k in ("H_A", "h_A", "H_B", "h_B", "W1", "b1"):
+        compare(k, mine.get(k), want[k])
+    compare("z", mine.get("z"), np.concatenate([want["T"][1], want["M"], want["e"]]))
+    return "the heads, SiLU, the trunk and z: every gradient matches the package's hyper_generate_backward"
+
+
+def check_hyper_backward(fn, verbose=True) -> CheckResult:
+    """``fn(z, W1, b1, H_A, h_A, H_B, h_B, dA (r, in), dB (out, r)) -> {"H_A", "h_A", "H_B", "h_B",
+    "W1", "b1", "z"}``: HyperLoRA's backward for one condition, from Ā and B̄ down to the input z."""
+    return check("hyper_backward", fn, _hyper_backward_body, verbose)
+
+
+CHECKS["08-multitask"] = [("hyper_backward", check_hyper_backward)]
+
+
 # ---------------------------------------------------------------- chapter 08: MTL-LoRA and LoRA MoE
 # (a block of its own at the end, so other chapters' edits above do not collide)
 

@@ -528,6 +528,11 @@ def run_train(args) -> int:
         result = inject(model, config, targets=targets, method=spec.name, rng=args.seed)
     except ValueError as e:
         raise ValueError(f"--method {spec.name} --targets {','.join(targets)}: {e}") from None
+    # one data stream is one task: a conditional method (HyperLoRA) trains and evaluates task id 0
+    mods = model.modules() if hasattr(model, "modules") else (m for _, m in model.named_modules())
+    for m in mods:
+        if getattr(m, "takes_condition", False) and getattr(m, "default_condition", 0) is None:
+            m.default_condition = 0
     identity = {"method": spec.name, "config": json.loads(json.dumps(dataclasses.asdict(config), default=str)),
                 "model": args.model, "targets": list(targets), "data": args.data,
                 "batch_size": args.batch_size, "seed": args.seed, "block_size": block, "lr": args.lr}

@@ -22,10 +22,11 @@ def test_projection_of_points_on_a_line_uses_one_axis():
 
 def test_quick_run_has_every_measurement(tmp_path):
     res = hx.run(quick=True)
-    assert set(res["methods"]) == {"hyperlora", "lora_shared", "lora_per_task"}
+    assert set(res["methods"]) == {"hyperlora", "lora_shared", "lora_shared_r32", "lora_per_task"}
     for m in res["methods"].values():
         assert set(m["per_task"]) == set(res["tasks"])
     assert res["methods"]["lora_per_task"]["trainable_params"] == 4 * res["methods"]["lora_shared"]["trainable_params"]
+    assert res["methods"]["lora_shared_r32"]["trainable_params"] == res["methods"]["lora_per_task"]["trainable_params"]
     assert set(res["inference_seconds"]) == {"base", "base_again", "lora_unmerged", "hyperlora_merged_one_task",
                                              "hyperlora_unmerged_one_task", "hyperlora_unmerged_mixed"}
     assert set(res["step_seconds_interleaved"]) == {"hyperlora", "lora"}

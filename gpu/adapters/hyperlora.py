@@ -59,9 +59,14 @@ class HyperLoRALinear(AdapterLinear):
         kw = {"dtype": self.weight_dtype, "device": self._base_device()}
         for n, v in own_init(config, self.in_features, self.out_features, draw).items():
             setattr(self, n, nn.Parameter(torch.as_tensor(v).to(**kw)))
-        self.condition = condition
+        self.default_condition = condition  # used when a forward brings no condition
+        self.condition = None  # the current forward's (set by GPT.forward(idx, cond=...))
         self.merged_condition: int | None = None
         self._merging: int | None = None
+
+    def _condition(self):
+        """The condition the next forward uses: the forward's own, else the layer's default."""
+        return self.default_condition if self.condition is None else self.condition
 
     def _hyper(self) -> dict:
         sh = self.shared
@@ -80,7 +85,7 @@ class HyperLoRALinear(AdapterLinear):
         return A, B
 
     def _fixed_condition(self, condition, what: str) -> int:
-        c = self.condition if condition is None else condition
+        c = self._condition() if condition is None else condition
         if c is None:
             raise ValueError(f"{type(self).__name__}.{what} needs a condition: {what}(condition=task_id) "
                              f"(ΔW depends on the task)")
@@ -122,8 +127,8 @@ class HyperLoRALinear(AdapterLinear):
         self.merged_condition = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged and self.condition is not None:
-            c = check_condition_ids(self.condition, self.config.n_tasks, type(self).__name__)
+        if self.merged and self._condition() is not None:
+            c = check_condition_ids(self._condition(), self.config.n_tasks, type(self).__name__)
             ids = {c} if isinstance(c, int) else set(np.unique(c).tolist())
             if ids != {self.merged_condition}:
                 raise ValueError(f"{type(self).__name__} is merged for condition {self.merged_condition}; "
@@ -131,7 +136,7 @@ class HyperLoRALinear(AdapterLinear):
         return super().forward(x)
 
     def _forward(self, x):
-        cond = check_condition_ids(self.condition, self.config.n_tasks, type(self).__name__)
+        cond = check_condition_ids(self._condition(), self.config.n_tasks, type(self).__name__)
         s = self.scaling
         y = self.base(x)
         if isinstance(cond, int):

@@ -29,10 +29,10 @@ the same ``A0`` and ``B = 0``, so ``ΔW = 0`` for every task at step 0. ``T``, `
 
 **The condition** is per batch row: ``GPT.forward(idx, cond=...)`` hands the rows' task ids to
 the layer (``layer.condition``, an int64 array ``(B,)``; ``x`` is then ``(B, ..., in)``). An
-integer ``condition`` (the constructor's ``condition=``, or set on the layer) applies to every
-row. Rows of one condition are computed together: the hypernetwork runs once per distinct
-condition in the batch, then each group is an ordinary LoRA product (the gather–matmul of a
-mixed batch). **Generate once, merge:** ``merge(condition=c)`` folds ``s B(c) A(c)`` into ``W0``
+integer condition (``layer.condition``, or the constructor's ``condition=``, the layer's
+``default_condition`` used when a forward brings none) applies to every row. Rows of one
+condition are computed together: the hypernetwork runs once per distinct condition in the
+batch, then each group is an ordinary LoRA product (the gather–matmul of a mixed batch). **Generate once, merge:** ``merge(condition=c)`` folds ``s B(c) A(c)`` into ``W0``
 (a plain linear layer afterwards, zero added latency); a merged layer refuses rows of any other
 condition.
 
@@ -314,10 +314,11 @@ class HyperLoRALinear(AdapterLinear):
         rng: draws the layer's own init (its embedding and ``A0``).
         shared: the model's hypernetwork (a ``SharedRef``, passed by the engine; its layer name
             gives the module type). Without it the layer has a hypernetwork of its own.
-        condition: an integer task id used for every row when no per-row condition is given
-            (``None``: the model's forward must pass ``cond=``).
+        condition: the layer's default task id (``default_condition``), used for every row when a
+            forward brings no condition (``None``: the model's forward must pass ``cond=``).
 
-    ``layer.condition`` is what the next forward uses (``GPT.forward(idx, cond=...)`` sets it).
+    ``layer.condition`` is the current forward's condition (``GPT.forward(idx, cond=...)`` sets
+    it, ``None`` without ``cond``); an int or one id per row. Without one, ``default_condition``.
     """
 
     CONFIG = HyperLoRAConfig
@@ -344,11 +345,16 @@ class HyperLoRALinear(AdapterLinear):
         xp = array_module(W)
         for n, v in own_init(config, self.in_features, self.out_features, rng).items():
             setattr(self, n, Parameter(xp.asarray(v, dtype=self.weight_dtype)))
-        self.condition = condition
+        self.default_condition = condition  # used when a forward brings no condition
+        self.condition = None  # the current forward's (set by GPT.forward(idx, cond=...))
         self.merged_condition: int | None = None
         self._merging: int | None = None
 
     # the hypernetwork's tensors for this layer
+    def _condition(self):
+        """The condition the next forward uses: the forward's own, else the layer's default."""
+        return self.default_condition if self.condition is None else self.condition
+
     def _hyper(self) -> dict:
         sh = self.shared
         out = {"T": sh.T, "M": getattr(sh, f"M_{self.module_type}"), "W1": sh.W1, "b1": sh.b1}
@@ -361,7 +367,7 @@ class HyperLoRALinear(AdapterLinear):
     def _fixed_condition(self, condition, what: str) -> int:
         """One condition id for ``what`` (``merge``, ``delta_weight``): ``condition``, else the
         layer's own when it is one id (or a per-row array holding one id)."""
-        c = self.condition if condition is None else condition
+        c = self._condition() if condition is None else condition
         if c is None:
             raise ValueError(f"{type(self).__name__}.{what} needs a condition: {what}(condition=task_id) "
                              f"(ΔW depends on the task)")
@@ -407,8 +413,8 @@ class HyperLoRALinear(AdapterLinear):
         self.merged_condition = None
 
     def forward(self, x):
-        if self.merged and self.condition is not None:
-            c = check_condition_ids(self.condition, self.config.n_tasks, type(self).__name__)
+        if self.merged and self._condition() is not None:
+            c = check_condition_ids(self._condition(), self.config.n_tasks, type(self).__name__)
             ids = {c} if isinstance(c, int) else set(np.unique(c).tolist())
             if ids != {self.merged_condition}:
                 raise ValueError(f"{type(self).__name__} is merged for condition {self.merged_condition}; "
@@ -416,7 +422,7 @@ class HyperLoRALinear(AdapterLinear):
         return super().forward(x)
 
     def _forward(self, x):
-        cond = check_condition_ids(self.condition, self.config.n_tasks, type(self).__name__)
+        cond = check_condition_ids(self._condition(), self.config.n_tasks, type(self).__name__)
         condition_groups(cond, x.shape)  # a row-count mismatch is refused before any work
         params = self._arrays()
         params["W"] = self.w0()

@@ -42,6 +42,10 @@ LABELS = {
     "dora": "`dora` (q, v)",
     "qlora": "`qlora` (q, v on an NF4 base)",
     "lora_int4": "`lora_int4` (q, v on an int4 base)",
+    # rows on the four dialects (CompareRow.task): "target" is the mean over the tasks
+    "lora_shared": "`lora_shared` (one LoRA for four dialects; mean over tasks)",
+    "lora_per_task": "`lora_per_task` (a LoRA per dialect; mean over tasks)",
+    "hyperlora": "`hyperlora` (task id as condition; mean over tasks)",
 }
 
 SWEEP_METHODS = ("full", "lora_all", "lora", "bitfit")  # chapter 04 §7's seed and lr runs

@@ -1,8 +1,8 @@
 r"""Chapter 08's HyperLoRA measurements on the multi-task data (the four dialects of
 :mod:`lowrank_ref.data.multitask`), with the shipped GPT:
 
-* **per-task accuracy** of HyperLoRA (task ids as the condition), one LoRA shared by all tasks,
-  and one LoRA per task (each trained on its own task for ``steps // n_tasks`` steps, so every
+* **per-task accuracy** of HyperLoRA (task ids as the condition), one LoRA shared by all tasks
+  (at r = 8, and at r = 32, which has as many parameters as four r = 8 LoRAs), and one LoRA per task (each trained on its own task for ``steps // n_tasks`` steps, so every
   method sees the same number of training windows); next-token accuracy on every position and on
   the positions a dialect's rules changed;
 * **what the seed's table claims**: "highly dynamic" (how far apart the generated updates of two
@@ -125,6 +125,7 @@ def run(quick: bool | None = None, steps: int = 300, seed: int = 0, lr: float = 
     mt = multitask_data(0)
     hcfg = HyperLoRAConfig(r=4, alpha=8, n_tasks=mt.n_tasks)
     lcfg = LoRAConfig(r=8, alpha=16)
+    wcfg = LoRAConfig(r=32, alpha=64)
     kw = dict(lr=lr, batch_size=batch_size, warmup=min(20, steps - 1), progress=False)
 
     def fresh(cfg):
@@ -143,6 +144,8 @@ def run(quick: bool | None = None, steps: int = 300, seed: int = 0, lr: float = 
         h_train = train(hyper, mt, steps, rng=seed + 1, **kw)
         shared, l_params = fresh(lcfg)
         l_train = train(shared, mt, steps, rng=seed + 1, **kw)
+        wide, w_params = fresh(wcfg)  # as many parameters as one LoRA per task, shared by all
+        w_train = train(wide, mt, steps, rng=seed + 1, **kw)
         per_task, per_times = {}, []
         for t, tokens in zip(mt.tasks, mt.train):
             m, _ = fresh(lcfg)
@@ -154,6 +157,8 @@ def run(quick: bool | None = None, steps: int = 300, seed: int = 0, lr: float = 
                           **summary(evaluate_multitask(hyper, mt, max_windows=windows))},
             "lora_shared": {"trainable_params": l_params, "seconds_per_step": l_train.seconds_per_step,
                             **summary(evaluate_multitask(shared, mt, max_windows=windows))},
+            "lora_shared_r32": {"trainable_params": w_params, "seconds_per_step": w_train.seconds_per_step,
+                                **summary(evaluate_multitask(wide, mt, max_windows=windows))},
             "lora_per_task": {"trainable_params": l_params * mt.n_tasks, "seconds_per_step": float(np.mean(per_times)),
                               **summary(evaluate_multitask(None, mt, max_windows=windows, models=per_task))},
         }
@@ -190,7 +195,7 @@ def run(quick: bool | None = None, steps: int = 300, seed: int = 0, lr: float = 
 
     return {"steps": steps, "lr": lr, "seed": seed, "batch_size": batch_size, "targets": list(TARGETS),
             "quick": bool(quick), "tasks": list(mt.tasks), "eval_windows_per_task": windows,
-            "config": {"hyperlora": repr(hcfg), "lora": repr(lcfg)},
+            "config": {"hyperlora": repr(hcfg), "lora": repr(lcfg), "lora_shared_r32": repr(wcfg)},
             "before": summary(before), "methods": methods,
             "inference_seconds": timing, "step_seconds_interleaved": step_seconds, "inference_batch": [int(s) for s in x.shape], "merge_seconds": merge_seconds,
             "merged_max_abs_diff": merged_gap, "dynamics": dynamics,

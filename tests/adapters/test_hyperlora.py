@@ -258,3 +258,35 @@ def test_at_init_only_the_B_head_gets_a_gradient():
     grads = {n: p.grad for n, p in layer.parameters().items()}
     nonzero = {n for n, g in grads.items() if g is not None and np.any(g != 0)}
     assert nonzero == {"H_B", "h_B"}
+
+
+def test_training_on_mixed_tasks_agrees_across_backends_in_float64(tmp_path):
+    pytest.importorskip("torch")
+    from lowrank_gpu.nn.gpt import from_numpy
+    from lowrank_ref.data import multitask_data
+    from lowrank_ref.train import train
+
+    mt = multitask_data(0)
+    cfg = GPTConfig(vocab_size=mt.vocab_size, block_size=8, n_layer=1, n_head=2, d_model=8)
+    m_np = GPT(cfg, rng=np.random.default_rng(0), dtype=np.float64)
+    m_t = from_numpy(m_np)
+    inject(m_np, HyperLoRAConfig(r=2, n_tasks=mt.n_tasks, hidden=4), targets=("q", "v"), rng=1)
+    save_adapter(m_np, tmp_path / "a.safetensors")
+    load_adapter(m_t, tmp_path / "a.safetensors")  # the same hypernetwork and heads in torch
+    kw = dict(steps=4, lr=1e-2, batch_size=6, warmup=1, progress=False, rng=3)
+    r_np, r_t = train(m_np, mt, **kw), train(m_t, mt, **kw)
+    assert_close(np.array(r_np.losses), np.array(r_t.losses), "losses", rtol=1e-9, atol=1e-12)
+    t_params = dict(m_t.named_parameters())
+    for n, p in m_np.trainable_parameters().items():
+        assert_close(p.data, t_params[n], n, rtol=1e-7, atol=1e-9)
+
+
+def test_a_default_condition_serves_forwards_without_cond():
+    model = GPT(GPT_CFG, rng=np.random.default_rng(0), dtype=np.float64)
+    inject(model, CFG, targets=("q", "v"), rng=np.random.default_rng(1), condition=1)
+    _move(model)
+    layers = [m for _, m in model.named_modules() if isinstance(m, HyperLoRALinear)]
+    assert {m.default_condition for m in layers} == {1}
+    y_default = model.forward(IDX)  # no cond: every layer falls back to task 1
+    np.testing.assert_array_equal(y_default, model.forward(IDX, cond=np.full(3, 1)))
+    assert not np.allclose(y_default, model.forward(IDX, cond=np.full(3, 0)))  # cond still wins
