@@ -37,12 +37,18 @@ class MultiTaskLoRALinear(AdapterLinear):
         self.Lambda = nn.Parameter(torch.eye(r, dtype=dtype, device=device).repeat(T, 1, 1))  # Λ_t = I
         self.B = nn.Parameter(torch.zeros((n, self.out_features, r), dtype=dtype, device=device))  # B_i = 0
         self.w = nn.Parameter(w.to(device=device, dtype=dtype))
-        self.condition = None
+        self.condition = None  # set by the model's forward (cond=), or by hand
+        self.default_condition = None  # the task when a forward brings none (lowrank-ref train: 0)
         self._merge_task: int | None = None
 
     @property
     def n_tasks(self) -> int:
         return self.config.n_tasks
+
+    @property
+    def active_condition(self):
+        """``condition``, or ``default_condition`` when the forward brought none."""
+        return self.default_condition if self.condition is None else self.condition
 
     @property
     def merged_task(self) -> int | None:
@@ -53,10 +59,11 @@ class MultiTaskLoRALinear(AdapterLinear):
             return check_task(task, self.n_tasks)
         if self._merge_task is not None:
             return self._merge_task
-        if self.condition is None:
+        if self.active_condition is None:
             raise ValueError(f"{type(self).__name__}: ΔW is per task: pass task=t (or set a condition "
                              "that names one task)")
-        c = self.condition.detach().cpu().numpy() if hasattr(self.condition, "detach") else self.condition
+        cond = self.active_condition
+        c = cond.detach().cpu().numpy() if hasattr(cond, "detach") else cond
         shape = tuple(getattr(c, "shape", ())) or (1,)
         ids = sorted(set(task_rows(c, shape, self.n_tasks, type(self).__name__).tolist()))
         if len(ids) != 1:
@@ -93,9 +100,9 @@ class MultiTaskLoRALinear(AdapterLinear):
         self._merge_task = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged and self.condition is not None:
+        if self.merged and self.active_condition is not None:
             check_input(x, self.in_features)
-            rows = task_rows(self.condition, tuple(x.shape[:-1]), self.n_tasks, type(self).__name__)
+            rows = task_rows(self.active_condition, tuple(x.shape[:-1]), self.n_tasks, type(self).__name__)
             other = sorted(set(rows[rows != self._merge_task].tolist()))
             if other:
                 raise ValueError(f"{type(self).__name__} is merged for task {self._merge_task}; the batch "
@@ -104,7 +111,7 @@ class MultiTaskLoRALinear(AdapterLinear):
 
     def _forward(self, x):
         lead = tuple(x.shape[:-1])
-        rows = task_rows(self.condition, lead, self.n_tasks, type(self).__name__)
+        rows = task_rows(self.active_condition, lead, self.n_tasks, type(self).__name__)
         rows_t = torch.as_tensor(rows, device=x.device)
         x2 = x.reshape(-1, self.in_features)  # (N, in)
         Bt = self._task_up_projections(self.B, self.w)  # (T, out, r)

@@ -14,7 +14,8 @@ For a row of task ``t`` (PyTorch layout, ``W0 (out, in)``)::
 
 The task is a per-row condition, ``GPT.forward(idx, cond=task_ids)``: a batch mixes tasks. The
 layer reads ``self.condition`` (set by the model, or by hand): one integer for every row, or one
-per batch row (``(B,)`` for ``x (B, ..., in)``).
+per batch row (``(B,)`` for ``x (B, ..., in)``); without one, ``self.default_condition`` (``None``:
+the forward refuses; ``lowrank-ref train`` sets 0, one data stream being one task).
 
 Init (the reference code): ``A`` Kaiming-uniform (``U(±1/√in)``), ``Λ_t = I``, ``B_i = 0``, ``w``
 Kaiming-uniform (``U(±1/√n)``), so ``ΔW_t = 0`` for every task at the start.
@@ -266,12 +267,18 @@ class MultiTaskLoRALinear(AdapterLinear):
         self.B = Parameter(np.zeros((n, self.out_features, r), dtype=dtype))  # B_i = 0   (n, out, r)
         bound = 1.0 / np.sqrt(n)  # kaiming_uniform(a=√5) on a (T, n) weight: U(±1/√n)
         self.w = Parameter(rng.uniform(-bound, bound, (T, n)).astype(dtype))  # (T, n)
-        self.condition = None
+        self.condition = None  # set by the model's forward (cond=), or by hand
+        self.default_condition = None  # the task when a forward brings none (lowrank-ref train: 0)
         self._merge_task: int | None = None
 
     @property
     def n_tasks(self) -> int:
         return self.config.n_tasks
+
+    @property
+    def active_condition(self):
+        """``condition``, or ``default_condition`` when the forward brought none."""
+        return self.default_condition if self.condition is None else self.condition
 
     @property
     def merged_task(self) -> int | None:
@@ -285,10 +292,11 @@ class MultiTaskLoRALinear(AdapterLinear):
             return check_task(task, self.n_tasks)
         if self._merge_task is not None:
             return self._merge_task
-        if self.condition is None:
+        if self.active_condition is None:
             raise ValueError(f"{type(self).__name__}: ΔW is per task: pass task=t (or set a condition "
                              "that names one task)")
-        c = self.condition.detach().cpu().numpy() if hasattr(self.condition, "detach") else np.asarray(self.condition)
+        cond = self.active_condition
+        c = cond.detach().cpu().numpy() if hasattr(cond, "detach") else np.asarray(cond)
         ids = np.unique(task_rows(c, c.shape or (1,), self.n_tasks, type(self).__name__))
         if ids.size != 1:
             raise ValueError(f"{type(self).__name__}: the condition names tasks {ids.tolist()}; ΔW and "
@@ -326,9 +334,9 @@ class MultiTaskLoRALinear(AdapterLinear):
         self._merge_task = None
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        if self.merged and self.condition is not None:
+        if self.merged and self.active_condition is not None:
             x = check_last_dim(x, self.in_features)
-            rows = task_rows(self.condition, x.shape[:-1], self.n_tasks, type(self).__name__)
+            rows = task_rows(self.active_condition, x.shape[:-1], self.n_tasks, type(self).__name__)
             other = np.unique(rows[rows != self._merge_task])
             if other.size:
                 raise ValueError(f"{type(self).__name__} is merged for task {self._merge_task}; the batch "
@@ -336,7 +344,7 @@ class MultiTaskLoRALinear(AdapterLinear):
         return super().forward(x)
 
     def _forward(self, x):
-        rows = task_rows(self.condition, x.shape[:-1], self.n_tasks, type(self).__name__)
+        rows = task_rows(self.active_condition, x.shape[:-1], self.n_tasks, type(self).__name__)
         b = None if self.base.bias is None else self.base.bias.data
         params = {"W": self.w0(), "b": b, "A": self.A.data, "Lambda": self.Lambda.data,
                   "B": self.B.data, "w": self.w.data}

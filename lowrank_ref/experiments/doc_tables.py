@@ -46,6 +46,8 @@ LABELS = {
     "lora_shared": "`lora_shared` (one LoRA for four dialects; mean over tasks)",
     "lora_per_task": "`lora_per_task` (a LoRA per dialect; mean over tasks)",
     "hyperlora": "`hyperlora` (task id as condition; mean over tasks)",
+    "multitask_lora": "`multitask_lora` (MTL-LoRA, task id as condition; mean over tasks)",
+    "lora_moe": "`lora_moe` (4 LoRA experts, a router per token; mean over tasks)",
 }
 
 SWEEP_METHODS = ("full", "lora_all", "lora", "bitfit")  # chapter 04 §7's seed and lr runs

@@ -256,3 +256,22 @@ def test_the_compare_row_trains_on_the_multitask_data():
     (row,) = run_compare("multitask_lora", steps=4, batch_size=4, eval_windows=8, progress=False, verbose=False)
     assert set(MULTITASK_COLUMNS) <= set(row) and set(row["per_task"]) == set(mt.tasks)
     assert 0 < row["retained_after"] < 1  # the base text, read under each task's condition
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_the_default_condition_serves_a_forward_that_brings_none(backend):
+    """What ``lowrank-ref train`` relies on (one data stream is one task: task 0): a layer whose
+    ``default_condition`` is set runs without ``cond``, as that task; a given condition wins."""
+    if backend == "torch":
+        torch = pytest.importorskip("torch")
+    layer, *_ = make_layer(seed=11, backend=backend)
+    x = np.random.default_rng(12).standard_normal((2, 6))
+    xin = x if backend == "numpy" else torch.from_numpy(x)
+    out = (lambda y: y) if backend == "numpy" else (lambda y: y.detach().numpy())
+    layer.condition = 3
+    y3 = out(layer.forward(xin))
+    layer.condition = None
+    layer.default_condition = 3
+    assert_close(out(layer.forward(xin)), y3, "default_condition 3 = condition 3", 0, 0)
+    layer.condition = np.array([1, 1])
+    assert not np.allclose(out(layer.forward(xin)), y3)
