@@ -20,8 +20,9 @@ adapters: ``"embeddings"`` (the token and position tables), ``"norms"`` (every L
 and ``β``), or a glob over parameter names (``"ln_f.*"``). LongLoRA's "LoRA+" is LoRA with
 ``train_also=("embeddings", "norms")`` (its code selects the parameters whose names contain
 "embed" or "norm", REFERENCES §11); Houlsby et al. train the layer norms next to their adapters.
-A selector that matches nothing is an error. Adapter files hold the adapters only: save the
-extra parameters yourself (as LongLoRA keeps ``trainable_params.bin`` beside the adapter).
+A selector that matches nothing is an error. Adapter files hold the adapters only: the extra
+tensors go in a file of their own (``lowrank-ref compare`` writes ``<name>.extra.safetensors``
+beside the adapter, as LongLoRA keeps ``trainable_params.bin``).
 
 **Per-layer overrides.** ``overrides={field: {pattern: value}}`` gives the layers that
 ``pattern`` matches (same matching; a later pattern wins) a config with ``field = value``, the

@@ -88,3 +88,21 @@ def test_bad_selectors_are_errors_and_change_nothing(backend, bad, err, match):
 def test_a_whole_model_mode_refuses_train_also():
     with pytest.raises(ValueError, match="whole-model mode"):
         inject(model("numpy"), method="bitfit", train_also="norms")
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_compare_saves_the_extra_trained_tensors_beside_the_adapter_file(backend, tmp_path):
+    import os
+
+    from safetensors.numpy import load_file
+
+    from lowrank_ref.experiments.compare import save_trained
+
+    m = model(backend)
+    res = inject(m, lr.LoRAConfig(r=2), targets="q", rng=0, train_also="norms")
+    size = save_trained(m, tmp_path / "a.safetensors")
+    extra = load_file(str(tmp_path / "a.extra.safetensors"))
+    assert sorted(extra) == sorted(res.also_trained)
+    assert size == os.path.getsize(tmp_path / "a.safetensors") + os.path.getsize(tmp_path / "a.extra.safetensors")
+    now = values(m)
+    assert all(np.array_equal(extra[n], now[n]) for n in extra)

@@ -129,17 +129,39 @@ def _has_adapters(model) -> bool:
     return any(isinstance(m, AdapterLinear) for m in model.modules())
 
 
-def save_trained(model, path) -> int:
-    """Save what fine-tuning changed and return the file's size in bytes.
+def _trainable_outside_adapters(model) -> dict:
+    """``{name: array}`` of the trainable tensors that are not the adapters' own or their shared
+    state's: what ``inject(train_also=...)`` kept trainable (LoRA+'s embeddings and norms)."""
+    from lowrank_ref.inject import SHARED_ATTR, adapter_layers
 
-    A model with adapters: the adapter file (:func:`lowrank_ref.io.save_adapter`). A whole-model
+    inside = [n for n in adapter_layers(model) if n] + [SHARED_ATTR]
+    if hasattr(model, "trainable_parameters"):  # NumPy
+        named = [(n, p.data) for n, p in model.trainable_parameters().items()]
+    else:  # torch
+        named = [(n, p.detach().float().cpu().numpy()) for n, p in model.named_parameters() if p.requires_grad]
+    return {n: np.ascontiguousarray(v) for n, v in named if not any(n.startswith(q + ".") for q in inside)}
+
+
+def save_trained(model, path) -> int:
+    """Save what fine-tuning changed and return the size on disk in bytes.
+
+    A model with adapters: the adapter file (:func:`lowrank_ref.io.save_adapter`), plus, when
+    other tensors trained next to the adapters (``inject(train_also=...)``), those tensors in a
+    second file beside it (``<name>.extra.safetensors``; the size counts both). A whole-model
     mode: every trainable tensor by name, as safetensors (all weights for ``full``, the biases
     for ``bitfit``)."""
     path = os.fspath(path)
     if _has_adapters(model):
+        from safetensors.numpy import save_file
+
         from lowrank_ref.io import save_adapter
 
         save_adapter(model, path)
+        extra = _trainable_outside_adapters(model)
+        if extra:
+            extra_path = os.path.splitext(path)[0] + ".extra.safetensors"
+            save_file(extra, extra_path, metadata={"format": "pt"})
+            return os.path.getsize(path) + os.path.getsize(extra_path)
     else:
         from safetensors.numpy import save_file
 

@@ -173,4 +173,7 @@ def test_compare_row_wraps_the_attention_output_and_the_mlp_projection(backend):
     res = inject(model, row.config, targets=row.targets, method="houlsby", **row.kwargs)
     c, m = model.config, row.config.bottleneck
     assert sorted(res.configs) == sorted(f"blocks.{i}.{p}" for i in range(c.n_layer) for p in ("attn.o", "mlp.proj"))
-    assert res.trainable_params == c.n_layer * 2 * (2 * m * c.d_model + m + c.d_model)
+    # two adapters per block, plus every LayerNorm's γ and β (2 per block and ln_f), as the paper trains them
+    assert res.trainable_params == c.n_layer * 2 * (2 * m * c.d_model + m + c.d_model) + (2 * c.n_layer + 1) * 2 * c.d_model
+    assert res.also_trained == [n for n, _ in (model.named_parameters() if backend == "torch" else
+                                               model.parameters().items()) if ".ln" in n or n.startswith("ln_f")]
