@@ -135,3 +135,17 @@ def test_train_cli_backend_cupy_trains_the_reference_on_device_arrays(tmp_path, 
     # a cupy checkpoint resumes on the same loop: run on to 4 steps
     main([*common[:2], "4", *common[3:], "--backend", "cupy", "--out", str(tmp_path / "cupy")])
     assert json.loads((tmp_path / "cupy" / "metrics.json").read_text())["resumed_from"] == 3
+
+
+def test_longloras_shifted_sparse_attention_trains_on_the_standin_as_on_numpy():
+    import dataclasses
+
+    cfg = dataclasses.replace(CFG, dropout=0.1)  # T = 8: four groups of 2, dropout inside them
+    host = GPT(cfg, rng=np.random.default_rng(0), dtype=np.float64, attention="s2")
+    inject(host, registry.get_method("lora").example().config, targets=("q", "v"), rng=0)
+    dev = to_device(copy.deepcopy(host))
+    r_host = train(host, DATA, 3, lr=1e-2, batch_size=2, rng=0, progress=False)
+    r_dev = train(dev, DATA, 3, lr=1e-2, batch_size=2, rng=0, progress=False)
+    assert r_dev.losses == r_host.losses
+    for name, p in host.parameters().items():
+        np.testing.assert_array_equal(_host(dev.parameters()[name].data), p.data, err_msg=name)

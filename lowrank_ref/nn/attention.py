@@ -304,12 +304,12 @@ def s2_attention_forward(q, k, v, n_groups: int = S2_GROUPS, dropout: float = 0.
     for heads, ranges, g in s2_pieces(T, H, n_groups):
         qg, kg, vg = (_gather_groups(t[:, heads], ranges, g) for t in (q, k, v))  # (B, h, n, g, hs)
         s = qg @ kg.swapaxes(-1, -2)  # Q_g K_gᵀ   (B, h, n, g, g)
-        s *= np.asarray(scale, dtype=s.dtype)
-        s += additive_causal_mask(g, s.dtype)  # + M_g: causal inside the group
+        s *= s.dtype.type(scale)
+        s += where_is(s, additive_causal_mask(g, s.dtype))  # + M_g: causal inside the group
         p = softmax(s, axis=-1)
         keep = None
         if dropout > 0.0:
-            keep = ((rng.random(p.shape) >= dropout) / (1.0 - dropout)).astype(p.dtype)
+            keep = where_is(p, ((rng.random(p.shape) >= dropout) / (1.0 - dropout)).astype(p.dtype))
         pd = p if keep is None else p * keep  # P̃ = P ⊙ D
         _scatter_groups(y[:, heads], pd @ vg, ranges)  # Y_g = P̃ V_g
         parts.append(S2Part(heads, ranges, g, qg, kg, vg, p, keep))
@@ -320,7 +320,8 @@ def s2_attention_backward(dy, cache: S2Cache):
     r"""``(Q̄, K̄, V̄)``, each ``(B, H, T, hs)``, for upstream ``Ȳ``: per group, as the full
     attention's, ``V̄ = P̃ᵀ Ȳ``, ``P̄ = (Ȳ Vᵀ) ⊙ D``, ``S̄ = P ⊙ (P̄ - rowsum(P̄ ⊙ P))``,
     ``Q̄ = S̄ K/√hs``, ``K̄ = S̄ᵀ Q/√hs``."""
-    dq, dk, dv = (np.zeros(cache.shape, dtype=np.result_type(dy, cache.parts[0].q)) for _ in range(3))
+    xp = array_module(dy)
+    dq, dk, dv = (xp.zeros(cache.shape, dtype=np.result_type(dy, cache.parts[0].q)) for _ in range(3))
     for part in cache.parts:
         dyg = _gather_groups(dy[:, part.heads], part.ranges, part.g)  # Ȳ_g   (B, h, n, g, hs)
         pd = part.p if part.keep is None else part.p * part.keep
@@ -329,7 +330,7 @@ def s2_attention_backward(dy, cache: S2Cache):
         if part.keep is not None:
             dp *= part.keep  # P̄ = (Ȳ Vᵀ) ⊙ D
         ds = softmax_backward(dp, part.p)  # S̄
-        ds *= np.asarray(cache.scale, dtype=ds.dtype)
+        ds *= ds.dtype.type(cache.scale)
         _scatter_groups(dq[:, part.heads], ds @ part.k, part.ranges)  # Q̄ = S̄ K/√hs
         _scatter_groups(dk[:, part.heads], ds.swapaxes(-1, -2) @ part.q, part.ranges)  # K̄ = S̄ᵀ Q/√hs
         _scatter_groups(dv[:, part.heads], dvg, part.ranges)
