@@ -16,7 +16,8 @@ from torch import nn
 from lowrank_gpu.adapters.base import AdapterLinear
 from lowrank_gpu.adapters.lokr import kron_apply
 from lowrank_gpu.nn.convert import generator_from
-from lowrank_ref.adapters.krona import KronAConfig, KronAResConfig, _check_side, krona_shapes
+from lowrank_ref.adapters.krona import KronAConfig, KronAResConfig, krona_shapes
+from lowrank_ref.config import check_rank
 
 __all__ = ["KronALinear", "KronAResBlock"]
 
@@ -60,9 +61,7 @@ class KronAResBlock(nn.Module):
         config = KronAResConfig() if config is None else config
         if not isinstance(config, KronAResConfig):
             raise TypeError(f"config must be a KronAResConfig, got {type(config).__name__}")
-        d = _check_side(features, "features")
-        if d is None:
-            raise TypeError("features must be a positive int, got None")
+        d = check_rank(features, "features")
         shapes = krona_shapes(KronAConfig(config.a_out, config.a_in, config.scale), d, d)
         for p in block.parameters():
             p.requires_grad_(False)

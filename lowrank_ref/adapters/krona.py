@@ -55,7 +55,7 @@ from lowrank_ref.adapters.lokr import (
     kron_apply,
     kron_apply_backward,
 )
-from lowrank_ref.config import check_alpha, check_bool
+from lowrank_ref.config import check_alpha, check_bool, check_rank
 from lowrank_ref.nn.module import Module, Parameter
 from lowrank_ref.quant.linear import weight_array
 from lowrank_ref.registry import CompareRow, Example, MethodSpec
@@ -317,9 +317,7 @@ class KronAResBlock(Module):
         config = KronAResConfig() if config is None else config
         if not isinstance(config, KronAResConfig):
             raise TypeError(f"config must be a KronAResConfig, got {type(config).__name__}")
-        d = _check_side(features, "features")
-        if d is None:
-            raise TypeError("features must be a positive int, got None")
+        d = check_rank(features, "features")
         shapes = krona_shapes(KronAConfig(config.a_out, config.a_in, config.scale), d, d)
         for p in block.parameters().values():
             p.trainable, p.grad = False, None

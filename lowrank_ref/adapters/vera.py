@@ -209,7 +209,6 @@ class VeRACache(NamedTuple):
     x2: np.ndarray  # (N, in)
     h: np.ndarray  # x A_sᵀ (N, r)
     g: np.ndarray  # h ⊙ d (N, r)
-    z: np.ndarray  # g B_sᵀ (N, out)
     W: np.ndarray
     A: np.ndarray
     B: np.ndarray
@@ -229,17 +228,21 @@ def vera_forward(x, params, cfg=None):
             hyper-parameter beyond its tensors (no α), so it is not read.
     Returns:
         ``(y (..., out), cache)``. Backward in :func:`vera_backward` (module docstring).
+
+    ``z ⊙ b = g Bᵀ ⊙ b = g (diag(b) B)ᵀ``: ``b`` is folded into the small ``(out, r)`` matrix, so no
+    ``(N, out)`` array but ``y`` is made (the plain ``z = g Bᵀ``, ``z ⊙ b`` and their sum were three;
+    the backward does not need ``z``).
     """
     W, bias, A, B, d, b = (params[k] for k in ("W", "bias", "A", "B", "d", "b"))
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
     h = x2 @ A.T  # (N, r)
     g = h * d  # (N, r)
-    z = g @ B.T  # (N, out)
-    y = x2 @ W.T + z * b
+    y = x2 @ W.T  # (N, out)
+    y += g @ (b[:, None] * B).T  # + (g Bᵀ) ⊙ b = g (diag(b) B)ᵀ
     if bias is not None:
         y += bias
-    return y.reshape(*lead, W.shape[0]), VeRACache(x2, h, g, z, W, A, B, d, b, lead)
+    return y.reshape(*lead, W.shape[0]), VeRACache(x2, h, g, W, A, B, d, b, lead)
 
 
 def vera_backward(dy, cache: VeRACache, need_AB: bool = False):
@@ -247,19 +250,24 @@ def vera_backward(dy, cache: VeRACache, need_AB: bool = False):
 
         b̄ = Σ_n ȳ_n ⊙ z_n    z̄ = ȳ ⊙ b    ḡ = z̄ B    d̄ = Σ_n ḡ_n ⊙ h_n    h̄ = ḡ ⊙ d
         x̄ = ȳ W0 + h̄ A       Ā = h̄ᵀ x     B̄ = z̄ᵀ g
+
+    computed without an ``(N, out)`` temporary: with ``P = ȳᵀ g (out, r)``,
+    ``b̄_i = Σ_n ȳ_ni Σ_k g_nk B_ik = Σ_k P_ik B_ik`` and ``B̄ = z̄ᵀ g = diag(b) P``; and
+    ``ḡ = (ȳ ⊙ b) B = ȳ (diag(b) B)``.
     """
-    x2, h, g, z, W, A, B, d, b, lead = cache
+    x2, h, g, W, A, B, d, b, lead = cache
     dy2 = dy.reshape(-1, dy.shape[-1])  # (N, out)
-    db = (dy2 * z).sum(axis=0)  # b̄ = Σ ȳ ⊙ z   (out,)
-    dz = dy2 * b  # z̄ = ȳ ⊙ b   (N, out)
-    dg = dz @ B  # ḡ = z̄ B   (N, r)
+    P = dy2.T @ g  # P = ȳᵀ g   (out, r)
+    db = (P * B).sum(axis=1)  # b̄ = Σ_n ȳ ⊙ z = Σ_k P ⊙ B   (out,)
+    dg = dy2 @ (b[:, None] * B)  # ḡ = z̄ B = ȳ diag(b) B   (N, r)
     dd = (dg * h).sum(axis=0)  # d̄ = Σ ḡ ⊙ h   (r,)
     dh = dg * d  # h̄ = ḡ ⊙ d   (N, r)
-    dx = dy2 @ W + dh @ A  # x̄ = ȳ W0 + h̄ A   (N, in)
+    dx = dy2 @ W  # ȳ W0   (N, in)
+    dx += dh @ A  # x̄ = ȳ W0 + h̄ A
     grads = {"d": dd, "b": db, "A": None, "B": None, "W": None, "bias": None}
     if need_AB:
         grads["A"] = dh.T @ x2  # Ā = h̄ᵀ x   (r, in)
-        grads["B"] = dz.T @ g  # B̄ = z̄ᵀ g   (out, r)
+        grads["B"] = b[:, None] * P  # B̄ = z̄ᵀ g = diag(b) P   (out, r)
     return dx.reshape(*lead, W.shape[1]), grads
 
 

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "chapters" / "data"
 DOCS = ["README.md", "chapters/01-lora.md", "chapters/02-dora.md", "chapters/03-qlora.md", "chapters/04-compare.md",
         "chapters/08-serving.md", "chapters/90-claims.md", "chapters/README.md"]
+DOCS += ["chapters/05-products.md"]
 
 # how README and chapter 04 name each compare row
 LABELS = {
@@ -547,6 +548,23 @@ def _scaling_lr(data: dict) -> str:
 
 
 RENDERERS["scaling-lr"], SOURCES["scaling-lr"] = _scaling_lr, "02-scaling-lr.json"
+def _structure_fit(data: dict) -> str:
+    """Chapter 05: each structure's relative error on each target, by parameter count."""
+    names = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "krona": "KronA", "vera": "VeRA"}
+    out = ""
+    for target, info in data["targets"].items():
+        out += (f"\n**{target}** ({info['source']}; stable rank {info['stable_rank']:.1f}, "
+                f"{100 * info['energy_top8']:.0f} % of ‖T‖² in the top 8 singular values)\n\n"
+                "| structure | configuration | parameters | largest rank | ‖ΔW − T‖ / ‖T‖ |\n|---|---|---:|---:|---:|\n")
+        rows = [r for r in data["rows"] if r["target"] == target]
+        for st in names:
+            for r in sorted((r for r in rows if r["structure"] == st), key=lambda r: r["params"]):
+                out += f"| {names[st]} | {r['label']} | {r['params']:,} | {r['max_rank']} | {r['error']:.3f} |\n"
+    fits = sorted({r["fit"] for r in data["rows"]})
+    return out + f"\nFits: {'; '.join(fits)}. {data['seconds']:.0f} s in all.\n"
+
+
+RENDERERS["structure-fit"], SOURCES["structure-fit"] = _structure_fit, "05-structure-fit.json"
 
 
 def render(name: str) -> str:

@@ -333,6 +333,41 @@ def plot_selora_growth(d: dict):
 
 
 FIGURES["07-selora-growth"] = (selora_growth_data, plot_selora_growth, "07-rank")
+# ---------------------------------------------------------------- 05: fitting one update with each structure
+
+
+def structure_fit_data() -> dict:
+    """Chapter 05's fitting experiment, read from its committed result file
+    (``python -m lowrank_ref.experiments.structure_fit`` writes it; minutes, so not rerun here)."""
+    return json.loads((ROOT / "chapters" / "data" / "05-structure-fit.json").read_text(encoding="utf-8"))
+
+
+STRUCTURE_STYLE = {"lora": ("s-", "LoRA (truncated SVD: optimal)"), "loha": ("o-", "LoHa"),
+                   "lokr": ("^-", "LoKr (f = 2)"), "krona": ("v-", "KronA"), "vera": ("D-", "VeRA")}
+
+
+def plot_structure_fit(d: dict):
+    import matplotlib.pyplot as plt
+
+    names = list(d["targets"])
+    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 3.8))
+    for ax, name in zip(np.atleast_1d(axes), names):
+        info = d["targets"][name]
+        for st, (style, label) in STRUCTURE_STYLE.items():
+            rows = sorted((r for r in d["rows"] if r["target"] == name and r["structure"] == st),
+                          key=lambda r: r["params"])
+            ax.plot([r["params"] for r in rows], [r["error"] for r in rows], style, ms=4, label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters")
+        ax.set_ylabel("‖ΔW − T‖ / ‖T‖")
+        ax.set_title(f"{name}: {info['shape'][0]}×{info['shape'][1]}, stable rank {info['stable_rank']:.1f}",
+                     fontsize=10)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+FIGURES["05-structure-fit"] = (structure_fit_data, plot_structure_fit, "05-products")
 
 
 def data_of(name: str):

@@ -191,6 +191,8 @@ def test_res_block_bad_input():
     mlp = MLP(6, 24, rng=np.random.default_rng(0), dtype=np.float64)
     with pytest.raises(ValueError, match=r"a_out=4 does not divide out_features=6.*\[1, 2, 3, 6\]"):
         KronAResBlock(mlp, 6, lr.KronAResConfig(a_out=4))
+    with pytest.raises(ValueError, match="features must be a positive integer"):
+        KronAResBlock(mlp, 0)
     with pytest.raises(TypeError, match="config must be a KronAResConfig"):
         KronAResBlock(mlp, 6, lr.KronAConfig())
     with pytest.raises(TypeError, match="residual_scale must be a real number"):

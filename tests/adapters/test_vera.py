@@ -73,6 +73,26 @@ def test_pure_functions_all_four_gradients_and_the_diag_formula():
     assert g2["A"] is None and g2["B"] is None  # VeRA does not pay for the frozen projections' gradients
 
 
+def test_folded_forward_and_backward_equal_the_plain_form():
+    """b folded into B (no (N, out) temporary) gives the plain z = g Bᵀ formulas' numbers."""
+    rng = np.random.default_rng(3)
+    W, A, B = rng.standard_normal((7, 5)), rng.standard_normal((4, 5)), rng.standard_normal((7, 4))
+    d, b, x, w = rng.standard_normal(4), rng.standard_normal(7), rng.standard_normal((2, 3, 5)), rng.standard_normal((2, 3, 7))
+    y, cache = vera_forward(x, {"W": W, "bias": None, "A": A, "B": B, "d": d, "b": b})
+    dx, g = vera_backward(w, cache, need_AB=True)
+    x2, w2 = x.reshape(6, 5), w.reshape(6, 7)
+    h = x2 @ A.T
+    z = (h * d) @ B.T  # the plain form: z (N, out), then ⊙ b
+    dz = w2 * b
+    dg = dz @ B
+    assert_close(y.reshape(6, 7), x2 @ W.T + z * b, "y vs plain")
+    assert_close(g["b"], (w2 * z).sum(axis=0), "b̄ vs Σ ȳ ⊙ z")
+    assert_close(g["d"], (dg * h).sum(axis=0), "d̄ vs plain")
+    assert_close(g["B"], dz.T @ (h * d), "B̄ vs z̄ᵀ g")
+    assert_close(g["A"], (dg * d).T @ x2, "Ā vs plain")
+    assert_close(dx.reshape(6, 5), w2 @ W + (dg * d) @ A, "x̄ vs plain")
+
+
 def test_projections_are_peft_s_kaiming_uniform_from_the_seed_a_first():
     cfg = lr.VeRAConfig(r=64, projection_seed=11)
     st = build_shared({"q": cfg, "fc": cfg}, {"q": (8, 8), "fc": (32, 8), "proj": (8, 32)}, None)
