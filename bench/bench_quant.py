@@ -10,7 +10,8 @@ Rows (see :mod:`bench.run` for the contract):
     the floor, since dequantisation must at least write it). Goal: numpy <= 1.2x bitsandbytes.
     Each row records the largest difference of its output from NumPy's (0: same floats).
 ``nf4_dequantize_4096x4096_fresh_pages``
-    ``numpy_alloc``, ``torch``, ``bitsandbytes`` again, every output in fresh pages (no goal).
+    ``numpy_alloc``, ``torch``, ``bitsandbytes`` again, every output in fresh pages (no goal),
+    each call after ``malloc_trim(0)``, whose own time is the row ``malloc_trim``.
 ``nf4_quantize_4096x4096``
     ``numpy`` vs ``bitsandbytes`` vs ``torch``.
 
@@ -137,13 +138,20 @@ def _rows(quick: bool) -> list[dict]:
     note = ("; freed memory kept for reuse (mallopt): no call pays for fresh pages" if kept
             else "; allocator as it is (no glibc mallopt): fresh pages may be paid")
     rows = _deq_rows(name, t, skipped, diffs, rows_meta, n, moved, note, goals=True)
-    # the same calls when every output is fresh pages: what a call pays where glibc maps large blocks
+    # the same calls when every output is fresh pages: what a call pays where glibc maps large blocks.
+    # A low mmap threshold alone does not do it: glibc first serves a request from free memory its
+    # heap still holds (run 1 of 2026-12-01 13:09 showed bitsandbytes at 3.0 ms that way), so each
+    # call is preceded by malloc_trim(0), which returns that memory to the kernel; its own cost is
+    # the row "malloc_trim" (every allocating row pays it once per call).
     alloc = {k: v for k, v in deq.items() if k in ("numpy_alloc", "torch", "bitsandbytes")}
-    if kept and alloc:
+    trim = _malloc_trim()
+    if kept and alloc and trim is not None:
+        fresh = {k: _after(trim, v) for k, v in alloc.items()} | {"malloc_trim": trim}
         with large_blocks(keep=False):
-            t_fresh = time_interleaved(alloc, repeats=cfg["repeats"], warmup=cfg["warmup"])
+            t_fresh = time_interleaved(fresh, repeats=cfg["repeats"], warmup=cfg["warmup"])
         rows += _deq_rows(name + "_fresh_pages", t_fresh, {}, diffs, rows_meta, n, moved,
-                          "; every output fresh mmap pages (mallopt), as a call pays where glibc maps it anew",
+                          "; every output fresh pages (mallopt, malloc_trim(0) before each call), as a call "
+                          "pays where glibc maps it anew",
                           goals=False)
     base = "bitsandbytes" if "bitsandbytes" in t else "memcpy"
     if base == "bitsandbytes":  # also against the floor
@@ -173,19 +181,38 @@ def _rows(quick: bool) -> list[dict]:
     return rows
 
 
+def _malloc_trim():
+    """``malloc_trim(0)`` as a zero-argument callable (glibc), or None."""
+    try:
+        fn = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return lambda: fn(0)
+
+
+def _after(first, fn):
+    def both():
+        first()
+        return fn()
+
+    return both
+
+
 def _deq_rows(name, t, skipped, diffs, meta, n, moved, note, goals: bool) -> list[dict]:
     """The dequantisation rows of one timing (``t``: :func:`bench.run.time_interleaved`'s result)."""
     rows = []
     base = "bitsandbytes" if "bitsandbytes" in t else ("memcpy" if "memcpy" in t else None)
-    for impl in ("numpy", "numpy_alloc", "torch", "bitsandbytes", "memcpy"):
+    for impl in ("numpy", "numpy_alloc", "torch", "bitsandbytes", "memcpy", "malloc_trim"):
         if impl in skipped:
             rows.append({"name": name, "impl": impl, "seconds": None, "ratio_to": None, "skipped": skipped[impl]})
             continue
         if impl not in t:
             continue
         row = {"name": name, "impl": impl, **t[impl], **meta,
-               "ratio_to": None if impl in ("bitsandbytes", "memcpy") or base is None else base,
-               "bytes": float(8 * n) if impl == "memcpy" else moved, "_memory_note": note}
+               "ratio_to": None if impl in ("bitsandbytes", "memcpy", "malloc_trim") or base is None else base,
+               "_memory_note": note}
+        if impl != "malloc_trim":
+            row["bytes"] = float(8 * n) if impl == "memcpy" else moved
         if impl in diffs:
             row["max_abs_diff"] = diffs[impl]
         if goals and impl in ("numpy", "torch") and base == "bitsandbytes":
