@@ -64,3 +64,19 @@ def assert_close(mine, theirs, name: str = "value", rtol: float = 1e-10, atol: f
             f"{name}: mine {mine[i]!r} vs theirs {theirs[i]!r} at {tuple(int(k) for k in i)} "
             f"(|diff| {err[i]:.3e} > allowed {allowed[i]:.3e}; rtol={rtol}, atol={atol})"
         )
+
+
+def fixed_mask(mask):
+    """A torch module standing in for a layer's dropout: multiplies by ``mask`` (already divided
+    by 1 − p), so PEFT's layer, our torch layer and the NumPy layer can share one draw."""
+    import torch
+
+    class FixedMask(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.mask = m
+
+        def forward(self, x):
+            return x * self.mask
+
+    return FixedMask(mask)

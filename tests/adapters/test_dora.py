@@ -8,7 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
-from helpers import TOL, assert_close, requires_cuda, to_np
+from helpers import TOL, assert_close, fixed_mask, requires_cuda, to_np
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -597,16 +597,6 @@ def test_low_precision_agrees_with_float64(dtype, detach, seed):
             assert _rel_err(getattr(l32, k).grad, getattr(layer, k).grad) <= tol, f"numpy float32 {k}̄"
 
 
-class FixedMask(torch.nn.Module):
-    """Stands in for the torch layer's dropout: multiplies by a given mask (already ÷ (1 − p))."""
-
-    def __init__(self, mask):
-        super().__init__()
-        self.mask = mask
-
-    def forward(self, x):
-        return x * self.mask
-
 
 @pytest.mark.parametrize("correction", ["shared", "dropped"])
 def test_torch_dropout_is_the_formula(rng, correction):
@@ -637,7 +627,7 @@ def test_torch_autograd_matches_the_hand_backward_with_dropout(rng, correction, 
     y, cache = dora_forward(x, layer._params_dict(), layer.config, mask=mask)
     dx, grads = dora_backward(dy, cache)
     t.train()
-    t.dropout = FixedMask(torch.from_numpy(mask.reshape(-1, 7)))
+    t.dropout = fixed_mask(torch.from_numpy(mask.reshape(-1, 7)))
     xt = torch.from_numpy(x).requires_grad_(True)
     yt = t(xt)
     (yt * torch.from_numpy(dy)).sum().backward()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import TOL, assert_close
+from helpers import TOL, assert_close, fixed_mask
 
 import lowrank_ref as lr
 from lowrank_ref.adapters.dora import dora_backward, dora_forward
@@ -92,16 +92,6 @@ def test_peft_dora_matches_our_layers(rslora):
     assert not np.allclose(exact.A.grad, peft_grads["A"].numpy())
 
 
-class FixedMask(torch.nn.Module):
-    """A dropout module with a given mask (already ÷ (1 − p)): PEFT's and ours draw the same one."""
-
-    def __init__(self, mask):
-        super().__init__()
-        self.mask = mask
-
-    def forward(self, x):
-        return x * self.mask
-
 
 def test_peft_dora_with_dropout_is_the_dropped_form():
     rng = np.random.default_rng(1)
@@ -122,7 +112,7 @@ def test_peft_dora_with_dropout_is_the_dropped_form():
         pl.lora_A["default"].weight.copy_(torch.from_numpy(A))
         pl.lora_B["default"].weight.copy_(torch.from_numpy(B))
         pl.lora_magnitude_vector["default"].weight.copy_(torch.from_numpy(m))
-    pl.lora_dropout["default"] = FixedMask(torch.from_numpy(mask))
+    pl.lora_dropout["default"] = fixed_mask(torch.from_numpy(mask))
     pm.train()
     xt = torch.from_numpy(x).requires_grad_(True)
     y_peft = pm(xt)
@@ -142,7 +132,7 @@ def test_peft_dora_with_dropout_is_the_dropped_form():
             for k, v in (("A", A), ("B", B), ("m", m)):
                 getattr(tl, k).copy_(torch.from_numpy(v))
         tl.train()
-        tl.dropout = FixedMask(torch.from_numpy(mask.reshape(-1, 7)))
+        tl.dropout = fixed_mask(torch.from_numpy(mask.reshape(-1, 7)))
         xt2 = torch.from_numpy(x).requires_grad_(True)
         y_t = tl(xt2)
         (y_t * torch.from_numpy(dy)).sum().backward()
