@@ -1,4 +1,4 @@
-"""Chapter 08's exercises (serving): as tests/test_exercises.py does for every chapter, and the
+"""Chapter 08's exercises (serving and LoraHub): as tests/test_exercises.py does for every chapter, and the
 wrong answers a learner is likely to write fail their check too."""
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def _stubs() -> dict[str, str]:
 
 
 def test_the_notebook_the_solutions_and_the_checks_name_the_same_exercises():
-    assert NAMES == ["bgmv_rows", "dora_serving_scale"]
+    assert NAMES == ["bgmv_rows", "dora_serving_scale", "lorahub_delta"]
     assert list(_stubs()) == NAMES
     assert all(callable(getattr(_solutions(), n, None)) for n in NAMES)
 
@@ -78,3 +78,14 @@ def test_common_wrong_answers_fail(capsys):
     for wrong in (norm_of_w0, wrong_axis, divides_by_zero):
         with np.errstate(divide="ignore", invalid="ignore"):
             assert not ex.check_dora_serving_scale(wrong).ok, wrong.__name__
+
+    def sum_of_updates(As, Bs, s, w):  # Σ wᵢ s Bᵢ Aᵢ: the composition without LoraHub's cross terms
+        return s * sum(wi * (b @ a) for wi, a, b in zip(w, As, Bs))
+
+    def weights_once(As, Bs, s, w):  # the weights applied to A only
+        return s * (sum(Bs) @ sum(wi * a for wi, a in zip(w, As)))
+
+    for wrong in (sum_of_updates, weights_once):
+        res = ex.check_lorahub_delta(wrong)
+        assert not res.ok, wrong.__name__
+    assert "cross terms" in ex.check_lorahub_delta(sum_of_updates).message
