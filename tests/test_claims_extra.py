@@ -60,16 +60,19 @@ def _f(x: float) -> str:
 
 def test_chapter_rows_state_the_committed_numbers(committed):
     rk, so, me = committed["rank_sensitivity"], committed["schedule_optimizer"], committed["multi_epoch"]
-    row4 = _row(4)[2]
-    for x in (rk["spread"]["lora"], rk["spread"]["dora"], rk["noise"]):
+    row4 = _row(4)[3]
+    for x in (rk["spread"]["lora"], rk["spread"]["dora"], rk["noise"], *rk["curves"]["lora"][::5],
+              *rk["curves"]["dora"][::5]):
         assert _f(x) in row4, (_f(x), row4)
-    row17 = _row(17)[2]
+    row17 = _row(17)[3]
     for opt in ("sgd", "adamw"):
         b = so["best"][opt]
         for x in (b["cosine"], b["constant"]):
             assert _f(x) in row17, (opt, _f(x), row17)
     assert _f(so["noise"]) in row17
-    row19 = _row(19)[2]
+    row19 = _row(19)[3]
     for c in (me["curve"][0], me["curve"][-1]):
-        assert _f(c["target_after"]) in row19 and f"{c['epochs']:.0f}" in row19, (c, row19)
-    assert _f(me["noise"]) in row19
+        for x in (c["target_after"], c["target_loss_after"]):
+            assert _f(x) in row19 and f"{c['epochs']:.0f} epochs" in row19, (c, row19)
+    for x in (me["noise"], me["loss_noise"]):
+        assert _f(x) in row19, (_f(x), row19)

@@ -8,7 +8,8 @@ r"""Three claims of chapter 90 measured on the built-in task: rows 4, 17 and 19.
   learning rate, the gain is cosine − constant.
 * Row 19, "multi-epoch training can hurt": the same 300 steps of 16 windows of 32 tokens on the
   first N tokens of the dialect's training text, so that the steps pass over it
-  300·16·32 / N times; held-out dialect and base-text accuracy against the full text.
+  300·16·32 / N times; held-out dialect accuracy and loss, and base-text accuracy, against the
+  full text.
 
 The noise of each grid is the largest difference between two seeds of one cell. :func:`verdicts`
 turns the numbers into the chapter's verdicts; ``tests/test_claims_extra.py`` checks that the
@@ -34,11 +35,11 @@ def _keep(res: dict, **extra) -> dict:
     return {**extra, **{k: res[k] for k in keys}}
 
 
-def _noise(rows, cell) -> float:
-    """The largest spread of ``target_after`` between the seeds of one cell (``cell(row)`` names it)."""
+def _noise(rows, cell, key: str = "target_after") -> float:
+    """The largest spread of ``key`` between the seeds of one cell (``cell(row)`` names it)."""
     cells = {}
     for r in rows:
-        cells.setdefault(cell(r), []).append(r["target_after"])
+        cells.setdefault(cell(r), []).append(r[key])
     return float(max(max(v) - min(v) for v in cells.values()))
 
 
@@ -108,14 +109,21 @@ def multi_epoch(base, *, train_tokens=(None, 9600, 2400, 600), seeds=(0, 1), ste
              for n in ns]
     return {"seeds": list(seeds), "rows": rows, "curve": curve,
             "drop_at_most_epochs": curve[0]["target_after"] - curve[-1]["target_after"],
-            "noise": _noise(rows, lambda x: x["train_tokens"])}
+            "loss_rise_at_most_epochs": curve[-1]["target_loss_after"] - curve[0]["target_loss_after"],
+            "noise": _noise(rows, lambda x: x["train_tokens"]),
+            "loss_noise": _noise(rows, lambda x: x["train_tokens"], "target_loss_after")}
 
 
 def verdicts(res: dict) -> dict:
     """The three rows' verdicts from the numbers (a difference counts only above the grid's noise)."""
     rk = res["rank_sensitivity"]
     d = rk["spread"]["lora"] - rk["spread"]["dora"]
-    row4 = "wrong here" if d <= 0 else ("holds" if d > rk["noise"] else "holds here, with a caveat")
+    if d <= 0:
+        row4 = "wrong here"
+    elif d > rk["noise"] and max(rk["curves"]["dora"]) >= max(rk["curves"]["lora"]):
+        row4 = "holds"
+    else:  # smaller only within the noise, or flatter because it stays below LoRA
+        row4 = "holds here, with a caveat"
     so = res["schedule_optimizer"]
     g_sgd, g_adam = so["cosine_gain"]["sgd"], so["cosine_gain"]["adamw"]
     if g_sgd > so["noise"] and abs(g_adam) <= so["noise"]:
@@ -125,7 +133,12 @@ def verdicts(res: dict) -> dict:
     else:
         row17 = "wrong here"
     me = res["multi_epoch"]
-    row19 = "holds" if me["drop_at_most_epochs"] > me["noise"] else "not seen here"
+    if me["drop_at_most_epochs"] > me["noise"]:
+        row19 = "holds"
+    elif me["loss_rise_at_most_epochs"] > me["loss_noise"]:
+        row19 = "holds, with a caveat"  # the held-out loss rises, the accuracy does not fall
+    else:
+        row19 = "not seen here"
     return {"4": row4, "17": row17, "19": row19}
 
 
