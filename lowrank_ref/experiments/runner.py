@@ -48,7 +48,8 @@ class Recorder:
 def finetune(base=None, config=None, *, method: str | None = None, targets=("q", "v"), steps: int = 300,
              lr: float = 1e-2, batch_size: int = 16, warmup: int = 20, seed: int = 0, ranks=None, alphas=None,
              eval_windows: int = 256, prepare=None, record=None, record_every: int = 0, threads: int | None = 1,
-             keep_model: bool = False, task=None, **inject_kwargs) -> dict:
+             keep_model: bool = False, task=None, optimizer: str = "adamw", schedule: str = "cosine",
+             **inject_kwargs) -> dict:
     """Fine-tune a copy of ``base`` (default: the shipped model) with ``config`` on the dialect.
 
     Args:
@@ -63,6 +64,7 @@ def finetune(base=None, config=None, *, method: str | None = None, targets=("q",
         record, record_every: a :class:`Recorder` hook during training; its list is ``"records"``.
         threads: BLAS threads (``None`` leaves them alone). keep_model: return it as ``"model"``.
         task: the :func:`lowrank_ref.data.builtin_task` to use (default: task 0).
+        optimizer, schedule: what :func:`lowrank_ref.train.train` takes (``"sgd"`` has momentum 0.9).
     Returns:
         ``method``, ``targets`` (the adapted layers), ``trainable_params``, ``steps``, ``lr``,
         ``seed``, ``train_losses``, ``final_train_loss`` (mean of the last 10), ``target_after`` /
@@ -85,7 +87,7 @@ def finetune(base=None, config=None, *, method: str | None = None, targets=("q",
             prepare(model, res, rng)
         hooks = [] if record is None else [Recorder(model, record, record_every)]
         tr = train(model, task.dialect_train, steps, lr=lr, batch_size=batch_size, warmup=min(warmup, steps - 1),
-                   rng=np.random.default_rng(seed + 1), progress=False, hooks=hooks)
+                   optimizer=optimizer, schedule=schedule, rng=np.random.default_rng(seed + 1), progress=False, hooks=hooks)
         after = evaluate(model, task.dialect_heldout, max_windows=eval_windows)
         kept = evaluate(model, task.base_heldout, max_windows=eval_windows)
     out = {
