@@ -41,7 +41,7 @@ import numpy as np
 
 from lowrank_ref.adapters.base import AdapterLinear
 from lowrank_ref.config import check_alpha, check_bool, check_rank
-from lowrank_ref.nn.module import Parameter, array_module, to_host, where_is
+from lowrank_ref.nn.module import Parameter, array_module, as_rng, to_host, where_is
 from lowrank_ref.registry import CompareRow, Example, MethodSpec, PeftMapping, PerBackend
 from lowrank_ref.train import TrainingHooks
 
@@ -230,7 +230,7 @@ class AdaLoRALinear(AdapterLinear):
     def __init__(self, base, config: AdaLoRAConfig | None = None, rng=None):
         config = self.check_config(config)
         super().__init__(base, config)
-        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        rng = as_rng(rng)
         self.rng = rng
         r, dtype = config.rank, self.weight_dtype
         self.P = Parameter((rng.standard_normal((self.out_features, r)) * INIT_STD).astype(dtype))  # (out, r)

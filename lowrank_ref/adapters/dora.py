@@ -99,7 +99,7 @@ from lowrank_ref.adapters.lora import (
     lora_to_peft,
 )
 from lowrank_ref.config import ScaledLowRankConfig, check_bool, scaling_metadata
-from lowrank_ref.nn.module import Parameter, array_module
+from lowrank_ref.nn.module import Parameter, array_module, as_rng
 from lowrank_ref.quant.linear import weight_array
 from lowrank_ref.registry import CompareRow, Example, MethodSpec, PeftMapping
 
@@ -300,7 +300,7 @@ class DoRALinear(AdapterLinear):
     def __init__(self, base, config: DoRAConfig | None = None, rng=None):
         config = self.check_config(config)
         super().__init__(base, config)
-        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)  # None / int seed
+        rng = as_rng(rng)  # None / int seed
         self.rng = rng
         self.norm_method = "factored"
         r, dtype = config.r, self.weight_dtype

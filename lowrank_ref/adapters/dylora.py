@@ -38,7 +38,7 @@ import numpy as np
 from lowrank_ref.adapters.base import AdapterLinear
 from lowrank_ref.adapters.lora import init_lora_A, lora_backward, lora_forward, lora_shapes
 from lowrank_ref.config import ScaledLowRankConfig, check_bool
-from lowrank_ref.nn.module import Parameter, array_module
+from lowrank_ref.nn.module import Parameter, array_module, as_rng
 from lowrank_ref.registry import CompareRow, Example, MethodSpec, PerBackend
 from lowrank_ref.train import TrainingHooks
 
@@ -144,7 +144,7 @@ class DyLoRALinear(AdapterLinear):
     def __init__(self, base, config: DyLoRAConfig | None = None, rng=None):
         config = self.check_config(config)
         super().__init__(base, config)
-        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        rng = as_rng(rng)
         self.rng = rng
         r, dtype = config.r, self.weight_dtype
         self.A = Parameter(init_lora_A(r, self.in_features, "kaiming", rng, dtype))  # (r, in)

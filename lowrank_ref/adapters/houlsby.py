@@ -40,7 +40,7 @@ import numpy as np
 from lowrank_ref.adapters.base import AdapterLinear
 from lowrank_ref.config import check_alpha, check_rank
 from lowrank_ref.nn.activations import gelu_grad, normal_cdf
-from lowrank_ref.nn.module import Parameter
+from lowrank_ref.nn.module import Parameter, as_rng
 from lowrank_ref.registry import CompareRow, Example, MethodSpec
 
 __all__ = ["HoulsbyConfig", "HoulsbyLinear", "houlsby_forward", "houlsby_backward", "truncated_normal",
@@ -201,7 +201,7 @@ class HoulsbyLinear(AdapterLinear):
     def __init__(self, base, config: HoulsbyConfig | None = None, rng=None):
         config = self.check_config(config)
         super().__init__(base, config)
-        self.rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        self.rng = as_rng(rng)
         m, out, dt = config.bottleneck, self.out_features, self.weight_dtype
         check_bottleneck(m, out)
         self.W_down = Parameter(truncated_normal(self.rng, (m, out), config.init_std).astype(dt))

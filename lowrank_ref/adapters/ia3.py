@@ -30,7 +30,7 @@ import numpy as np
 
 from lowrank_ref.adapters.base import AdapterLinear
 from lowrank_ref.config import check_bool
-from lowrank_ref.nn.module import Parameter
+from lowrank_ref.nn.module import Parameter, as_rng
 from lowrank_ref.registry import CompareRow, Example, MethodSpec, PeftMapping
 
 __all__ = ["IA3Config", "IA3Linear", "ia3_forward", "ia3_backward", "SPEC"]
@@ -137,7 +137,7 @@ class IA3Linear(AdapterLinear):
         config = self.check_config(config)
         super().__init__(base, config)
         # no randomness in IA³'s init; the rng is checked like every method's, and kept
-        self.rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        self.rng = as_rng(rng)
         n = self.in_features if config.feedforward else self.out_features
         self.l = Parameter(np.ones(n, dtype=self.weight_dtype))  # l = 1: starts as the base layer
 

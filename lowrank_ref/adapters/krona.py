@@ -56,7 +56,7 @@ from lowrank_ref.adapters.lokr import (
     kron_apply_backward,
 )
 from lowrank_ref.config import check_alpha, check_bool, check_rank
-from lowrank_ref.nn.module import Module, Parameter
+from lowrank_ref.nn.module import Module, Parameter, as_rng
 from lowrank_ref.quant.linear import weight_array
 from lowrank_ref.registry import CompareRow, Example, MethodSpec
 
@@ -189,7 +189,7 @@ class KronALinear(AdapterLinear):
     def __init__(self, base, config: KronAConfig | None = None, rng=None):
         config = self.check_config(config)
         super().__init__(base, config)
-        self.rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        self.rng = as_rng(rng)
         shapes = krona_shapes(config, self.in_features, self.out_features)
         self.A = Parameter(kaiming_uniform(shapes["A"], self.rng, self.weight_dtype))
         self.B = Parameter(np.zeros(shapes["B"], dtype=self.weight_dtype))  # B = 0: starts as the base
@@ -322,7 +322,7 @@ class KronAResBlock(Module):
         for p in block.parameters().values():
             p.trainable, p.grad = False, None
         dtype = next((p.data.dtype for p in block.parameters().values()), np.dtype(np.float32))
-        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        rng = as_rng(rng)
         self.block, self.config, self.features = block, config, d
         self.A = Parameter(kaiming_uniform(shapes["A"], rng, dtype))
         self.B = Parameter(np.zeros(shapes["B"], dtype=dtype))  # B = 0: the Kronecker term starts at 0

@@ -43,7 +43,7 @@ import numpy as np
 
 from lowrank_ref.adapters.base import AdapterLinear
 from lowrank_ref.config import check_alpha, check_dropout, check_rank
-from lowrank_ref.nn.module import Parameter, array_module
+from lowrank_ref.nn.module import Parameter, array_module, as_rng
 from lowrank_ref.quant.linear import weight_array
 from lowrank_ref.registry import CompareRow, Example, MethodSpec, PeftMapping
 
@@ -309,7 +309,7 @@ class LoHaLinear(AdapterLinear):
     def __init__(self, base, config: LoHaConfig | None = None, rng=None):
         config = self.check_config(config)
         super().__init__(base, config)
-        self.rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        self.rng = as_rng(rng)
         init = init_loha(config.r, self.in_features, self.out_features, self.rng, self.weight_dtype)
         self.A1 = Parameter(init["A1"])  # (r, in)
         self.A2 = Parameter(init["A2"])  # (r, in), zero at init

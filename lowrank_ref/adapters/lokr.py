@@ -60,7 +60,7 @@ import numpy as np
 from lowrank_ref.adapters.base import AdapterLinear
 from lowrank_ref.adapters.loha import draw_row_dropout, row_mask_factor
 from lowrank_ref.config import check_alpha, check_bool, check_dropout, check_rank
-from lowrank_ref.nn.module import Parameter, array_module
+from lowrank_ref.nn.module import Parameter, array_module, as_rng
 from lowrank_ref.quant.linear import weight_array
 from lowrank_ref.registry import CompareRow, Example, MethodSpec, PeftMapping
 
@@ -369,7 +369,7 @@ class LoKrLinear(AdapterLinear):
     def __init__(self, base, config: LoKrConfig | None = None, rng=None):
         config = self.check_config(config)
         super().__init__(base, config)
-        self.rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        self.rng = as_rng(rng)
         self.layout = lokr_layout(config, self.in_features, self.out_features)
         shapes = lokr_shapes(config, self.in_features, self.out_features)
         for n, v in lokr_init(shapes, config.init, self.rng, self.weight_dtype).items():

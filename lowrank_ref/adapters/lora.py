@@ -38,7 +38,7 @@ import numpy as np
 
 from lowrank_ref.adapters.base import AdapterLinear
 from lowrank_ref.config import ScaledLowRankConfig, scaling_metadata
-from lowrank_ref.nn.module import Parameter, array_module
+from lowrank_ref.nn.module import Parameter, array_module, as_rng
 from lowrank_ref.quant.linear import weight_array
 from lowrank_ref.registry import CompareRow, Example, MethodSpec, PeftMapping
 
@@ -142,7 +142,7 @@ class LoRALinear(AdapterLinear):
     def __init__(self, base, config: LoRAConfig | None = None, rng=None):
         config = self.check_config(config)
         super().__init__(base, config)
-        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)  # None / int seed
+        rng = as_rng(rng)  # None / int seed
         self.rng = rng
         r, dtype = config.r, self.weight_dtype
         if config.init == "pissa" and self.quantized:

@@ -38,7 +38,7 @@ import numpy as np
 
 from lowrank_ref.adapters.base import AdapterLinear
 from lowrank_ref.config import check_alpha, check_rank
-from lowrank_ref.nn.module import Parameter, array_module
+from lowrank_ref.nn.module import Parameter, array_module, as_rng
 from lowrank_ref.registry import CompareRow, Example, MethodSpec, PerBackend
 from lowrank_ref.train import TrainingHooks
 
@@ -244,7 +244,7 @@ class LoRAMoELinear(AdapterLinear):
     def __init__(self, base, config: LoRAMoEConfig | None = None, rng=None):
         config = self.check_config(config)
         super().__init__(base, config)
-        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        rng = as_rng(rng)
         E, r, dtype = config.n_experts, config.r, self.weight_dtype
         bound = 1.0 / np.sqrt(self.in_features)  # kaiming_uniform(a=√5): U(±1/√in)
         self.A = Parameter(rng.uniform(-bound, bound, (E, r, self.in_features)).astype(dtype))

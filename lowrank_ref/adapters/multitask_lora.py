@@ -44,7 +44,7 @@ from lowrank_ref.adapters.lora import init_lora_A
 from lowrank_ref.config import check_alpha, check_rank
 from lowrank_ref.nn.checks import state_message
 from lowrank_ref.nn.linear import check_last_dim
-from lowrank_ref.nn.module import Parameter, array_module, where_is
+from lowrank_ref.nn.module import Parameter, array_module, as_rng, where_is
 from lowrank_ref.registry import CompareRow, Example, MethodSpec
 
 __all__ = ["MultiTaskLoRAConfig", "MultiTaskLoRALinear", "mixing_weights", "task_up_projections",
@@ -260,7 +260,7 @@ class MultiTaskLoRALinear(AdapterLinear):
     def __init__(self, base, config: MultiTaskLoRAConfig | None = None, rng=None):
         config = self.check_config(config)
         super().__init__(base, config)
-        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        rng = as_rng(rng)
         r, T, n, dtype = config.r, config.n_tasks, config.n_up, self.weight_dtype
         self.A = Parameter(init_lora_A(r, self.in_features, "kaiming", rng, dtype))  # (r, in), shared
         self.Lambda = Parameter(np.tile(np.eye(r, dtype=dtype), (T, 1, 1)))  # Λ_t = I   (T, r, r)

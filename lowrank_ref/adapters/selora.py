@@ -50,7 +50,7 @@ import numpy as np
 from lowrank_ref.adapters.base import AdapterLinear
 from lowrank_ref.adapters.lora import init_lora_A, lora_backward, lora_forward
 from lowrank_ref.config import check_alpha, check_dropout, check_rank
-from lowrank_ref.nn.module import Parameter, array_module
+from lowrank_ref.nn.module import Parameter, array_module, as_rng
 from lowrank_ref.registry import CompareRow, Example, MethodSpec, PerBackend
 from lowrank_ref.train import TrainingHooks
 
@@ -174,7 +174,7 @@ class SeLoRALinear(AdapterLinear):
     def __init__(self, base, config: SeLoRAConfig | None = None, rng=None):
         config = self.check_config(config)
         super().__init__(base, config)
-        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        rng = as_rng(rng)
         self.rng = rng
         r, dtype = config.rank, self.weight_dtype
         self.A = Parameter(init_lora_A(r, self.in_features, "kaiming", rng, dtype))  # (r, in)

@@ -49,7 +49,7 @@ import numpy as np
 from lowrank_ref.adapters.base import AdapterLinear
 from lowrank_ref.adapters.lora import init_lora_A
 from lowrank_ref.config import ScaledLowRankConfig, scaling_metadata
-from lowrank_ref.nn.module import Parameter, array_module
+from lowrank_ref.nn.module import Parameter, array_module, as_rng
 from lowrank_ref.quant.linear import weight_array
 from lowrank_ref.registry import CompareRow, Example, MethodSpec, PerBackend
 from lowrank_ref.train import TrainingHooks
@@ -243,7 +243,7 @@ class SoRALinear(AdapterLinear):
     def __init__(self, base, config: SoRAConfig | None = None, rng=None):
         config = self.check_config(config)
         super().__init__(base, config)
-        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        rng = as_rng(rng)
         self.rng = rng
         r, dtype = config.r, self.weight_dtype
         self.A = Parameter(init_lora_A(r, self.in_features, "kaiming", rng, dtype))  # (r, in)

@@ -32,7 +32,7 @@ from typing import NamedTuple
 import numpy as np
 
 from lowrank_ref.adapters.base import AdapterLinear
-from lowrank_ref.nn.module import Parameter
+from lowrank_ref.nn.module import Parameter, as_rng
 from lowrank_ref.registry import CompareRow, Example, MethodSpec
 
 __all__ = ["SSFConfig", "SSFLinear", "ssf_forward", "ssf_backward", "SSF_INITS", "SSF_NORMAL_STD", "SPEC"]
@@ -128,7 +128,7 @@ class SSFLinear(AdapterLinear):
     def __init__(self, base, config: SSFConfig | None = None, rng=None):
         config = self.check_config(config)
         super().__init__(base, config)
-        self.rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        self.rng = as_rng(rng)
         n, dt = self.out_features, self.weight_dtype
         if config.init == "identity":
             gamma, beta = np.ones(n, dtype=dt), np.zeros(n, dtype=dt)

@@ -23,7 +23,7 @@ from lowrank_ref.adapters.dora import DoRAConfig
 from lowrank_ref.adapters.lora import LoRAConfig, LoRALinear, init_lora_A
 from lowrank_ref.experiments.modes import quick_mode
 from lowrank_ref.experiments.runner import experiment_main
-from lowrank_ref.nn.module import Parameter
+from lowrank_ref.nn.module import Parameter, as_rng
 
 __all__ = ["DoubleLoRALinear", "magnitude_direction", "quick_mode", "base_model", "finetune",
            "rank_sweep", "rank_sweep_ranks", "double_lora_vs_lora_vs_dora", "layerwise_targets", "magnitude_direction_run",
@@ -48,7 +48,7 @@ class DoubleLoRALinear(AdapterLinear):
                 raise TypeError(f"{name} must be a LoRAConfig without dropout or PiSSA init, got {c!r}")
         super().__init__(base, config1)
         self.config2 = config2
-        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        rng = as_rng(rng)
         dtype = base.weight.data.dtype
         self.A1 = Parameter(init_lora_A(config1.r, self.in_features, config1.init, rng, dtype))  # (r1, in)
         self.B1 = Parameter(np.zeros((self.out_features, config1.r), dtype=dtype))  # (out, r1)
