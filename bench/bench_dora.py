@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 import lowrank_ref as lr
-from bench.run import time_interleaved
+from bench.run import time_interleaved, time_numpy_steps
 from lowrank_ref.adapters.dora import dora_row_norm
 
 
@@ -51,14 +51,6 @@ def _numpy_layers(d, r, dropout, rng):
     return layers
 
 
-def _step(layer, x, dy):
-    def fn():
-        layer.forward(x)
-        layer.backward(dy)
-        layer.zero_grad()
-
-    return fn
-
 
 def run(quick: bool) -> list[dict]:
     # NumPy's BLAS on one thread: both sides alike, and on a shared 2-core machine two spinning
@@ -81,7 +73,7 @@ def _run_numpy(quick: bool) -> list[dict]:
         layers = _numpy_layers(d, r, dropout, rng)
         x = rng.standard_normal((N, d)).astype(np.float32)
         dy = rng.standard_normal((N, d)).astype(np.float32)
-        t = time_interleaved({k: _step(v, x, dy) for k, v in layers.items()}, repeats=repeats)
+        t = time_numpy_steps(layers, x, dy, repeats=repeats)
         name = "dora_vs_lora_step_numpy" + ("_dropout" if dropout else "")
         for impl, res in t.items():
             row = {"name": name, "impl": impl, "ratio_to": None if impl == "lora" else "lora",

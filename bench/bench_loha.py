@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 import lowrank_ref as lr
-from bench.run import time_interleaved, time_torch_steps
+from bench.run import time_numpy_steps, time_torch_steps
 
 
 def _numpy_layers(d, r, rng):
@@ -28,14 +28,6 @@ def _numpy_layers(d, r, rng):
             p.data = (0.1 * rng.standard_normal(p.shape)).astype(np.float32)
     return layers
 
-
-def _step(layer, x, dy):
-    def fn():
-        layer.forward(x)
-        layer.backward(dy)
-        layer.zero_grad()
-
-    return fn
 
 
 def run(quick: bool) -> list[dict]:
@@ -58,7 +50,7 @@ def _run_numpy(quick: bool) -> list[dict]:
         layers = _numpy_layers(d, r, rng)
         x = rng.standard_normal((N, d)).astype(np.float32)
         dy = rng.standard_normal((N, d)).astype(np.float32)
-        t = time_interleaved({k: _step(v, x, dy) for k, v in layers.items()}, repeats=repeats)
+        t = time_numpy_steps(layers, x, dy, repeats=repeats)
         for impl, res in t.items():
             row = {"name": f"loha_r{r}_vs_lora_{2 * r}_step_numpy", "impl": impl,
                    "ratio_to": None if impl == "lora_2r" else "lora_2r",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 import lowrank_ref as lr
-from bench.run import time_interleaved, time_torch_steps
+from bench.run import time_numpy_steps, time_torch_steps
 
 
 def _perturb(params, rng):
@@ -49,15 +49,7 @@ def _run_numpy(quick: bool) -> list[dict]:
     x = rng.standard_normal((N, d)).astype(np.float32)
     dy = rng.standard_normal((N, d)).astype(np.float32)
 
-    def step(layer):
-        def fn():
-            layer.forward(x)
-            layer.backward(dy)
-            layer.zero_grad()
-
-        return fn
-
-    t = time_interleaved({k: step(v) for k, v in layers.items()}, repeats=repeats)
+    t = time_numpy_steps(layers, x, dy, repeats=repeats)
     rows = []
     for impl, res in t.items():
         row = {"name": "kronecker_vs_lora_step_numpy", "impl": impl, "ratio_to": None if impl == "lora" else "lora",

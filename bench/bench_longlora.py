@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from bench.run import single_thread, time_interleaved, time_torch_steps
+from bench.run import single_thread, time_interleaved, time_numpy_steps, time_torch_steps
 
 FULL = {"gpt": {"vocab_size": 256, "block_size": 32, "n_layer": 4, "n_head": 4, "d_model": 128},
         "T": 32, "batches": (1, 32), "m": 8, "r": 8, "repeats": 15,
@@ -121,16 +121,9 @@ def _attention_rows(size: dict) -> list[dict]:
         layers = {"full": nn.CausalSelfAttention(d, H, rng=np.random.default_rng(1)),
                   "s2": ShiftedSparseAttention(d, H, rng=np.random.default_rng(1))}
 
-        def step(layer, x=x, dy=dy):
-            def fn():
-                layer.forward(x)
-                layer.backward(dy)
-                layer.zero_grad()
-            return fn
-
         with single_thread():
-            res = time_interleaved({k: step(v) for k, v in layers.items()}, repeats=a.get("repeats", size["repeats"]),
-                                   warmup=1, clock=time.process_time)
+            res = time_numpy_steps(layers, x, dy, repeats=a.get("repeats", size["repeats"]), warmup=1,
+                                   clock=time.process_time)
         shape = f"one attention layer, B={B}, T={T}, d={d}, {H} heads, S²: 4 groups of {T // 4}, float32"
         for impl, t in res.items():
             rows.append({"name": f"s2_attn_fwd_bwd_T{T}_numpy", "impl": impl, "ratio_to": None if impl == "full" else "full",

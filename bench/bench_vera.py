@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 import lowrank_ref as lr
-from bench.run import time_interleaved, time_torch_steps
+from bench.run import time_numpy_steps, time_torch_steps
 
 
 def _layers(d, r, rng, torch_backend=False):
@@ -50,14 +50,7 @@ def run(quick: bool) -> list[dict]:
         x = rng.standard_normal((N, d)).astype(np.float32)
         dy = rng.standard_normal((N, d)).astype(np.float32)
 
-        def step(layer):
-            def fn():
-                layer.forward(x)
-                layer.backward(dy)
-                layer.zero_grad()
-            return fn
-
-        t = time_interleaved({k: step(v) for k, v in layers.items()}, repeats=repeats)
+        t = time_numpy_steps(layers, x, dy, repeats=repeats)
     for impl, res in t.items():
         row = {"name": "vera_vs_lora_step_numpy", "impl": impl, "ratio_to": None if impl == "lora" else "lora",
                "shape": shape + ", BLAS 1 thread", **res}

@@ -116,6 +116,21 @@ def time_interleaved(fns: dict, repeats: int = 10, warmup: int = 2, clock=time.p
             for n, ts in times.items()}
 
 
+def time_numpy_steps(layers: dict, x, dy, repeats: int, warmup: int = 2, clock=time.perf_counter) -> dict:
+    """:func:`time_interleaved` of one forward + hand-written backward step of each NumPy layer in
+    ``layers`` (``{impl: layer}``) on ``x`` with upstream ``dy``, the gradients dropped after each
+    (the NumPy twin of :func:`time_torch_steps`, which the method benchmarks share)."""
+    def step(layer):
+        def fn():
+            layer.forward(x)
+            layer.backward(dy)
+            layer.zero_grad()
+
+        return fn
+
+    return time_interleaved({k: step(v) for k, v in layers.items()}, repeats=repeats, warmup=warmup, clock=clock)
+
+
 def time_torch_steps(modules: dict, x, dy, repeats: int, device: str = "cpu", clock=time.perf_counter) -> dict:
     """:func:`time_interleaved` of one forward + backward step of each torch module in
     ``modules`` (``{impl: module}``) on ``x`` with upstream ``dy``; on the CPU torch runs on one
