@@ -112,12 +112,15 @@ def _rows(quick: bool) -> list[dict]:
     skipped = {}
     mods, why = _bnb()
     tq = None
+    torch_kernel = None
     try:
         import torch
 
         from lowrank_gpu.quant.nf4 import TorchNF4Tensor
         tq = TorchNF4Tensor.from_numpy(q)
+        from lowrank_gpu.quant import native
         deq["torch"] = lambda: tq.dequantize()
+        torch_kernel = native.status()
         diffs["torch"] = float(np.abs(tq.dequantize().numpy().reshape(-1) - ref.reshape(-1)).max())
     except ImportError:
         skipped["torch"] = "torch is not installed"
@@ -137,6 +140,8 @@ def _rows(quick: bool) -> list[dict]:
         t = time_interleaved(deq, repeats=cfg["repeats"], warmup=cfg["warmup"])
     note = ("; freed memory kept for reuse (mallopt): no call pays for fresh pages" if kept
             else "; allocator as it is (no glibc mallopt): fresh pages may be paid")
+    if torch_kernel is not None:
+        note += f"; torch dequantises with its {torch_kernel}"
     rows = _deq_rows(name, t, skipped, diffs, rows_meta, n, moved, note, goals=True)
     # the same calls when every output is fresh pages: what a call pays where glibc maps large blocks.
     # A low mmap threshold alone does not do it: glibc first serves a request from free memory its

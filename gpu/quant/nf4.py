@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lowrank_gpu.quant import native
 from lowrank_ref.quant import blockwise as ref
 from lowrank_ref.quant.tables import dynamic_map, fp4_codebook, int4_table, midpoints, nf4_table
 
@@ -35,6 +36,7 @@ _TABLES = {"nf4": nf4_table, "fp4": fp4_codebook, "int4": int4_table}
 _TINY = 1e-38
 _CPU_CHUNK_VALUES = 1 << 20  # CPU: values per chunk (4 MB of float32; fewer, larger chunks measured faster)
 _PAIR_LUT_CACHE: dict[bytes, torch.Tensor] = {}
+_TABLE_CACHE: dict[str, torch.Tensor] = {}
 
 
 def _empty_cpu(n: int, dtype) -> torch.Tensor:
@@ -42,10 +44,21 @@ def _empty_cpu(n: int, dtype) -> torch.Tensor:
     return torch.from_numpy(np.empty(n, dtype=dtype))
 
 
+def _empty_cpu_aligned(n: int) -> torch.Tensor:
+    """:func:`_empty_cpu` for ``n`` float32 values starting on a 64-byte boundary (the C kernel
+    streams a large output only to aligned addresses; what glibc returns is 16-byte aligned)."""
+    buf = np.empty(4 * n + 64, dtype=np.uint8)
+    off = (-buf.ctypes.data) % 64
+    return torch.from_numpy(buf[off: off + 4 * n].view(np.float32))
+
+
 def table_tensor(quant_type: str = "nf4", device=None) -> torch.Tensor:
     if quant_type not in _TABLES:
         raise ValueError(f"quant_type must be one of {sorted(_TABLES)}, got {quant_type!r}")
-    return torch.from_numpy(_TABLES[quant_type]()).to(device)
+    cached = _TABLE_CACHE.get(quant_type)
+    if cached is None:  # NF4's levels come from normal quantiles (SciPy, ~0.3 ms): computed once
+        cached = _TABLE_CACHE[quant_type] = torch.from_numpy(_TABLES[quant_type]())
+    return cached.clone() if device is None or torch.device(device).type == "cpu" else cached.to(device)
 
 
 def nf4_table(device=None) -> torch.Tensor:
@@ -145,9 +158,15 @@ def dequantize_codes(packed: torch.Tensor, absmax: torch.Tensor, table: torch.Te
 
     One ``index_select`` from a 256-entry table of value pairs decodes two codes per byte; then
     the block scales multiply in place (the same float32 products as the NumPy reference). On the
-    CPU: :func:`_dequantize_codes_cpu` (the same products, in cache-sized chunks)."""
+    CPU: the C kernel of :mod:`lowrank_gpu.quant.native` where it could be built (one pass, the
+    same products), else :func:`_dequantize_codes_cpu` (the same products, in cache-sized chunks)."""
     if packed.device.type == "cpu":
-        return _dequantize_codes_cpu(packed, absmax.to(torch.float32), table.to(torch.float32), n, blocksize)
+        absmax, table = absmax.to(torch.float32).contiguous(), table.to(torch.float32).contiguous()
+        if table.numel() == 16 and packed.dtype == torch.uint8:
+            out = _empty_cpu_aligned(2 * packed.numel())
+            if native.dequantize_4bit_into(packed.reshape(-1).contiguous(), absmax, table, out, n, blocksize):
+                return out[:n]  # the C kernel (lowrank_gpu.quant.native): the same products, one pass
+        return _dequantize_codes_cpu(packed, absmax, table, n, blocksize)
     m = packed.numel()
     vals = torch.empty((m, 2), dtype=torch.float32, device=packed.device)
     torch.index_select(_pair_lut(table), 0, packed.reshape(-1).int(), out=vals)  # (m, 2)
