@@ -66,9 +66,22 @@ static void dequant_avx512(const uint8_t *packed, const float *absmax, const flo
         const uint8_t *p = packed + j0 / 2;
         float *o = out + j0;
         int64_t j = 0;
-        if (stream)
+        if (stream) {
+            /* four 64-byte lines computed, then streamed together (the write-combining buffers
+             * fill whole neighbouring lines: 1.7-1.9 ms against 2.2-2.6 ms one line at a time) */
+            for (; j + 64 <= count; j += 64, p += 32) {
+                __m512 v0 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(LR_CODES16(p)), s);
+                __m512 v1 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(LR_CODES16(p + 8)), s);
+                __m512 v2 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(LR_CODES16(p + 16)), s);
+                __m512 v3 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(LR_CODES16(p + 24)), s);
+                _mm512_stream_ps(o + j, v0);
+                _mm512_stream_ps(o + j + 16, v1);
+                _mm512_stream_ps(o + j + 32, v2);
+                _mm512_stream_ps(o + j + 48, v3);
+            }
             for (; j + 16 <= count; j += 16, p += 8)  /* 16 values from 8 bytes */
                 _mm512_stream_ps(o + j, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(LR_CODES16(p)), s));
+        }
         else
             for (; j + 16 <= count; j += 16, p += 8)
                 _mm512_storeu_ps(o + j, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(LR_CODES16(p)), s));
