@@ -110,6 +110,9 @@ class TorchOps(InjectOps):
 
         return QuantizedLinear.from_linear(linear, quant.blocksize, quant.double_quant, quant.quant_type)
 
+    def compute_like(self, layer, linear):
+        return layer.to(dtype=linear.weight.dtype)  # the 4-bit buffers keep their bytes under .to(dtype)
+
     def like(self, module, base):
         W = base.weight
         return module.to(device=W.device, dtype=W.dtype) if W.is_floating_point() else module.to(W.device)

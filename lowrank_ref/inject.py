@@ -414,6 +414,7 @@ class InjectOps:
     def shape(self, linear) -> tuple[int, int]: ...  # (out_features, in_features)
     def place(self, layer, base): ...  # a new adapter layer, on its base's device
     def quantize(self, linear, quant: BaseQuant): ...  # a frozen 4-bit copy of a linear layer (QuantizedLinear)
+    def compute_like(self, layer, linear): ...  # an adapter on a 4-bit base, computing in linear's float dtype
     def like(self, module, base): ...  # a new shared module, on the base's device, in its dtype
     def rng(self, rng): ...  # the generator handed to builders and constructors
     def state(self, module) -> dict: ...  # {name: array} a file holds for a shared module
@@ -512,6 +513,10 @@ class NumpyOps(InjectOps):
         from lowrank_ref.quant.linear import QuantizedLinear
 
         return QuantizedLinear.from_linear(linear, quant.blocksize, quant.double_quant, quant.quant_type)
+
+    def compute_like(self, layer, linear):
+        dtype = linear.weight.data.dtype
+        return layer if layer.weight_dtype == dtype else layer.astype(dtype)  # the 4-bit storage stays as it is
 
     def like(self, module, base):
         W = base.weight.data
@@ -793,7 +798,10 @@ class Injector:
                 extra = ({"shared": SharedRef(shared[spec.name], n)}
                          if spec is not None and spec.name in shared else {})
                 base = linears[n] if quantize is None else ops.quantize(linears[n], quantize)
-                new[n] = ops.place(cls(base, cfg, rng=rng, **kwargs, **extra), linears[n])
+                layer = cls(base, cfg, rng=rng, **kwargs, **extra)
+                if quantize is not None:  # compute in the float model's dtype, as on a float base
+                    layer = ops.compute_like(layer, linears[n])
+                new[n] = ops.place(layer, linears[n])
             for n, layer in new.items():
                 ops.set(model, n, layer)
             keep = self.adapter_param_ids(model)

@@ -43,6 +43,8 @@ LABELS = {
     "dora": "`dora` (q, v)",
     "qlora": "`qlora` (q, v on an NF4 base)",
     "lora_int4": "`lora_int4` (q, v on an int4 base)",
+    "qdora": "`qdora` (DoRA, q, v on an NF4 base)",
+    "qadalora": "`qadalora` (AdaLoRA, q, v on an NF4 base)",
     # rows on the four dialects (CompareRow.task): "target" is the mean over the tasks
     "lora_shared": "`lora_shared` (one LoRA for four dialects; mean over tasks)",
     "lora_per_task": "`lora_per_task` (a LoRA per dialect; mean over tasks)",
