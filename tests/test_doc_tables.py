@@ -20,7 +20,7 @@ def test_the_docs_hold_the_generated_tables():
     assert names["chapters/04-compare.md"] == ["compare", "compare-runs", "forgetting-runs", "forgetting-spectrum",
                                               "compare-seeds", "compare-lr"]
     assert names["chapters/02-dora.md"] == ["scaling-lr", "compare-dora"]
-    assert names["chapters/03-qlora.md"] == ["compare-qlora"]
+    assert names["chapters/03-qlora.md"] == ["compare-qlora", "quant-combos"]
     assert names["chapters/90-claims.md"] == ["seed-table", "seed-verdicts"]
     assert names["chapters/README.md"] == ["classroom"]
 

@@ -569,6 +569,16 @@ def _structure_fit(data: dict) -> str:
 RENDERERS["structure-fit"], SOURCES["structure-fit"] = _structure_fit, "05-structure-fit.json"
 
 
+def _quant_combos(data: dict) -> str:
+    """Chapter 03 §9: each adapter on a float and on an NF4 base (lowrank_ref.experiments.quant_combos)."""
+    from lowrank_ref.experiments.quant_combos import format_table
+
+    return format_table(data)
+
+
+RENDERERS["quant-combos"], SOURCES["quant-combos"] = _quant_combos, "quant_combos.json"
+
+
 def render(name: str) -> str:
     """The Markdown of block ``name``, from its committed result file."""
     if name not in RENDERERS:

@@ -1,4 +1,4 @@
-r"""Any adapter on a 4-bit base, trained on the task: chapter 03 §10 and chapter 90's rows 24–25.
+r"""Any adapter on a 4-bit base, trained on the task: chapter 03 §9 and chapter 90's rows 24–25.
 
 Each pair is a float row of ``lowrank-ref compare`` and its twin with the targeted layers' base
 weights stored in NF4 (``inject(..., quantize="nf4", blocksize=64, double_quant=True)``, the
@@ -47,16 +47,17 @@ def variants() -> dict:
 
 
 def base_bytes(model) -> dict:
-    """Bytes of the adapted layers' base weights (4-bit codes and scales, or float), and how
-    many of those layers have a 4-bit base."""
+    """Bytes of the adapted layers' base weights (4-bit codes and scales, or float), how they
+    are stored (``"nf4"``, ``"float32"``), and how many of those layers have a 4-bit base."""
     from lowrank_ref.inject import adapter_layers
 
     layers = adapter_layers(model)
     q = [m for m in layers.values() if m.quantized]
+    kinds = sorted({m.base.qweight.quant_type if m.quantized else str(m.base.weight.data.dtype) for m in layers.values()})
     return {"base_bytes": int(sum(m.base.qweight.nbytes if m.quantized else m.base.weight.data.nbytes
                                   for m in layers.values())),
             "weights": int(sum(m.in_features * m.out_features for m in layers.values())),
-            "quantized_layers": len(q), "adapted_layers": len(layers)}
+            "base_storage": "+".join(kinds), "quantized_layers": len(q), "adapted_layers": len(layers)}
 
 
 def _storage(name, variant, seed) -> dict:
@@ -144,7 +145,7 @@ def verdicts(res: dict) -> dict:
 
 
 def format_table(res: dict) -> str:
-    """Chapter 03 §10's table (Markdown), from a result of :func:`run`."""
+    """Chapter 03 §9's table (Markdown), from a result of :func:`run`."""
     s = summarise(res)
     out = (f"\n*numpy backend, {res['steps']} steps, batch {res['batch_size']} windows of 32 words, seeds "
            f"{', '.join(map(str, res['seeds']))} (means); the 4-bit rows: quantize={res['quantize']['quantize']!r}, "
