@@ -105,3 +105,15 @@ def test_chapter_03_states_the_committed_ratio(committed):
     ratio = min(v["base_ratio"] for v in committed["summary"]["pairs"].values())
     assert f"weights take {ratio:.3f}× their float32 bytes" in text
     assert "<!-- table: quant-combos" in text
+
+
+def test_chapter_03s_compare_table_takes_the_4bit_rows_once_they_are_recorded():
+    from lowrank_ref.experiments import doc_tables as dt
+
+    data = json.loads((dt.DATA / "compare.json").read_text(encoding="utf-8"))
+    render = dt.RENDERERS["compare-qlora"]
+    assert "| qdora |" not in render(data)  # not recorded yet: the table is as before
+    qlora = next(r for r in data["rows"] if r["method"] == "qlora")
+    data["rows"] += [{**qlora, "method": "qdora", "target_after": 0.25}, {**qlora, "method": "qadalora"}]
+    table = render(data)
+    assert "| qdora | 0.186 | 0.250 |" in table and "| qadalora |" in table

@@ -109,7 +109,8 @@ def _compare_qlora(data: dict) -> str:
     body = "".join(
         f"| {r['method']} | {r['target_before']:.3f} | {r['target_after']:.3f} | {r['retained_after']:.3f} | "
         f"{r['peak_memory_bytes'] / 1024:,.0f} KiB | {1000 * r['seconds_per_step']:.1f} |\n"
-        for r in _rows(data, ["lora", "qlora", "lora_int4"]))
+        for r in _rows(data, ["lora", "qlora", "lora_int4"] + [n for n in ("qdora", "qadalora")  # once recorded
+                                                                 if n in {x["method"] for x in data["rows"]}]))
     return f"*{_about(data)}.*\n\n" + head + body
 
 
