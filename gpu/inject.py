@@ -105,6 +105,14 @@ class TorchOps(InjectOps):
     def place(self, layer, base):
         return layer.to(base.weight.device)
 
+    def quantize(self, linear, quant):
+        from lowrank_gpu.quant.linear import QuantizedLinear
+
+        return QuantizedLinear.from_linear(linear, quant.blocksize, quant.double_quant, quant.quant_type)
+
+    def compute_like(self, layer, linear):
+        return layer.to(dtype=linear.weight.dtype)  # the 4-bit buffers keep their bytes under .to(dtype)
+
     def like(self, module, base):
         W = base.weight
         return module.to(device=W.device, dtype=W.dtype) if W.is_floating_point() else module.to(W.device)
@@ -136,21 +144,24 @@ def _check_model(model) -> None:
 
 
 def inject(model: nn.Module, config=None, targets=("q", "v"), ranks=None, alphas=None, method=None,
-           rng=None, overrides=None, train_also=None, **kwargs) -> InjectResult:
+           rng=None, overrides=None, train_also=None, quantize=None, **kwargs) -> InjectResult:
     """Replace the matching ``torch.nn.Linear`` layers of ``model`` in place; freeze the rest.
 
     Arguments as :func:`lowrank_ref.inject.inject`; ``rng`` seeds the adapters' init (an int seed
-    or a numpy Generator gives one stream for all layers; a ``torch.Generator`` is used as is)."""
+    or a numpy Generator gives one stream for all layers; a ``torch.Generator`` is used as is);
+    ``quantize="nf4"`` stores the targeted layers' bases in 4 bits
+    (:class:`lowrank_gpu.quant.QuantizedLinear`) before the adapters wrap them."""
     _check_model(model)
     return TORCH.inject(model, config, targets=targets, ranks=ranks, alphas=alphas, method=method,
-                        rng=rng, overrides=overrides, train_also=train_also, **kwargs)
+                        rng=rng, overrides=overrides, train_also=train_also, quantize=quantize, **kwargs)
 
 
-def build_adapters(model: nn.Module, plan: dict, rng=None, **kwargs) -> Snapshot:
+def build_adapters(model: nn.Module, plan: dict, rng=None, quantize=None, **kwargs) -> Snapshot:
     """Replace each ``torch.nn.Linear`` named in ``plan = {name: (spec_or_class, config)}``;
-    freeze everything outside the adapters (:meth:`lowrank_ref.inject.Injector.build_adapters`)."""
+    freeze everything outside the adapters (:meth:`lowrank_ref.inject.Injector.build_adapters`;
+    ``quantize``: a :class:`lowrank_ref.inject.BaseQuant` for a 4-bit base)."""
     _check_model(model)
-    return TORCH.build_adapters(model, plan, rng=rng, **kwargs)
+    return TORCH.build_adapters(model, plan, rng=rng, quantize=quantize, **kwargs)
 
 
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLinear]:

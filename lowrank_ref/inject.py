@@ -36,6 +36,18 @@ shapes, attached to the model as ``model.lowrank_shared.<method>`` (so ``paramet
 its tensors once and the optimizer sees them once), and handed to every layer's constructor as
 ``shared=`` (a :class:`SharedRef`).
 
+**A 4-bit base for any layer method.** ``quantize="nf4"`` (or ``"fp4"``, ``"int4"``) stores each
+targeted layer's base weight in 4 bits before the adapter wraps it: the float ``Linear`` is
+replaced by a frozen :class:`~lowrank_ref.quant.QuantizedLinear` (the one quantiser QLoRA uses,
+``QuantizedLinear.from_linear``; ``blocksize`` (64) values per absmax block, ``double_quant``
+(True) for the block scales), and the adapter is the method's own layer on it, reading
+``W̃0 = dequant(Q(W0))`` through its ``w0()`` accessor. ``inject(model, DoRAConfig(...),
+quantize="nf4")`` is QDoRA, ``AdaLoRAConfig`` gives AdaLoRA on an NF4 base; only the adapter
+trains, and ``merge()`` keeps ``W̃0 + ΔW`` as a float weight beside the untouched 4-bit storage,
+as QLoRA's layer does. Layers that are not targets stay float. Whole-model modes (no adapter
+layer) and methods that quantise their base themselves (``qlora``, ``lora_int4``: the storage is
+in their config) refuse ``quantize=`` with a ``ValueError``.
+
 If anything raises, the model is left as it was: layers, trainable flags, weights, shared state.
 
 **One engine, two backends.** :class:`Injector` holds all of the above once; it reaches the
@@ -63,7 +75,7 @@ __all__ = ["inject", "InjectResult", "set_trainable", "select_targets", "resolve
            "shared_modules", "shared_state", "check_shared_state", "load_shared_state",
            "Injector", "InjectOps", "NumpyOps", "NUMPY", "Snapshot", "SharedRef", "as_rng", "no_match_error",
            "check_trainable_mode", "SHARED_ATTR", "TARGET_ALIASES", "HEAD_NAMES", "TRAINABLE_MODES",
-           "TRAIN_ALSO_ALIASES"]
+           "TRAIN_ALSO_ALIASES", "BaseQuant", "base_quant", "QUANTIZE_TYPES", "quantizes_itself"]
 
 TARGET_ALIASES = {"attn": ("q", "k", "v", "o"), "mlp": ("fc", "proj")}
 HEAD_NAMES = ("head", "lm_head")
@@ -72,6 +84,84 @@ TRAIN_ALSO_ALIASES = ("embeddings", "norms")  # train_also=: the modules' kinds 
 #: the attribute of a model that holds the shared-state modules, one per method: ``model.lowrank_shared.<method>``
 SHARED_ATTR = "lowrank_shared"
 _SHORTHANDS = (("ranks", "r"), ("alphas", "alpha"))  # inject(ranks=...) sets the field r, alphas= alpha
+QUANTIZE_TYPES = ("nf4", "fp4", "int4")  # inject(quantize=...): the 4-bit data types of lowrank_ref.quant
+_STORAGE_FIELDS = ("blocksize", "double_quant", "quant_type")  # a config that has them stores its own base
+
+
+# --- a 4-bit base for the targeted layers (inject(quantize=...)) ---------------------------
+@dataclass(frozen=True)
+class BaseQuant:
+    """How ``inject(quantize=...)`` stores the targeted layers' base weights.
+
+    Attributes:
+        quant_type: ``"nf4"`` (QLoRA's NormalFloat), ``"fp4"`` or ``"int4"``.
+        blocksize: values per absmax block (64, QLoRA's).
+        double_quant: quantise the block scales again (QLoRA §3; 4.127 bits per weight at 64).
+    """
+
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+
+    def __post_init__(self):
+        from lowrank_ref.config import check_bool
+        from lowrank_ref.quant.blockwise import check_blocksize
+
+        if not isinstance(self.quant_type, str):
+            raise TypeError(f"quantize must be None or one of {QUANTIZE_TYPES}, got {self.quant_type!r}")
+        if self.quant_type not in QUANTIZE_TYPES:
+            raise ValueError(f"quantize must be None or one of {QUANTIZE_TYPES}, got {self.quant_type!r}")
+        object.__setattr__(self, "blocksize", check_blocksize(self.blocksize))
+        object.__setattr__(self, "double_quant", check_bool(self.double_quant, "double_quant"))
+
+    def to_dict(self) -> dict:
+        return {"quant_type": self.quant_type, "blocksize": self.blocksize, "double_quant": self.double_quant}
+
+    @classmethod
+    def of(cls, qlinear) -> BaseQuant:
+        """The storage of a ``QuantizedLinear`` (either backend)."""
+        return cls(qlinear.quant_type, qlinear.blocksize, qlinear.double_quant)
+
+    def __str__(self) -> str:
+        return f"{self.quant_type} (blocksize {self.blocksize}, double_quant={self.double_quant})"
+
+
+def base_quant(quantize, kwargs: dict | None = None) -> BaseQuant | None:
+    """``inject``'s ``quantize`` as a :class:`BaseQuant` (``None``: the bases stay float).
+
+    ``quantize`` is ``None``, a data type name (``"nf4"``) or a ``BaseQuant``; with a name,
+    ``blocksize`` and ``double_quant`` are popped from ``kwargs`` (defaults 64 and True). Without
+    ``quantize`` they stay in ``kwargs`` (QLoRA's config reads them there)."""
+    kwargs = {} if kwargs is None else kwargs
+    if quantize is None:
+        return None
+    if isinstance(quantize, BaseQuant):
+        given = {k: kwargs.pop(k) for k in ("blocksize", "double_quant") if k in kwargs}
+        for k, v in given.items():
+            if v != getattr(quantize, k):
+                raise ValueError(f"{k}={v!r} contradicts quantize's {k}={getattr(quantize, k)!r}")
+        return quantize
+    if not isinstance(quantize, str):
+        raise TypeError(f"quantize must be None or one of {QUANTIZE_TYPES}, got {quantize!r}")
+    return BaseQuant(quantize, kwargs.pop("blocksize", 64), kwargs.pop("double_quant", True))
+
+
+def quantizes_itself(spec: MethodSpec) -> bool:
+    """Does the method store its base in 4 bits by its own config (``qlora``, ``lora_int4``)?"""
+    return spec.is_layer and bool(set(_STORAGE_FIELDS) & {f.name for f in dataclasses.fields(spec.config)})
+
+
+def check_quantizable(spec: MethodSpec, quant: BaseQuant | None) -> None:
+    """A ``ValueError`` (naming ``quantize``) for a method that cannot take ``quantize=``."""
+    if quant is None:
+        return
+    if not spec.is_layer:
+        raise ValueError(f"quantize={quant.quant_type!r}: method {spec.name!r} is a whole-model mode; it has no "
+                         "adapter layers whose base could be stored in 4 bits")
+    if quantizes_itself(spec):
+        raise ValueError(f"quantize={quant.quant_type!r}: method {spec.name!r} stores its base in 4 bits itself "
+                         f"(its config's {', '.join(_STORAGE_FIELDS)}): drop quantize=, or put the 4-bit base "
+                         "under its float twin's config")
 
 
 # --- matching (pure functions on names) ----------------------------------------------------
@@ -230,6 +320,8 @@ class InjectResult:
         shared: dotted names of the shared-state modules this call attached
             (``["lowrank_shared.vera"]``), empty for methods without shared state.
         also_trained: the parameters ``train_also=`` kept trainable (dotted names).
+        quantize: how the replaced layers' bases are stored when ``quantize=`` was given
+            (a :class:`BaseQuant`), else ``None`` (float, or the method's own storage).
     """
 
     method: str
@@ -239,6 +331,7 @@ class InjectResult:
     configs: dict = field(default_factory=dict)
     shared: list = field(default_factory=list)
     also_trained: list = field(default_factory=list)
+    quantize: BaseQuant | None = None
 
     @property
     def trainable_fraction(self) -> float:
@@ -254,6 +347,8 @@ class InjectResult:
             lines.append(f"  {n}: shared by every layer of the method")
         if self.also_trained:
             lines.append(f"  also trained: {', '.join(self.also_trained)}")
+        if self.quantize is not None:
+            lines.append(f"  base weights of the adapted layers stored in {self.quantize}")
         return "\n".join(lines)
 
 
@@ -318,6 +413,8 @@ class InjectOps:
     def restore_data(self, p, saved) -> None: ...
     def shape(self, linear) -> tuple[int, int]: ...  # (out_features, in_features)
     def place(self, layer, base): ...  # a new adapter layer, on its base's device
+    def quantize(self, linear, quant: BaseQuant): ...  # a frozen 4-bit copy of a linear layer (QuantizedLinear)
+    def compute_like(self, layer, linear): ...  # an adapter on a 4-bit base, computing in linear's float dtype
     def like(self, module, base): ...  # a new shared module, on the base's device, in its dtype
     def rng(self, rng): ...  # the generator handed to builders and constructors
     def state(self, module) -> dict: ...  # {name: array} a file holds for a shared module
@@ -411,6 +508,15 @@ class NumpyOps(InjectOps):
 
     def place(self, layer, base):
         return layer  # a NumPy layer is built from its base's arrays, where they are
+
+    def quantize(self, linear, quant):
+        from lowrank_ref.quant.linear import QuantizedLinear
+
+        return QuantizedLinear.from_linear(linear, quant.blocksize, quant.double_quant, quant.quant_type)
+
+    def compute_like(self, layer, linear):
+        dtype = linear.weight.data.dtype
+        return layer if layer.weight_dtype == dtype else layer.astype(dtype)  # the 4-bit storage stays as it is
 
     def like(self, module, base):
         W = base.weight.data
@@ -560,11 +666,14 @@ class Injector:
 
     # -- inject -----------------------------------------------------------------------------
     def inject(self, model, config=None, targets=("q", "v"), ranks=None, alphas=None, method=None,
-               rng=None, overrides=None, train_also=None, **kwargs) -> InjectResult:
+               rng=None, overrides=None, train_also=None, quantize=None, **kwargs) -> InjectResult:
         """:func:`inject` on a model of this backend (already checked to be one)."""
         ops = self.ops
         extra = self.train_also_params(model, train_also)  # checked before anything changes
+        kwargs = dict(kwargs)
+        quant = base_quant(quantize, kwargs)
         spec = resolve_spec(config, method)
+        check_quantizable(spec, quant)
         given = per_layer_overrides(overrides, ranks, alphas)
         if not spec.is_layer:
             if any(patterns for _, patterns in given.values()):
@@ -586,11 +695,10 @@ class Injector:
             if done:  # say why a layer the user can see is not a target
                 raise ValueError(f"{e} (already adapted, so not targets: {', '.join(done)})") from None
             raise
-        kwargs = dict(kwargs)
         config = spec.coerce_config(config, kwargs)
         cfgs = layer_configs(config, names, overrides, spec.overridable, ranks, alphas)
         before = set(self.shared_modules(model))
-        snap = self.build_adapters(model, {n: (spec, cfgs[n]) for n in names}, rng=rng, **kwargs)
+        snap = self.build_adapters(model, {n: (spec, cfgs[n]) for n in names}, rng=rng, quantize=quant, **kwargs)
         in_bases = {id(p) for m in self.adapter_layers(model).values() for _, p in ops.named_parameters(m.base)}
         clash = [n for n, p in extra.items() if id(p) in in_bases]
         if clash:
@@ -600,7 +708,7 @@ class Injector:
         for p in extra.values():
             ops.set_trainable(p, True)
         shared = [f"{SHARED_ATTR}.{m}" for m in self.shared_modules(model) if m not in before]
-        return InjectResult(spec.name, names, *self.count(model), cfgs, shared, list(extra))
+        return InjectResult(spec.name, names, *self.count(model), cfgs, shared, list(extra), quant)
 
     def build_shared(self, spec: MethodSpec, configs: dict, bases: dict, rng):
         """The method's shared-state module for the layers ``bases`` (``{name: base layer}``)
@@ -644,9 +752,13 @@ class Injector:
         self.attach_shared(layer, spec.name, module)
         return layer
 
-    def build_adapters(self, model, plan: dict, rng=None, **kwargs) -> Snapshot:
+    def build_adapters(self, model, plan: dict, rng=None, quantize: BaseQuant | None = None, **kwargs) -> Snapshot:
         """Replace each linear layer ``name`` in ``plan = {name: (spec_or_class, config)}`` by the
         adapter, and freeze everything outside the adapters and their shared state.
+
+        ``quantize`` (a :class:`BaseQuant`): each layer's base is first stored in 4 bits
+        (:meth:`InjectOps.quantize`) and the adapter is built on that; shared state is still built
+        from the float layers' shapes.
 
         With a :class:`~lowrank_ref.registry.MethodSpec` the layer is the spec's class for this
         backend, and a method with ``SPEC.shared`` gets its shared module (built once for all of
@@ -655,6 +767,8 @@ class Injector:
         returned snapshot can still undo the change (``.restore()``), for callers that validate
         afterwards."""
         ops = self.ops
+        if quantize is not None and not isinstance(quantize, BaseQuant):
+            raise TypeError(f"quantize must be a BaseQuant or None, got {type(quantize).__name__}")
         linears = self.plain_linears(model)
         for n in plan:
             if n not in linears:
@@ -683,7 +797,11 @@ class Injector:
             for n, (spec, cls, cfg) in entries.items():
                 extra = ({"shared": SharedRef(shared[spec.name], n)}
                          if spec is not None and spec.name in shared else {})
-                new[n] = ops.place(cls(linears[n], cfg, rng=rng, **kwargs, **extra), linears[n])
+                base = linears[n] if quantize is None else ops.quantize(linears[n], quantize)
+                layer = cls(base, cfg, rng=rng, **kwargs, **extra)
+                if quantize is not None:  # compute in the float model's dtype, as on a float base
+                    layer = ops.compute_like(layer, linears[n])
+                new[n] = ops.place(layer, linears[n])
             for n, layer in new.items():
                 ops.set(model, n, layer)
             keep = self.adapter_param_ids(model)
@@ -756,7 +874,7 @@ def _injector(model) -> Injector:
 
 
 def inject(model, config=None, targets=("q", "v"), ranks=None, alphas=None, method=None, rng=None,
-           overrides=None, train_also=None, **kwargs) -> InjectResult:
+           overrides=None, train_also=None, quantize=None, **kwargs) -> InjectResult:
     """Replace the matching linear layers of ``model`` in place with adapters; freeze the rest.
 
     Args:
@@ -776,19 +894,24 @@ def inject(model, config=None, targets=("q", "v"), ranks=None, alphas=None, meth
         train_also: parameters that train next to the adapters: ``"embeddings"``, ``"norms"``,
             glob patterns over parameter names, or a sequence of them (LongLoRA's LoRA+:
             ``("embeddings", "norms")``); ``None``: only the adapters.
+        quantize: ``None`` (the bases stay as they are), or ``"nf4"``, ``"fp4"``, ``"int4"``:
+            store each targeted layer's base weight in 4 bits before the adapter wraps it (module
+            docstring), with ``blocksize=`` (64) and ``double_quant=`` (True) from ``kwargs``.
         **kwargs: extra constructor keywords for the adapter class, or config fields that a
             config of a parent class lacks (``blocksize=64`` for ``method="qlora"``).
     """
     return _injector(model).inject(model, config, targets=targets, ranks=ranks, alphas=alphas,
-                                   overrides=overrides, method=method, rng=rng, train_also=train_also, **kwargs)
+                                   overrides=overrides, method=method, rng=rng, train_also=train_also,
+                                   quantize=quantize, **kwargs)
 
 
-def build_adapters(model, plan: dict, rng=None, **kwargs) -> Snapshot:
+def build_adapters(model, plan: dict, rng=None, quantize: BaseQuant | None = None, **kwargs) -> Snapshot:
     """Replace each linear layer named in ``plan = {name: (spec_or_class, config)}`` by its adapter
-    (:meth:`Injector.build_adapters`): the engine under :func:`inject` and
-    :func:`lowrank_ref.io.load_adapter`, which names the layers exactly. Restores the model on
-    error; the returned snapshot can undo the change later (``.restore()``)."""
-    return _injector(model).build_adapters(model, plan, rng=rng, **kwargs)
+    (:meth:`Injector.build_adapters`; ``quantize``: a :class:`BaseQuant` for a 4-bit base): the
+    engine under :func:`inject` and :func:`lowrank_ref.io.load_adapter`, which names the layers
+    exactly. Restores the model on error; the returned snapshot can undo the change later
+    (``.restore()``)."""
+    return _injector(model).build_adapters(model, plan, rng=rng, quantize=quantize, **kwargs)
 
 
 def adapter_layers(model) -> dict:

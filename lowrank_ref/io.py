@@ -17,7 +17,12 @@ adapters without the code that made them:
   ``adapter_format_version = "1"``;
 * ``layers``: JSON ``{P: {"method", "config", "scaling", "scaling_rule", "tensors"}}``, the
   *full* config of each layer (so per-layer ranks and alphas survive) and, per tensor, its key,
-  shape and dtype;
+  shape and dtype; a layer whose base was stored in 4 bits by ``inject(quantize=...)`` also has
+  ``"base_quant": {"quant_type", "blocksize", "double_quant"}`` (a QLoRA layer's storage is in its
+  config already). Loading into a model without adapters quantises those layers' float bases the
+  same way before it builds the adapters (so a file trained on an NF4 base is never silently run
+  on the float weights); loading into adapters that are already there refuses a base stored
+  otherwise. The 4-bit base itself is not in the file: it is rebuilt from the model's weights;
 * ``user_metadata``: JSON of the ``metadata`` argument;
 * ``shared`` (only for methods with ``SPEC.shared``): JSON ``{method: {"tensors": ...}}`` of the
   state the layers share, stored once under ``base_model.model.lowrank_shared.<method>.<name>``;
@@ -168,6 +173,9 @@ def _layer_meta(path: str, layer, backend: str, tensors: dict) -> dict:
     spec = registry.get_method(_method_of(layer, backend))
     meta = {"method": spec.name, "config": config_to_dict(cfg), "tensors": {}}
     meta.update(spec.metadata_for(cfg))  # what the SPEC says files carry (LoRA: scaling, its rule)
+    quant = _layer_quant(layer, spec)
+    if quant is not None:  # inject(quantize=...): the base the adapter was trained on
+        meta["base_quant"] = quant.to_dict()
     for name, value in layer.adapter_state().items():
         key = peft_key(path, spec, name)
         if key in tensors:
@@ -406,6 +414,38 @@ def _options(p: str, m: dict) -> dict:
     return options
 
 
+def _layer_quant(layer, spec):
+    """The :class:`~lowrank_ref.inject.BaseQuant` of an adapter put on a 4-bit base by
+    ``inject(quantize=...)``; ``None`` for a float base and for a method whose config holds its
+    storage (QLoRA)."""
+    from lowrank_ref.inject import BaseQuant, quantizes_itself
+
+    if not getattr(layer, "quantized", False) or quantizes_itself(spec):
+        return None
+    return BaseQuant.of(layer.base)
+
+
+def _base_quants(layers: dict, plan: dict) -> dict:
+    """``{path: BaseQuant or None}`` from the file's ``base_quant`` entries (untrusted: a bad one
+    is a ``ValueError`` naming the layer)."""
+    from lowrank_ref.inject import BaseQuant, check_quantizable
+
+    out = {}
+    for p, m in layers.items():
+        q = m.get("base_quant")
+        if q is None:
+            out[p] = None
+            continue
+        try:
+            if not isinstance(q, dict) or set(q) != {"quant_type", "blocksize", "double_quant"}:
+                raise ValueError(f"must be an object with quant_type, blocksize, double_quant, got {q!r}")
+            out[p] = BaseQuant(q["quant_type"], q["blocksize"], q["double_quant"])
+            check_quantizable(plan[p][0], out[p])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"layer {p!r}: bad 'base_quant' metadata: {e}") from None
+    return out
+
+
 def _plan(layers: dict) -> dict:
     """{path: (spec, config)}, checking that every method and config is known and valid."""
     plan = {}
@@ -464,6 +504,7 @@ def load_adapter(model_or_layer, path) -> dict:
     tensors, header = _read(path)
     layers, user = _parse_header(header, path)
     plan = _plan(layers)
+    quants = _base_quants(layers, plan)
     shared = shared_from_file(header, tensors, path)
     _check_tensors(tensors, layers)
 
@@ -472,10 +513,10 @@ def load_adapter(model_or_layer, path) -> dict:
     if not adapters:
         shapes = {p: {n: tuple(t["shape"]) for n, t in m["tensors"].items()} for p, m in layers.items()}
         check_sizes(model_or_layer, plan, shapes)  # before anything is built (allocated)
-        snapshot = _inject_from_plan(model_or_layer, plan, layers, backend)
+        snapshot = _inject_from_plan(model_or_layer, plan, layers, backend, quants)
         adapters = _adapters(model_or_layer, backend)
     try:
-        states = _match(adapters, layers, plan, tensors, backend)
+        states = _match(adapters, layers, plan, tensors, backend, quants)
         from lowrank_ref.inject import check_shared_state, load_shared_state
 
         check_shared_state(model_or_layer, shared)
@@ -489,27 +530,29 @@ def load_adapter(model_or_layer, path) -> dict:
     return {"layers": layers, "user": user, "format_version": int(header["adapter_format_version"])}
 
 
-def _inject_from_plan(model, plan: dict, layers: dict, backend: str):
+def _inject_from_plan(model, plan: dict, layers: dict, backend: str, quants: dict | None = None):
     if "" in plan:
         raise ValueError("the file holds a single adapter layer (path ''): load it into an adapter "
                          "layer built with the same config (lowrank_ref.adapt), not into a plain layer")
-    groups: dict = {}  # layers built alike: same method
+    quants = quants or {}
+    groups: dict = {}  # layers built alike: same method, same base storage
     for p, (spec, cfg) in plan.items():
-        groups.setdefault(spec.name, {})[p] = (spec, cfg)
+        groups.setdefault((spec.name, quants.get(p)), {})[p] = (spec, cfg)
     if backend == "numpy":
         from lowrank_ref.inject import build_adapters
     else:
         from lowrank_gpu.inject import build_adapters
     snaps = []
     try:
-        for group in groups.values():
+        for (_, quant), group in groups.items():
             spec, _ = next(iter(group.values()))
             path = _class_path(spec, backend)
             if path is None:
                 raise ValueError(f"method {spec.name!r} has no {backend} implementation")
             # a fresh random init on purpose: everything the layer needs must come from the file,
             # so a tensor that the file lacks but a seed would regenerate shows up as a mismatch
-            snaps.append(build_adapters(model, {p: (spec, cfg) for p, (_, cfg) in group.items()}, rng=None))
+            snaps.append(build_adapters(model, {p: (spec, cfg) for p, (_, cfg) in group.items()}, rng=None,
+                                        quantize=quant))
     except BaseException:
         for s in reversed(snaps):
             s.restore()
@@ -526,8 +569,9 @@ class _Snapshots:
             s.restore()
 
 
-def _match(adapters: dict, layers: dict, plan: dict, tensors: dict, backend: str) -> dict:
-    """{path: {name: array}} after checking the model's adapters against the file."""
+def _match(adapters: dict, layers: dict, plan: dict, tensors: dict, backend: str, quants: dict | None = None) -> dict:
+    """{path: {name: array}} after checking the model's adapters against the file (and, with
+    ``quants``, the storage of their bases against the file's ``base_quant``)."""
     missing = sorted(set(adapters) - set(layers))
     extra = sorted(set(layers) - set(adapters))
     if missing or extra:
@@ -542,6 +586,10 @@ def _match(adapters: dict, layers: dict, plan: dict, tensors: dict, backend: str
             raise ValueError(f"{where}: the file holds method {spec.name!r}, the model has {method!r}")
         if layer.config != cfg:
             raise ValueError(f"{where}: config differs: file {cfg}, model {layer.config}")
+        if quants is not None and _layer_quant(layer, spec) != quants[p]:
+            said = lambda q: "a float base" if q is None else f"a base stored in {q}"  # noqa: E731
+            raise ValueError(f"{where}: the file's adapter was trained on {said(quants[p])}, the model's layer "
+                             f"has {said(_layer_quant(layer, spec))} (inject(..., quantize=...) as the file says)")
         if getattr(layer, "merged", False):
             raise ValueError(f"{where} is merged: unmerge() before loading adapter weights")
         own = layer.adapter_state()

@@ -20,7 +20,7 @@ def test_the_docs_hold_the_generated_tables():
     assert names["chapters/04-compare.md"] == ["compare", "compare-runs", "forgetting-runs", "forgetting-spectrum",
                                               "compare-seeds", "compare-lr"]
     assert names["chapters/02-dora.md"] == ["scaling-lr", "compare-dora"]
-    assert names["chapters/03-qlora.md"] == ["compare-qlora"]
+    assert names["chapters/03-qlora.md"] == ["compare-qlora", "quant-combos"]
     assert names["chapters/90-claims.md"] == ["seed-table", "seed-verdicts"]
     assert names["chapters/README.md"] == ["classroom"]
 
@@ -44,8 +44,12 @@ def test_the_committed_rows_are_complete():
     # rows on the multi-task data (CompareRow.task != "dialect") land when the tables are next
     # re-recorded: until then the recorded ones must be registered rows, in the registry's order
     recorded = [r["method"] for r in data["rows"]]
+    # rows registered after the last recording, waiting for the next one (strict: a row listed here
+    # that is recorded fails, so the list empties when compare.json is re-recorded)
+    pending = {"qdora", "qadalora"}
+    assert not pending & set(recorded), f"recorded now, drop from pending: {sorted(pending & set(recorded))}"
     assert [n for n in recorded if VARIANTS[n].task == "dialect"] == \
-        [n for n, v in VARIANTS.items() if v.task == "dialect"]
+        [n for n, v in VARIANTS.items() if v.task == "dialect" and n not in pending]
     assert recorded == [n for n in VARIANTS if n in recorded]
     assert set(dt.LABELS) <= set(VARIANTS)  # labels are optional, but none for a row that is gone
     assert {"backend", "steps", "batch_size", "seed", "retained_before", "machine", "date"} <= set(data["run"])

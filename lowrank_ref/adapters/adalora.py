@@ -620,5 +620,9 @@ SPEC = MethodSpec(
         # init_r 12 -> an average of 8 (the paper starts at 1.5x its target); total_step = the default run's 300 steps
         "adalora": CompareRow(AdaLoRAConfig(init_r=12, target_r=8, alpha=16, tinit=30, tfinal=60, total_step=300),
                               targets=("q", "v"), lr=1e-2, order=22),
+        # the same adapter and allocator on the targeted layers' weights stored in NF4 (qlora's base)
+        "qadalora": CompareRow(AdaLoRAConfig(init_r=12, target_r=8, alpha=16, tinit=30, tfinal=60, total_step=300),
+                               targets=("q", "v"), lr=1e-2, order=43,
+                               kwargs={"quantize": "nf4", "blocksize": 64, "double_quant": True}),
     },
 )

@@ -416,5 +416,9 @@ SPEC = MethodSpec(
     compare={
         # LoRA's row plus a magnitude per output row (detached norm, as in the paper's §4.3)
         "dora": CompareRow(DoRAConfig(r=8, alpha=16), targets=("q", "v"), lr=1e-2, order=30),
+        # QDoRA: the same adapter on the targeted layers' weights stored in NF4, as qlora's base
+        # (inject(quantize="nf4"): blocksize 64, double-quantised scales); next to qlora in the table
+        "qdora": CompareRow(DoRAConfig(r=8, alpha=16), targets=("q", "v"), lr=1e-2, order=42,
+                            kwargs={"quantize": "nf4", "blocksize": 64, "double_quant": True}),
     },
 )

@@ -43,6 +43,8 @@ LABELS = {
     "dora": "`dora` (q, v)",
     "qlora": "`qlora` (q, v on an NF4 base)",
     "lora_int4": "`lora_int4` (q, v on an int4 base)",
+    "qdora": "`qdora` (DoRA, q, v on an NF4 base)",
+    "qadalora": "`qadalora` (AdaLoRA, q, v on an NF4 base)",
     # rows on the four dialects (CompareRow.task): "target" is the mean over the tasks
     "lora_shared": "`lora_shared` (one LoRA for four dialects; mean over tasks)",
     "lora_per_task": "`lora_per_task` (a LoRA per dialect; mean over tasks)",
@@ -107,7 +109,8 @@ def _compare_qlora(data: dict) -> str:
     body = "".join(
         f"| {r['method']} | {r['target_before']:.3f} | {r['target_after']:.3f} | {r['retained_after']:.3f} | "
         f"{r['peak_memory_bytes'] / 1024:,.0f} KiB | {1000 * r['seconds_per_step']:.1f} |\n"
-        for r in _rows(data, ["lora", "qlora", "lora_int4"]))
+        for r in _rows(data, ["lora", "qlora", "lora_int4"] + [n for n in ("qdora", "qadalora")  # once recorded
+                                                                 if n in {x["method"] for x in data["rows"]}]))
     return f"*{_about(data)}.*\n\n" + head + body
 
 
@@ -565,6 +568,16 @@ def _structure_fit(data: dict) -> str:
 
 
 RENDERERS["structure-fit"], SOURCES["structure-fit"] = _structure_fit, "05-structure-fit.json"
+
+
+def _quant_combos(data: dict) -> str:
+    """Chapter 03 §9: each adapter on a float and on an NF4 base (lowrank_ref.experiments.quant_combos)."""
+    from lowrank_ref.experiments.quant_combos import format_table
+
+    return format_table(data)
+
+
+RENDERERS["quant-combos"], SOURCES["quant-combos"] = _quant_combos, "quant_combos.json"
 
 
 def render(name: str) -> str:
