@@ -6,7 +6,8 @@ Rows (see :mod:`bench.run` for the contract):
     ``numpy`` (:meth:`lowrank_ref.quant.NF4Tensor.dequantize` into a preallocated output),
     ``numpy_alloc`` (the same, allocating its output like the others do), ``bitsandbytes``
     (``bitsandbytes.functional.dequantize_4bit`` on the CPU, when installed), ``torch`` (this
-    project's torch mirror, CPU), and ``memcpy`` (copying a float32 array of the output's size:
+    project's torch mirror, CPU: its C kernel where one could be built, :mod:`lowrank_gpu.quant.native`;
+    the note names the kernel that ran), and ``memcpy`` (copying a float32 array of the output's size:
     the floor, since dequantisation must at least write it). Goal: numpy <= 1.2x bitsandbytes.
     Each row records the largest difference of its output from NumPy's (0: same floats).
 ``nf4_dequantize_4096x4096_fresh_pages``

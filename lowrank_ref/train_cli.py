@@ -79,6 +79,9 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     t.add_argument("--targets", default=None,
                    help="comma-separated target layers (default: q,v on the built-in GPT; PEFT's LoRA "
                         "defaults for a Hugging Face model: c_attn on GPT-2, q_proj,v_proj on LLaMA)")
+    t.add_argument("--quantize", default=None, choices=["nf4", "fp4", "int4"],
+                   help="store the targeted layers' base weights in 4 bits (blocks of 64, double-quantised "
+                        "scales) under any layer method: --method dora --quantize nf4 is QDoRA")
     t.add_argument("--model", default="builtin", help="builtin (default) or hf:DIR, a local Hugging Face causal LM folder")
     t.add_argument("--data", default="builtin",
                    help="builtin (default: the dialect task) or a local text file")
@@ -321,10 +324,10 @@ def _check_resume(meta: dict, identity: dict, path: str, loop: str = "torch") ->
     if written != loop:
         raise ValueError(f"--out: {path} was written by the {written} training loop and this run uses the "
                          f"{loop} one (--backend); use another --out or the same backend")
-    for key in _IDENTITY:
-        if meta.get(key) != identity[key]:
+    for key in (*_IDENTITY, "quantize"):  # quantize: absent (None) in runs without --quantize
+        if meta.get(key) != identity.get(key):
             raise ValueError(f"--out: {path} was written by another run ({key} {meta.get(key)!r}, this run "
-                             f"{identity[key]!r}); use another --out or the same arguments")
+                             f"{identity.get(key)!r}); use another --out or the same arguments")
 
 
 def _restore(path: str, model, opt, tensors: dict, meta: dict) -> None:
@@ -527,9 +530,11 @@ def run_train(args) -> int:
     from lowrank_ref.inject import inject
 
     try:
-        result = inject(model, config, targets=targets, method=spec.name, rng=args.seed)
+        result = inject(model, config, targets=targets, method=spec.name, rng=args.seed,
+                        quantize=getattr(args, "quantize", None))
     except ValueError as e:
-        raise ValueError(f"--method {spec.name} --targets {','.join(targets)}: {e}") from None
+        quant = f" --quantize {args.quantize}" if getattr(args, "quantize", None) else ""
+        raise ValueError(f"--method {spec.name}{quant} --targets {','.join(targets)}: {e}") from None
     room = getattr(model, "max_input_length", block)  # a prompt (prompt tuning) takes k positions
     if block > room:
         raise ValueError(f"--block-size {block}: --method {spec.name} leaves the model {room} positions for the "
@@ -542,6 +547,8 @@ def run_train(args) -> int:
     identity = {"method": spec.name, "config": json.loads(json.dumps(dataclasses.asdict(config), default=str)),
                 "model": args.model, "targets": list(targets), "data": args.data,
                 "batch_size": args.batch_size, "seed": args.seed, "block_size": block, "lr": args.lr}
+    if getattr(args, "quantize", None):  # only when given, so that earlier checkpoints still resume
+        identity["quantize"] = args.quantize
     if args.backend in ("numpy", "cupy"):
         if args.backend == "cupy":  # every array of the model onto the GPU; the code stays the reference's
             from lowrank_ref.backend import require_cupy

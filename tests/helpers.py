@@ -80,3 +80,13 @@ def fixed_mask(mask):
             return x * self.mask
 
     return FixedMask(mask)
+
+
+def claims_row(n: int) -> list[str]:
+    """The cells of row ``n`` of the claims table (chapters/90-claims.md), stripped."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parent.parent / "chapters" / "90-claims.md").read_text(encoding="utf-8")
+    (line,) = [ln for ln in text.splitlines() if re.match(rf"\| {n} \|", ln)]
+    return [c.strip() for c in line.strip("|").split("|")]

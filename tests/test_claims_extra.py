@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import pathlib
-import re
 
 import pytest
+from helpers import claims_row
 
 from lowrank_ref.experiments import claims_extra
 
@@ -18,12 +18,6 @@ DATA = ROOT / "chapters" / "data" / "90-claims-extra.json"
 @pytest.fixture(scope="module")
 def committed() -> dict:
     return json.loads(DATA.read_text(encoding="utf-8"))
-
-
-def _row(n: int) -> list[str]:
-    text = (ROOT / "chapters" / "90-claims.md").read_text(encoding="utf-8")
-    (line,) = [ln for ln in text.splitlines() if re.match(rf"\| {n} \|", ln)]
-    return [c.strip() for c in line.strip("|").split("|")]
 
 
 def test_quick_mode_runs_and_gives_a_verdict_per_row():
@@ -49,7 +43,7 @@ def test_committed_run_is_the_full_grid_and_its_verdicts_follow_from_its_numbers
 
 @pytest.mark.parametrize("row", ["4", "17", "19"])
 def test_chapter_row_states_the_committed_verdict(committed, row):
-    cells = _row(int(row))
+    cells = claims_row(int(row))
     assert f"**{committed['verdicts'][row]}**" in cells[4], (row, cells[4])
     assert "claims_extra" in cells[5] and "(data/90-claims-extra.json)" in cells[5]
 
@@ -60,17 +54,17 @@ def _f(x: float) -> str:
 
 def test_chapter_rows_state_the_committed_numbers(committed):
     rk, so, me = committed["rank_sensitivity"], committed["schedule_optimizer"], committed["multi_epoch"]
-    row4 = _row(4)[3]
+    row4 = claims_row(4)[3]
     for x in (rk["spread"]["lora"], rk["spread"]["dora"], rk["noise"], *rk["curves"]["lora"][::5],
               *rk["curves"]["dora"][::5]):
         assert _f(x) in row4, (_f(x), row4)
-    row17 = _row(17)[3]
+    row17 = claims_row(17)[3]
     for opt in ("sgd", "adamw"):
         b = so["best"][opt]
         for x in (b["cosine"], b["constant"]):
             assert _f(x) in row17, (opt, _f(x), row17)
     assert _f(so["noise"]) in row17
-    row19 = _row(19)[3]
+    row19 = claims_row(19)[3]
     for c in (me["curve"][0], me["curve"][-1]):
         for x in (c["target_after"], c["target_loss_after"]):
             assert _f(x) in row19 and f"{c['epochs']:.0f} epochs" in row19, (c, row19)

@@ -19,10 +19,29 @@ def test_the_docs_hold_the_generated_tables():
                                            "lora-scaling-lr", "lora-targets", "lora-init", "lora-baselines"]
     assert names["chapters/04-compare.md"] == ["compare", "compare-runs", "forgetting-runs", "forgetting-spectrum",
                                               "compare-seeds", "compare-lr"]
-    assert names["chapters/02-dora.md"] == ["scaling-lr", "compare-dora"]
-    assert names["chapters/03-qlora.md"] == ["compare-qlora", "quant-combos"]
+    assert names["chapters/02-dora.md"] == ["scaling-lr", "compare-dora", "bench-dora-dropout"]
+    assert names["chapters/03-qlora.md"] == ["compare-qlora", "bench-nf4", "quant-combos"]
     assert names["chapters/90-claims.md"] == ["seed-table", "seed-verdicts"]
     assert names["chapters/README.md"] == ["classroom"]
+
+
+def test_the_bench_tables_come_from_the_three_runs():
+    """Each cell of the chapters' benchmark tables is a run's own ratio (median over median), in order."""
+    runs = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(dt.BENCH_HISTORY.glob("run*.json"))]
+    assert len(runs) == 3
+
+    def med(run, name, impl):
+        return next(r["seconds"] for r in run["rows"] if r["name"] == name and r["impl"] == impl)
+
+    nf4 = dt.render("bench-nf4")
+    cells = ", ".join(f"{med(r, 'nf4_dequantize_4096x4096', 'torch') / med(r, 'nf4_dequantize_4096x4096', 'bitsandbytes'):.2f}×"
+                      for r in runs)
+    assert f"| torch mirror dequantise (its C kernel), memory kept | {cells} |" in nf4
+    dora = dt.render("bench-dora-dropout")
+    name = "dora_vs_lora_step_torch_dropout"
+    cells = ", ".join(f"{med(r, name, 'dora_dropped') / med(r, name, 'lora'):.2f}×" for r in runs)
+    assert dora.rstrip("\n").splitlines()[-1].endswith(f"| {cells} |")
+    assert all(r["meta"]["date"] in nf4 for r in runs)
 
 
 def test_a_hand_edit_is_caught(tmp_path, monkeypatch):

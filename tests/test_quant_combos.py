@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-import re
 
 import pytest
+from helpers import claims_row
 
 from lowrank_ref.experiments import quant_combos
 
@@ -21,12 +21,6 @@ DATA = ROOT / "chapters" / "data" / "quant_combos.json"
 @pytest.fixture(scope="module")
 def committed() -> dict:
     return json.loads(DATA.read_text(encoding="utf-8"))
-
-
-def _row(n: int) -> list[str]:
-    text = (ROOT / "chapters" / "90-claims.md").read_text(encoding="utf-8")
-    (line,) = [ln for ln in text.splitlines() if re.match(rf"\| {n} \|", ln)]
-    return [c.strip() for c in line.strip("|").split("|")]
 
 
 def _f(x: float) -> str:
@@ -82,7 +76,7 @@ def test_chapter_90_rows_state_the_committed_numbers_and_verdicts(committed):
     s = committed["summary"]
     p = s["pairs"]
     assert set(committed["verdicts"].values()) == {"as its float twin (within noise)"}
-    row24 = _row(24)
+    row24 = claims_row(24)
     for fl in ("lora", "dora", "adalora"):
         for x in (p[fl]["float_target_after"], p[fl]["4bit_target_after"]):
             assert _f(x) in row24[3], (fl, _f(x), row24[3])
@@ -90,7 +84,7 @@ def test_chapter_90_rows_state_the_committed_numbers_and_verdicts(committed):
     assert f"{p['dora']['base_bytes']['qdora']:,} instead of {p['dora']['base_bytes']['dora']:,} bytes" in row24[3]
     assert "**wrong** for QLoRA with AdaLoRA" in row24[4] and "**not built**" in row24[4]
     assert "(data/quant_combos.json)" in row24[5]
-    row25 = _row(25)
+    row25 = claims_row(25)
     hp = p["hyperlora"]
     assert f"{_f(hp['float_target_after'])} on float, {_f(hp['4bit_target_after'])} on NF4" in row25[3]
     assert _f(s["noise"]) in row25[3] and "**wrong** for QLoRA" in row25[4]

@@ -333,3 +333,28 @@ def test_numpy_resume_refuses_a_torch_checkpoint_and_continues_to_more_steps(tmp
     assert (m["resumed_from"], len(m["losses"])) == (2, 4)
     assert m["losses"][:2] == first["losses"]
     assert m["evaluation"]["before"] == first["evaluation"]["before"]
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_quantize_puts_the_method_on_a_4bit_base(tmp_path, capsys, backend):
+    """``--method dora --quantize nf4`` is QDoRA: the base the run starts from is the NF4 one (its
+    loss before training differs from the float run's), the run says so, and resuming without the
+    flag is another run; methods that cannot take it are refused."""
+    runs = {}
+    for q in (None, "nf4"):
+        out = tmp_path / f"{backend}-{q}"
+        extra = ["--quantize", q] if q else []
+        assert main(_args(out, "--method", "dora", "--backend", backend, *extra, steps=2)) == 0
+        runs[q] = json.loads((out / "metrics.json").read_text())
+    assert runs["nf4"]["quantize"] == "nf4" and "quantize" not in runs[None]
+    before = {q: m["evaluation"]["before"]["loss"] for q, m in runs.items()}
+    assert before["nf4"] != before[None], before
+    assert abs(before["nf4"] - before[None]) < 0.1 * before[None]  # 4 bits change the base a little
+    _fails(capsys, _args(tmp_path / f"{backend}-nf4", "--method", "dora", "--backend", backend, steps=3),
+           "another run", "quantize")
+    _fails(capsys, _args(tmp_path / "q", "--method", "qlora", "--quantize", "nf4", "--backend", backend),
+           "--quantize nf4", "stores its base in 4 bits itself")
+    _fails(capsys, _args(tmp_path / "f", "--method", "full", "--quantize", "nf4", "--backend", backend),
+           "--quantize nf4", "whole-model mode")
+    _fails(capsys, _args(tmp_path / "x", "--method", "dora", "--quantize", "nf5"), "--quantize", "nf5")
+    assert not (tmp_path / "q").exists() and not (tmp_path / "f").exists()

@@ -580,11 +580,77 @@ def _quant_combos(data: dict) -> str:
 RENDERERS["quant-combos"], SOURCES["quant-combos"] = _quant_combos, "quant_combos.json"
 
 
+# --- the three consecutive `make bench` runs (bench/results/history/run1..3.json) -------------
+BENCH_HISTORY = ROOT / "bench" / "results" / "history"
+
+
+def load_bench_runs() -> dict:
+    """``{"runs": [bench.json of run 1, 2, 3]}``: the runs README's goal table is made from."""
+    paths = sorted(BENCH_HISTORY.glob("run*.json"))
+    if not paths:
+        raise ValueError(f"no bench runs in {BENCH_HISTORY} (make bench, then copy its bench.json there)")
+    return {"runs": [json.loads(p.read_text(encoding="utf-8")) for p in paths], "paths": [p.name for p in paths]}
+
+
+def _ratios(data: dict, name: str, impl: str) -> str:
+    cells = []
+    for run in data["runs"]:
+        row = next((r for r in run["rows"] if r["name"] == name and r["impl"] == impl), None)
+        cells.append("—" if row is None or row.get("ratio") is None else f"{row['ratio']:.2f}×")
+    return ", ".join(cells)
+
+
+def _runs_caption(data: dict) -> str:
+    dates = ", ".join(run["meta"]["date"] for run in data["runs"])
+    loads = ", ".join(f"{run['meta']['loadavg'][0]:.1f}" for run in data["runs"])
+    return (f"*{len(data['runs'])} consecutive `make bench` runs ({dates}; load average {loads} at their ends), "
+            f"`bench/results/history/{data['paths'][0]}`–`{data['paths'][-1]}`; ratios within each run.*\n\n")
+
+
+def _bench_dora_dropout(data: dict) -> str:
+    """Chapter 02 §4: DoRA with dropout against LoRA with dropout, each form, both backends."""
+    lines = [_runs_caption(data) + "| step, dropout 0.1 | NumPy: ratio to LoRA, runs 1, 2, 3 | torch (CPU, 1 thread): ratio |",
+             "|---|---|---|"]
+    for impl, label in (("dora", "DoRA, `\"shared\"` (the default)"), ("dora_exact", "DoRA exact gradient, `\"shared\"`"),
+                        ("dora_dropped", "DoRA, `\"dropped\"` (PEFT's form)")):
+        lines.append(f"| {label} | {_ratios(data, 'dora_vs_lora_step_numpy_dropout', impl)} | "
+                     f"{_ratios(data, 'dora_vs_lora_step_torch_dropout', impl)} |")
+    return "\n" + "\n".join(lines) + "\n"
+
+
+def _bench_nf4(data: dict) -> str:
+    """Chapter 03 §8: the NF4 rows, each a ratio to bitsandbytes' CPU kernel in the same run."""
+    lines = [_runs_caption(data) + "| 4096 × 4096, one thread | ratio to bitsandbytes, runs 1, 2, 3 |", "|---|---|"]
+    for name, impl, label in (
+            ("nf4_dequantize_4096x4096", "torch", "torch mirror dequantise (its C kernel), memory kept"),
+            ("nf4_dequantize_4096x4096", "numpy", "NumPy dequantise (into a buffer), memory kept"),
+            ("nf4_dequantize_4096x4096", "memcpy", "copying a float32 array of the output's size (reads and writes it), memory kept"),
+            ("nf4_dequantize_4096x4096_fresh_pages", "torch", "torch mirror dequantise, fresh pages"),
+            ("nf4_dequantize_4096x4096_fresh_pages", "numpy_alloc", "NumPy dequantise, fresh pages"),
+            ("nf4_quantize_4096x4096", "torch", "torch mirror quantise"),
+            ("nf4_quantize_4096x4096", "numpy", "NumPy quantise")):
+        if impl == "memcpy":  # a reference row: its time against bitsandbytes' in the same run
+            cells = []
+            for run in data["runs"]:
+                t = {r["impl"]: r.get("seconds") for r in run["rows"] if r["name"] == name}
+                cells.append(f"{t['memcpy'] / t['bitsandbytes']:.2f}×" if t.get("memcpy") and t.get("bitsandbytes") else "—")
+            lines.append(f"| {label} | {', '.join(cells)} |")
+        else:
+            lines.append(f"| {label} | {_ratios(data, name, impl)} |")
+    return "\n" + "\n".join(lines) + "\n"
+
+
+LOADERS = {"bench-runs": load_bench_runs}
+RENDERERS["bench-dora-dropout"], SOURCES["bench-dora-dropout"] = _bench_dora_dropout, "bench-runs"
+RENDERERS["bench-nf4"], SOURCES["bench-nf4"] = _bench_nf4, "bench-runs"
+
+
 def render(name: str) -> str:
     """The Markdown of block ``name``, from its committed result file."""
     if name not in RENDERERS:
         raise ValueError(f"unknown table {name!r}; known: {', '.join(RENDERERS)}")
-    return RENDERERS[name](load_compare(DATA / SOURCES[name]))
+    src = SOURCES[name]
+    return RENDERERS[name](LOADERS[src]() if src in LOADERS else load_compare(DATA / src))
 
 
 def blocks(text: str) -> list[tuple[str, str]]:
