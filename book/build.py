@@ -82,7 +82,7 @@ class Book:
     other_notebooks: list[str]
     readme_page: bool  # README.md is a page of its own (when the syllabus is the home page)
     pages: dict[str, str] = field(default_factory=dict)  # repo path -> path in docs/
-    sources: set[str] = field(default_factory=set)  # repo-relative .py files with a source page
+    sources: set[str] = field(default_factory=set)  # repo-relative .py (and .c) files with a source page
     assets: set[str] = field(default_factory=set)  # other repo files copied in for a link
 
 
@@ -150,7 +150,8 @@ def discover(root: Path) -> Book:
     for nb in other:
         book.pages[nb] = nb
     for folder in PACKAGES.values():
-        for p in sorted((root / folder).rglob("*.py")) if (root / folder).is_dir() else []:
+        found = [q for pat in SOURCE_SUFFIXES for q in (root / folder).rglob(f"*{pat}")] if (root / folder).is_dir() else []
+        for p in sorted(found):
             if "__pycache__" not in p.parts:
                 book.sources.add(p.relative_to(root).as_posix())
     return book
@@ -260,6 +261,9 @@ def _split_fences(text: str):
         yield fence is not None, "".join(chunk)
 
 
+SOURCE_SUFFIXES = (".py", ".c")  # the package's source files (the C one: the CPU dequantisation kernel)
+
+
 def source_page(rel: str) -> str:
     return f"source/{rel}.md"
 
@@ -290,7 +294,7 @@ class Linker:
             raise BookError(f"{self.repo_page}: the link {what} points outside the repository")
         if repo in self.book.pages:
             return self._rel(self.book.pages[repo], frag)
-        if repo.endswith(".py") and full.is_file():
+        if repo.endswith(SOURCE_SUFFIXES) and full.is_file():
             self.book.sources.add(repo)
             return self._rel(source_page(repo), frag)
         if full.is_dir() and any(repo == f or repo.startswith(f + "/") for f in PACKAGES.values()):
@@ -320,7 +324,7 @@ class Linker:
         if PATH_RE.match(code) and not code.startswith("lowrank_ref/assets"):
             path = code.rstrip("/")
             full = self.book.root / path
-            if full.is_file() and full.suffix == ".py":
+            if full.is_file() and full.suffix in SOURCE_SUFFIXES:
                 self.book.sources.add(path)
                 return self._rel(source_page(path))
             if full.is_dir():
@@ -422,13 +426,13 @@ def source_pages(book: Book) -> dict[str, str]:
     """One page per source file, highlighted, every line with an anchor #L-<n>."""
     from pygments import highlight
     from pygments.formatters import HtmlFormatter
-    from pygments.lexers import PythonLexer
+    from pygments.lexers import CLexer, PythonLexer
 
     fmt = HtmlFormatter(cssclass="highlight", linenos="inline", lineanchors="L", anchorlinenos=True, wrapcode=True)
     pages = {}
     for rel in sorted(book.sources):
         code = (book.root / rel).read_text(encoding="utf-8")
-        html = highlight(code, PythonLexer(), fmt)
+        html = highlight(code, CLexer() if rel.endswith(".c") else PythonLexer(), fmt)
         pages[source_page(rel)] = f"# `{rel}`\n\n<div class=\"book-source\">\n{html}\n</div>\n"
     groups: dict[str, list[str]] = {}
     for rel in sorted(book.sources):
