@@ -108,7 +108,10 @@ class TorchOps(InjectOps):
     def quantize(self, linear, quant):
         from lowrank_gpu.quant.linear import QuantizedLinear
 
-        return QuantizedLinear.from_linear(linear, quant.blocksize, quant.double_quant, quant.quant_type)
+        q = QuantizedLinear.from_linear(linear, quant.blocksize, quant.double_quant, quant.quant_type)
+        if linear.bias is not None:  # the bias stays float in its own dtype (from_linear keeps float32, QLoRA's)
+            q.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return q
 
     def compute_like(self, layer, linear):
         return layer.to(dtype=linear.weight.dtype)  # the 4-bit buffers keep their bytes under .to(dtype)

@@ -512,7 +512,10 @@ class NumpyOps(InjectOps):
     def quantize(self, linear, quant):
         from lowrank_ref.quant.linear import QuantizedLinear
 
-        return QuantizedLinear.from_linear(linear, quant.blocksize, quant.double_quant, quant.quant_type)
+        q = QuantizedLinear.from_linear(linear, quant.blocksize, quant.double_quant, quant.quant_type)
+        if linear.bias is not None:  # the bias stays float in its own dtype (from_linear keeps float32, QLoRA's)
+            q.bias.data = linear.bias.data.copy()
+        return q
 
     def compute_like(self, layer, linear):
         dtype = linear.weight.data.dtype
@@ -737,20 +740,25 @@ class Injector:
             ops.add_child(owner, SHARED_ATTR, container)
         ops.add_child(container, method, module)
 
-    def build_layer(self, spec: MethodSpec, base, config, rng=None, **kwargs):
+    def build_layer(self, spec: MethodSpec, base, config, rng=None, quantize: BaseQuant | None = None, **kwargs):
         """One adapter layer of method ``spec`` on ``base`` (what :func:`lowrank_ref.adapt` makes).
         A method with shared state gets it built for this one layer and attached to the layer
-        itself (``layer.lowrank_shared.<method>``), so a lone layer is complete as well."""
+        itself (``layer.lowrank_shared.<method>``), so a lone layer is complete as well.
+        ``quantize``: the layer's base stored in 4 bits first, as :func:`inject` does (the shared
+        state is built from the float base, as there)."""
         cls = spec.layer_class(self.ops.backend)
-        if spec.shared is None:
-            return cls(base, config, rng=rng, **kwargs)
-        if not self.ops.is_linear(base):
+        check_quantizable(spec, quantize)
+        if (spec.shared is not None or quantize is not None) and not self.ops.is_linear(base):
             raise TypeError(f"base must be {self.ops.linear_kind}, got {type(base).__name__}")
-        rng = self.ops.rng(rng)
-        module = self.build_shared(spec, {"": config}, {"": base}, rng)
-        layer = cls(base, config, rng=rng, shared=SharedRef(module, ""), **kwargs)
-        self.attach_shared(layer, spec.name, module)
-        return layer
+        lbase = base if quantize is None else self.ops.quantize(base, quantize)
+        if spec.shared is None:
+            layer = cls(lbase, config, rng=rng, **kwargs)
+        else:
+            rng = self.ops.rng(rng)
+            module = self.build_shared(spec, {"": config}, {"": base}, rng)
+            layer = cls(lbase, config, rng=rng, shared=SharedRef(module, ""), **kwargs)
+            self.attach_shared(layer, spec.name, module)
+        return layer if quantize is None else self.ops.compute_like(layer, base)
 
     def build_adapters(self, model, plan: dict, rng=None, quantize: BaseQuant | None = None, **kwargs) -> Snapshot:
         """Replace each linear layer ``name`` in ``plan = {name: (spec_or_class, config)}`` by the

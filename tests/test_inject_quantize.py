@@ -340,3 +340,43 @@ def test_compare_runs_the_rows_on_the_same_4bit_base_as_qlora():
     assert by["qdora"]["target_before"] == by["qadalora"]["target_before"] == by["qlora"]["target_before"]
     assert by["qlora"]["target_before"] != by["lora"]["target_before"]
     assert by["qadalora"]["final_ranks"] and by["qdora"]["trainable_params"] == 4352
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "adalora", "vera", "tied_lora"])
+def test_adapt_with_quantize_is_one_such_layer_in_both_backends(method):
+    """``lr.adapt(linear, cfg, quantize="nf4")``: the base stored in 4 bits, the method's formula
+    on W̃0 (NumPy against the formula; torch against NumPy), shared state (VeRA) from the float base."""
+    rng = np.random.default_rng(4)
+    base = lr.nn.Linear(16, 12, rng=rng, dtype=np.float64)
+    W0, b = base.weight.data.copy(), base.bias.data.copy()
+    cfg = {"vera": lambda: lr.VeRAConfig(r=4), "tied_lora": lambda: lr.TiedLoRAConfig(r=4)}.get(method, CONFIGS.get(method))()
+    layer = lr.adapt(base, cfg, quantize="nf4", blocksize=BS, rng=0)
+    assert isinstance(layer.base, lr.quant.QuantizedLinear) and layer.base.blocksize == BS
+    assert layer.weight_dtype == np.float64  # computes in the float base's dtype
+    params = {n: p for n, p in layer.parameters().items() if n != "base.bias"}  # tied tensors included
+    for p in params.values():
+        p.data = p.data + 0.3 * rng.standard_normal(p.shape)
+    x = rng.standard_normal((3, 16))
+    if method not in ("vera", "tied_lora"):
+        assert_close(layer.forward(x), _expected(method, layer, W0, b, x), rtol=1e-10, atol=1e-12)
+    else:  # the update is the method's: the output differs from the 4-bit base's alone
+        Wt = lr.quant.quantize_4bit(W0, blocksize=BS, double_quant=True).dequantize().astype(np.float64)
+        assert not np.allclose(layer.forward(x), x @ Wt.T + b)
+    tl = lr.adapt(base, cfg, backend="torch", quantize="nf4", blocksize=BS, rng=0)
+    for name, p in tl.named_parameters():
+        if name in params:
+            with torch.no_grad():
+                p.copy_(torch.from_numpy(params[name].data))
+    assert {n for n, _ in tl.named_parameters()} == set(layer.parameters())
+    assert_close(tl(torch.from_numpy(x)).detach().numpy(), layer.forward(x), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_adapt_refuses_quantize_where_inject_does(backend):
+    base = lr.nn.Linear(16, 12, rng=np.random.default_rng(0))
+    with pytest.raises(ValueError, match="quantize must be None or one of"):
+        lr.adapt(base, lr.LoRAConfig(r=2), backend=backend, quantize="nf5")
+    with pytest.raises(ValueError, match="stores its base in 4 bits itself"):
+        lr.adapt(base, lr.LoRAConfig(r=2), backend=backend, method="qlora", quantize="nf4")
+    with pytest.raises(TypeError, match="quantize must be None or one of"):
+        lr.adapt(base, lr.LoRAConfig(r=2), backend=backend, quantize=4)

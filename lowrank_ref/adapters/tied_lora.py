@@ -199,7 +199,7 @@ class TiedLoRALinear(AdapterLinear):
             shared = own_shared(self, "tied_lora", build_shared({"": config}, {"": (self.out_features, self.in_features)}))
         self.shared = shared
         self.group = tie_group(config, shared.layer)
-        W = base.weight.data if not self.quantized else np.zeros(0, self.weight_dtype)
+        W = base.weight.data if not self.quantized else np.zeros(0, shared.dtype)  # as VeRA's layer
         shared.cast_like(W)
         for n in ("A", "B"):
             if config.tied(n):
@@ -208,7 +208,7 @@ class TiedLoRALinear(AdapterLinear):
                 if tuple(t.shape) != want:
                     raise ValueError(f"the tied {n} of group {self.group!r} has shape {tuple(t.shape)}, this layer "
                                      f"(out={self.out_features}, in={self.in_features}) needs {want}")
-        dtype = self.weight_dtype
+        dtype = W.dtype
         xp = array_module(W)
         object.__setattr__(self, "frozen", {})
         for n in TENSORS:

@@ -138,6 +138,12 @@ class SharedTensors(Module):
             return frozen[name]
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
+    @property
+    def dtype(self):
+        """The float dtype the shared tensors are held in (that of the first one)."""
+        first = next(iter([*self.frozen.values(), *(p.data for p in self._params.values())]), None)
+        return np.dtype(np.float32) if first is None else first.dtype
+
     def cast_like(self, W) -> None:
         """The frozen arrays in ``W``'s array module and dtype (the parameters: the engine's ``like``)."""
         xp = array_module(W)
@@ -301,8 +307,11 @@ class VeRALinear(AdapterLinear):
                              f"shared projections A {tuple(A.shape)}, B {tuple(B.shape)}: they need "
                              f"in <= {A.shape[1]} and out <= {B.shape[0]}")
         self.shared = shared
-        shared.cast_like(base.weight.data if not self.quantized else np.zeros(0, self.weight_dtype))
-        dtype = self.weight_dtype
+        # on a 4-bit base the layer computes in the shared tensors' dtype (the engine builds them in the
+        # float model's dtype), instead of casting them to float32 under the other layers using them
+        W = base.weight.data if not self.quantized else np.zeros(0, shared.dtype)
+        shared.cast_like(W)
+        dtype = W.dtype
         xp = array_module(self.shared.A)
         self.d = Parameter(xp.full(config.r, config.d_initial, dtype=dtype))
         self.b = Parameter(xp.zeros(self.out_features, dtype=dtype))  # b = 0: ΔW = 0 at init
