@@ -27,11 +27,10 @@ def adapt(base, config, backend: str = "numpy", method: str | None = None, rng=N
     if not spec.is_layer:  # whole-model modes (full fine-tuning, BitFit) are not layers
         raise ValueError(f"method {spec.name!r} is a whole-model mode, not a layer: "
                          f"use lowrank_ref.inject.inject(model, method={spec.name!r})")
-    from lowrank_ref.inject import base_quant, check_quantizable
+    from lowrank_ref.inject import base_quant
 
     kwargs = dict(kwargs)
     quant = base_quant(quantize, kwargs)  # takes blocksize/double_quant only when quantize is given
-    check_quantizable(spec, quant)
     config = spec.coerce_config(config, kwargs)
     if backend in ("numpy", "cupy"):
         from lowrank_ref.backend import require_cupy

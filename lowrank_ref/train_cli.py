@@ -529,11 +529,11 @@ def run_train(args) -> int:
 
     from lowrank_ref.inject import inject
 
+    quantize = getattr(args, "quantize", None)
     try:
-        result = inject(model, config, targets=targets, method=spec.name, rng=args.seed,
-                        quantize=getattr(args, "quantize", None))
+        result = inject(model, config, targets=targets, method=spec.name, rng=args.seed, quantize=quantize)
     except ValueError as e:
-        quant = f" --quantize {args.quantize}" if getattr(args, "quantize", None) else ""
+        quant = f" --quantize {quantize}" if quantize else ""
         raise ValueError(f"--method {spec.name}{quant} --targets {','.join(targets)}: {e}") from None
     room = getattr(model, "max_input_length", block)  # a prompt (prompt tuning) takes k positions
     if block > room:
@@ -547,8 +547,8 @@ def run_train(args) -> int:
     identity = {"method": spec.name, "config": json.loads(json.dumps(dataclasses.asdict(config), default=str)),
                 "model": args.model, "targets": list(targets), "data": args.data,
                 "batch_size": args.batch_size, "seed": args.seed, "block_size": block, "lr": args.lr}
-    if getattr(args, "quantize", None):  # only when given, so that earlier checkpoints still resume
-        identity["quantize"] = args.quantize
+    if quantize:  # only when given, so that earlier checkpoints still resume
+        identity["quantize"] = quantize
     if args.backend in ("numpy", "cupy"):
         if args.backend == "cupy":  # every array of the model onto the GPU; the code stays the reference's
             from lowrank_ref.backend import require_cupy
